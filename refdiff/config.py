@@ -1,0 +1,166 @@
+"""The two presets of Ref-Diff (``paper`` and ``official``) and the five variants.
+
+Every constant of the method lives here as a named field with the default of SPEC.md; stage functions take
+these values as arguments, so a preset is only a bundle of defaults and any field can be overridden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+from .errors import InputError
+
+CaptureKind = Literal["probs", "logits"]
+ResizeMode = Literal["bilinear", "lanczos"]
+RootRule = Literal["root", "root_or_subj"]
+ClipLayer = Literal["final", "penultimate"]
+BiasBranch = Literal["masked", "crop", "none"]
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """All constants of the method. Field names match the stage functions' keyword arguments."""
+
+    name: str
+    # 1. image preparation
+    image_size: int = 1024  # S: side of the padded square fed to the VAE
+    resize_filter: ResizeMode = "lanczos"
+    # 2. noise injection
+    latent_from: Literal["sample", "mean"] = "sample"  # posterior sample (seeded) or its mean
+    ddim_steps: int = 20  # uniform DDIM schedule over the training steps
+    num_train_timesteps: int = 1000
+    strength: float = 0.1  # t_enc = int(strength * ddim_steps)
+    use_cfg: bool = True  # classifier-free guidance batch (uncond "" + cond)
+    guidance_scale: float = 9.0
+    prompt_suffix: str = ", "
+    # 3. cross-attention capture
+    capture_kind: CaptureKind = "logits"
+    capture_factor: int = 4  # capture the layers whose query grid is the latent downsampled by this
+    capture_blocks: tuple[str, ...] = ("down", "mid", "up")
+    layer_norm_eps: float = 1e-8  # per-layer min-max epsilon
+    # 4. root token
+    root_rule: RootRule = "root_or_subj"
+    # 5. generative map
+    map_resize: ResizeMode = "lanczos"
+    map_eps: float = 1e-8
+    # 6. proposals
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    sam_points_per_side: int = 32
+    sam_points_per_batch: int = 64
+    sam_pred_iou_thresh: float = 0.88
+    sam_stability_score_thresh: float = 0.95
+    sam_box_nms_thresh: float = 0.7
+    sam_crop_n_layers: int = 0
+    sam_min_mask_region_area: int = 0
+    sam_keep_largest: int | None = 10  # keep only the N largest SAM masks (None: all)
+    sam_min_area: int = 10000  # drop masks of area <= this many pixels (0: keep all)
+    # 7. generative matching
+    score_eps: float = 1e-6
+    # 8. discriminative matching
+    clip_layer: ClipLayer = "final"
+    bias_branch: BiasBranch = "crop"  # which branch sees the positional bias P
+    bias_extent: float = 2.0 / 3.0  # P falls from 1 to 0 over this fraction of the width/height
+    crop_weight: float = 0.7  # weight of the crop branch in s_D
+    mask_weight: float = 0.3  # weight of the masked-attention branch in s_D (beta in the paper)
+    crop_root_weight: float = 0.0  # crop text feature = (1-w) r_sent + w r_root
+    mask_root_weight: float = 0.5  # mask-token text feature = (1-w) r_sent + w r_root
+    # 9. fusion: s = gen_weight * s_G + disc_weight * s_D
+    gen_weight: float = 0.05
+    disc_weight: float = 1.0
+    top_k: int = 5
+
+    def with_(self, **overrides: object) -> "Preset":
+        """A copy with some fields changed; unknown names raise InputError."""
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise InputError(f"unknown preset field(s) {bad}; known fields: {sorted(known)}")
+        return replace(self, **overrides)
+
+
+OFFICIAL = Preset(name="official")
+
+PAPER = Preset(
+    name="paper",
+    capture_kind="probs",
+    root_rule="root",
+    map_resize="bilinear",
+    sam_keep_largest=None,
+    sam_min_area=0,
+    clip_layer="penultimate",
+    bias_branch="masked",
+    crop_weight=0.7,  # 1 - beta
+    mask_weight=0.3,  # beta
+    crop_root_weight=0.5,  # r = mean(r_sent, r_root) for both branches
+    mask_root_weight=0.5,
+    gen_weight=0.1,  # alpha
+    disc_weight=0.9,  # 1 - alpha
+)
+
+PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """Return a Preset by name ("official", "paper") or pass one through."""
+    if isinstance(preset, Preset):
+        return preset
+    key = str(preset).strip().lower()
+    if key not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[key]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which stages a variant uses (SPEC.md section 10)."""
+
+    name: str
+    proposals: Literal["threshold", "sam"]
+    generative: bool
+    discriminative: bool
+    sam_clip: bool = False  # crop branch only, no positional bias, sentence feature
+
+    @property
+    def needs_diffusion(self) -> bool:
+        return self.generative or self.proposals == "threshold"
+
+
+VARIANTS: dict[str, Variant] = {
+    "full": Variant("full", "sam", generative=True, discriminative=True),
+    "g": Variant("G", "threshold", generative=True, discriminative=False),
+    "gs": Variant("GS", "sam", generative=True, discriminative=False),
+    "ds": Variant("DS", "sam", generative=False, discriminative=True),
+    "sam-clip": Variant("sam-clip", "sam", generative=False, discriminative=True, sam_clip=True),
+}
+_ALIASES = {"ref-diff": "full", "refdiff": "full", "ref-diff/g": "g", "ref-diff/gs": "gs",
+            "ref-diff/ds": "ds", "samclip": "sam-clip", "sam_clip": "sam-clip"}
+
+
+def get_variant(name: str | Variant) -> Variant:
+    """Return a Variant by (case-insensitive) name: full, G, GS, DS, sam-clip."""
+    if isinstance(name, Variant):
+        return name
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in VARIANTS:
+        raise InputError(f"unknown variant {name!r}; choose one of full, G, GS, DS, sam-clip")
+    return VARIANTS[key]
+
+
+def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
+    """SamAutomaticMaskGenerator keyword arguments of a preset."""
+    return dict(
+        points_per_side=preset.sam_points_per_side,
+        points_per_batch=preset.sam_points_per_batch,
+        pred_iou_thresh=preset.sam_pred_iou_thresh,
+        stability_score_thresh=preset.sam_stability_score_thresh,
+        box_nms_thresh=preset.sam_box_nms_thresh,
+        crop_n_layers=preset.sam_crop_n_layers,
+        min_mask_region_area=preset.sam_min_mask_region_area,
+    )
+
+
+__all__ = ["Preset", "OFFICIAL", "PAPER", "PRESETS", "get_preset", "Variant", "VARIANTS", "get_variant",
+           "sam_generator_kwargs", "DEFAULT_THRESHOLDS"]
