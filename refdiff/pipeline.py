@@ -1,0 +1,318 @@
+"""The public API: ``RefDiff`` runs the stages of the method for (image, text) pairs and caches image-only work.
+
+One instance segments many pairs. Work that depends on the image alone (the prepared square, the VAE
+latent, SAM proposals, CLIP image features) is cached per image content, so several expressions on one
+image, or several variants of one expression, pay for it once.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from .config import Preset, Variant, get_preset, get_variant, sam_generator_kwargs
+from .errors import InputError
+from .image import PreparedImage, image_key, load_image, prepare_image
+from .text import ParsedText, parse_text, root_token_position, truncation_warning
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class Result:
+    """What one (image, text, variant) run produced, at the image's own size."""
+
+    mask: np.ndarray  # bool [H, W]; all False when no proposal qualifies
+    proposals: np.ndarray  # bool [N, H, W]
+    scores: dict[str, np.ndarray | None]  # "generative", "discriminative", "fused": [N] each, None if unused
+    index: int  # chosen proposal, -1 when there is none
+    top_k: list[int]  # best proposals first
+    root_token: str
+    root_position: int | None  # position of the root word's last BPE piece in the 77-token sequence
+    direction: tuple[str, ...]
+    attention: np.ndarray | None  # generative map c, float32 [H, W] in [0, 1]; None when not computed
+    variant: str
+    preset: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (cache hits cost ~0)
+
+
+class _LRU:
+    """A small least-recently-used cache."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        value = make()
+        self.data[key] = value
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.data.clear()
+
+
+class _Lazy:
+    """A model loaded on first use, so a variant that needs no diffusion never loads Stable Diffusion."""
+
+    def __init__(self, value: Any = None, loader: Callable[[], Any] | None = None) -> None:
+        self._value, self._loader = value, loader
+
+    @property
+    def available(self) -> bool:
+        return self._value is not None or self._loader is not None
+
+    def get(self, what: str) -> Any:
+        if self._value is None:
+            if self._loader is None:
+                raise InputError(f"this RefDiff has no {what} model; pass one to RefDiff(...) or from_pretrained(...)")
+            self._value = self._loader()
+            self._loader = None
+        return self._value
+
+
+class RefDiff:
+    """Zero-shot referring segmentation: (image, text) -> the mask of the object the text refers to."""
+
+    def __init__(self, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
+                 nlp: Any = None, cache_size: int = 8, progress: ProgressFn | None = None,
+                 **preset_overrides: Any) -> None:
+        """sd: ``SDComponents``; sam: a segment-anything ``Sam``; clip: a ``ClipScorer`` (each optional, or a
+        zero-argument loader). Preset fields may be overridden by keyword (e.g. ``image_size=512``)."""
+        self.preset = get_preset(preset).with_(**preset_overrides) if preset_overrides else get_preset(preset)
+        self._sd = sd if isinstance(sd, _Lazy) else _Lazy(sd)
+        self._sam = sam if isinstance(sam, _Lazy) else _Lazy(sam)
+        self._clip = clip if isinstance(clip, _Lazy) else _Lazy(clip)
+        self._nlp = nlp
+        self._progress = progress
+        self._generator = None
+        self._prepared = _LRU(cache_size)
+        self._latents = _LRU(cache_size)
+        self._attention = _LRU(cache_size * 4)
+        self._sam_masks = _LRU(cache_size)
+        self._clip_image = _LRU(cache_size * 4)
+        self._clip_text = _LRU(256)
+
+    @classmethod
+    def from_pretrained(cls, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        sd_config: str | None = None, **kwargs: Any) -> "RefDiff":
+        """Build from weights: ``sd`` a diffusers folder, hub id or single .safetensors/.ckpt file; ``sam`` a SAM
+        .pth checkpoint; ``clip`` an open_clip "MODEL/TAG" or a local file. None means the published weights
+        (SD 1.5, SAM vit_h, CLIP ViT-B/16 openai), downloaded by the libraries' own caches. Models load on
+        first use. ``sd_config`` names the configuration of a single-file checkpoint (sd1, sd2, sd2-v or a
+        diffusers-layout folder) when it cannot be detected."""
+        from .clip import load_clip
+        from .sam import load_sam
+        from .sd import load_sd
+
+        return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=device, dtype=dtype, config=sd_config)),
+                   sam=_Lazy(loader=lambda: load_sam(sam, device=device)),
+                   clip=_Lazy(loader=lambda: load_clip(clip, device=device, dtype=dtype)),
+                   preset=preset, **kwargs)
+
+    # -- models ---------------------------------------------------------------------------------------------
+    @property
+    def sd(self) -> Any:
+        return self._sd.get("Stable Diffusion (sd)")
+
+    @property
+    def sam(self) -> Any:
+        return self._sam.get("SAM (sam)")
+
+    @property
+    def clip(self) -> Any:
+        return self._clip.get("CLIP (clip)")
+
+    def _mask_generator(self) -> Any:
+        if self._generator is None:
+            from .proposals import make_mask_generator
+
+            self._generator = make_mask_generator(self.sam, **sam_generator_kwargs(self.preset))
+        return self._generator
+
+    def clear_cache(self) -> None:
+        """Forget every per-image result (prepared squares, latents, attention, SAM masks, CLIP features)."""
+        for cache in (self._prepared, self._latents, self._attention, self._sam_masks, self._clip_image,
+                      self._clip_text):
+            cache.clear()
+
+    # -- public entry points --------------------------------------------------------------------------------
+    def __call__(self, image: Any, text: str, variant: str | Variant = "full", seed: int = 0) -> Result:
+        """Segment the object ``text`` refers to in ``image`` with one variant (full, G, GS, DS, sam-clip)."""
+        v = get_variant(variant)
+        return self.segment_variants(image, text, [v], seed=seed)[v.name]
+
+    def segment_variants(self, image: Any, text: str, variants: Sequence[str | Variant] = ("full",),
+                         seed: int = 0) -> dict[str, Result]:
+        """Run several variants on one (image, text); stages they share run once. Keys are variant names."""
+        chosen = [get_variant(v) for v in variants]
+        if not chosen:
+            raise InputError("variants is empty; choose at least one of full, G, GS, DS, sam-clip")
+        rgb = load_image(image)
+        parsed = self._parse(text)
+        key = image_key(rgb)
+        timings: dict[str, float] = {}
+        p = self.preset
+
+        c = root_position = None
+        if any(v.needs_diffusion for v in chosen):
+            c, root_position = self._generative_map(rgb, key, parsed, seed, timings)
+        sam_masks = None
+        if any(v.proposals == "sam" for v in chosen):
+            sam_masks = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
+        results = {}
+        for v in chosen:
+            masks = sam_masks if v.proposals == "sam" else self._timed(timings, "threshold", lambda: self._threshold(c))
+            s_g = s_d = None
+            if v.generative and masks.shape[0]:
+                s_g = self._timed(timings, "generative_score", lambda: self._generative_scores(c, masks))
+            if v.discriminative and masks.shape[0]:
+                s_d = self._timed(timings, f"clip_{v.name}", lambda: self._discriminative(rgb, key, parsed, masks, v))
+            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings))
+        return results
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def _parse(self, text: str) -> ParsedText:
+        if not isinstance(text, str):
+            raise InputError(f"text must be a string, got {type(text).__name__}")
+        return parse_text(text, root_rule=self.preset.root_rule, nlp=self._nlp)
+
+    def _report(self, stage: str) -> None:
+        if self._progress is not None:
+            self._progress(stage)
+
+    def _timed(self, timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+        self._report(name)
+        start = time.perf_counter()
+        out = fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    def _generative_map(self, rgb: np.ndarray, key: str, parsed: ParsedText, seed: int,
+                        timings: dict[str, float]) -> tuple[torch.Tensor, int]:
+        """Eq. 3-5: latent, noised UNet steps with capture, root-token map resized to the image frame."""
+        from .capture import token_map
+        from .diffusion import encode_latent, run_capture
+        from .maps import generative_map
+
+        p, sd = self.preset, self.sd
+        prompt = parsed.text + p.prompt_suffix
+        warning = truncation_warning(prompt, sd.tokenizer)
+        if warning:
+            warnings.warn(warning, stacklevel=3)
+        position = root_token_position(parsed, sd.tokenizer, prompt_suffix=p.prompt_suffix)
+        prep: PreparedImage = self._timed(timings, "prepare", lambda: self._prepared.get(
+            (key, p.image_size, p.resize_filter), lambda: prepare_image(rgb, p.image_size, p.resize_filter)))
+
+        def encode() -> torch.Tensor:
+            generator = torch.Generator().manual_seed(seed)
+            return encode_latent(sd.vae, prep.pixels, latent_from=p.latent_from, generator=generator,
+                                 scaling_factor=sd.scaling_factor)
+
+        latent = self._timed(timings, "vae", lambda: self._latents.get(
+            (key, p.image_size, p.resize_filter, p.latent_from, seed), encode))
+        capture_key = (key, p.image_size, p.resize_filter, p.latent_from, seed, prompt, p.strength, p.ddim_steps,
+                       p.num_train_timesteps, p.use_cfg, p.guidance_scale, p.capture_kind, p.capture_factor,
+                       p.capture_blocks)
+        maps = self._timed(timings, "unet", lambda: self._attention.get(capture_key, lambda: run_capture(
+            sd, latent, prompt, strength=p.strength, ddim_steps=p.ddim_steps,
+            num_train_timesteps=p.num_train_timesteps, use_cfg=p.use_cfg, guidance_scale=p.guidance_scale,
+            capture_kind=p.capture_kind, capture_factor=p.capture_factor, capture_blocks=p.capture_blocks,
+            seed=seed)))
+        combined = maps.combined(p.guidance_scale)
+        small = token_map(combined, position, eps=p.layer_norm_eps)
+        c = self._timed(timings, "map", lambda: generative_map(small, prep, mode=p.map_resize, eps=p.map_eps))
+        return c, position
+
+    def _sam_proposals(self, rgb: np.ndarray, key: str) -> torch.Tensor:
+        """SAM automatic masks (cached per image), then the preset's post-filter."""
+        from .proposals import filter_proposals, sam_proposals
+
+        p = self.preset
+        raw = self._sam_masks.get((key, tuple(sorted(sam_generator_kwargs(p).items()))),
+                                  lambda: sam_proposals(self._mask_generator(), rgb))
+        masks, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
+        return masks
+
+    def _threshold(self, c: torch.Tensor) -> torch.Tensor:
+        from .proposals import threshold_proposals
+
+        return threshold_proposals(c, self.preset.thresholds)
+
+    def _generative_scores(self, c: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        from .scoring import generative_scores
+
+        return generative_scores(c, masks, eps=self.preset.score_eps)
+
+    def _text_features(self, texts: tuple[str, ...]) -> torch.Tensor:
+        return self._clip_text.get(texts, lambda: self.clip.encode_text(list(texts)))
+
+    def _discriminative(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor,
+                        v: Variant) -> torch.Tensor:
+        """Eq. 6, 7, 10: CLIP crop and masked-attention features of the proposals against the text."""
+        from .discriminative import discriminative_scores, positional_bias
+
+        p, clip = self.preset, self.clip
+        r_sent, r_root = self._text_features((parsed.text, parsed.root)).unbind(0)
+        h, w = rgb.shape[:2]
+        bias = positional_bias(parsed.directions, h, w, extent=p.bias_extent) if parsed.directions else None
+        image = torch.from_numpy(rgb)
+        masks_key = image_key(masks.numpy().view(np.uint8)) if masks.numel() else "empty"
+
+        def features(branch: str, with_bias: bool) -> torch.Tensor:
+            b = bias if with_bias else None
+            k = (key, masks_key, branch, p.clip_layer, parsed.directions if with_bias else (), p.bias_extent)
+            fn = clip.crop_features if branch == "crop" else clip.masked_features
+            return self._clip_image.get(k, lambda: fn(image, masks, b, layer=p.clip_layer))
+
+        if v.sam_clip:  # baseline: crop branch only, no positional bias, sentence feature
+            crop = features("crop", False)
+            return discriminative_scores(crop, None, r_sent, r_root, crop_weight=1.0, mask_weight=0.0,
+                                         crop_root_weight=0.0, mask_root_weight=0.0)
+        crop = features("crop", p.bias_branch == "crop")
+        masked = features("masked", p.bias_branch == "masked")
+        return discriminative_scores(crop, masked, r_sent, r_root, crop_weight=p.crop_weight,
+                                     mask_weight=p.mask_weight, crop_root_weight=p.crop_root_weight,
+                                     mask_root_weight=p.mask_root_weight)
+
+    def _select(self, v: Variant, masks: torch.Tensor, s_g: torch.Tensor | None, s_d: torch.Tensor | None,
+                parsed: ParsedText, root_position: int | None, c: torch.Tensor | None,
+                timings: dict[str, float]) -> Result:
+        """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none)."""
+        from .scoring import fuse_scores, rank, select_mask
+
+        p = self.preset
+        n, h, w = masks.shape
+        if n:
+            gen_weight = p.gen_weight if (s_g is not None and s_d is not None) else 1.0
+            disc_weight = p.disc_weight if (s_g is not None and s_d is not None) else 1.0
+            fused = fuse_scores(s_g, s_d, gen_weight=gen_weight, disc_weight=disc_weight)
+            order = rank(fused, p.top_k)
+            mask = select_mask(masks, fused, h, w)
+            index = int(order[0]) if len(order) else -1
+        else:
+            fused, order, index = torch.zeros(0), torch.zeros(0, dtype=torch.long), -1
+            mask = torch.zeros(h, w, dtype=torch.bool)
+
+        def arr(x: torch.Tensor | None) -> np.ndarray | None:
+            return None if x is None else x.detach().float().cpu().numpy()
+
+        return Result(mask=mask.cpu().numpy().astype(bool), proposals=masks.cpu().numpy().astype(bool),
+                      scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(fused)},
+                      index=index, top_k=[int(i) for i in order], root_token=parsed.root,
+                      root_position=root_position, direction=parsed.directions,
+                      attention=arr(c), variant=v.name, preset=p.name, timings=timings)
+
+
+__all__ = ["RefDiff", "Result"]
