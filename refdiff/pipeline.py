@@ -203,7 +203,7 @@ class RefDiff:
                         timings: dict[str, float]) -> tuple[torch.Tensor, int]:
         """Eq. 3-5: latent, noised UNet steps with capture, root-token map resized to the image frame."""
         from .capture import token_map
-        from .diffusion import encode_latent, run_capture
+        from .diffusion import encode_image, run_capture
         from .maps import generative_map
 
         p, sd = self.preset, self.sd
@@ -215,10 +215,8 @@ class RefDiff:
         prep: PreparedImage = self._timed(timings, "prepare", lambda: self._prepared.get(
             (key, p.image_size, p.resize_filter), lambda: prepare_image(rgb, p.image_size, p.resize_filter)))
 
-        def encode() -> torch.Tensor:
-            generator = torch.Generator().manual_seed(seed)
-            return encode_latent(sd.vae, prep.pixels, latent_from=p.latent_from, generator=generator,
-                                 scaling_factor=sd.scaling_factor)
+        def encode() -> torch.Tensor:  # the posterior sample is seeded apart from the injected noise
+            return encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed)
 
         latent = self._timed(timings, "vae", lambda: self._latents.get(
             (key, p.image_size, p.resize_filter, p.latent_from, seed), encode))
