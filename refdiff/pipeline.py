@@ -179,7 +179,8 @@ class RefDiff:
                 s_g = self._timed(timings, "generative_score", lambda: self._generative_scores(c, masks))
             if v.discriminative and masks.shape[0]:
                 s_d = self._timed(timings, f"clip_{v.name}", lambda: self._discriminative(rgb, key, parsed, masks, v))
-            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings))
+            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position if v.needs_diffusion else None,
+                                           c if v.needs_diffusion else None, dict(timings))
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------

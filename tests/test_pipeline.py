@@ -1,0 +1,116 @@
+"""End to end on tiny random models: every variant and both presets run and return masks of the image's size."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from refdiff.config import get_variant
+from refdiff.errors import InputError
+from refdiff.pipeline import RefDiff
+
+# Small settings so that random SAM yields proposals and everything runs in seconds on a CPU.
+FAST = dict(image_size=64, sam_points_per_side=4, sam_points_per_batch=16, sam_pred_iou_thresh=0.0,
+            sam_stability_score_thresh=0.0, sam_min_area=0)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from refdiff.testing.clip import tiny_clip
+    from refdiff.testing.sam import tiny_sam
+    from refdiff.testing.sd import tiny_sd
+
+    torch.manual_seed(0)
+    return tiny_sd(), tiny_sam(), tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    rgb = np.zeros((45, 67, 3), dtype=np.uint8)  # odd-sized, wider than tall
+    rgb[5:30, 4:25] = (200, 30, 30)
+    rgb[10:40, 40:60] = (30, 30, 200)
+    return rgb + rng.integers(0, 20, rgb.shape, dtype=np.uint8)
+
+
+def make(models, preset="official", **overrides):
+    sd, sam, clip = models
+    return RefDiff(sd=sd, sam=sam, clip=clip, preset=preset, **{**FAST, **overrides})
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_all_variants_run_with_masks_of_the_image_size(models, image, preset):
+    model = make(models, preset)
+    results = model.segment_variants(image, "the red box on the left", ["full", "G", "GS", "DS", "sam-clip"])
+    assert set(results) == {"full", "G", "GS", "DS", "sam-clip"}
+    for name, r in results.items():
+        assert r.mask.shape == (45, 67) and r.mask.dtype == bool, name
+        assert r.proposals.ndim == 3 and r.proposals.shape[1:] == (45, 67), name
+        n = len(r.proposals)
+        assert r.scores["fused"].shape == (n,), name
+        if n:
+            assert 0 <= r.index < n and (r.mask == r.proposals[r.index]).all(), name
+            assert r.index == int(np.argmax(r.scores["fused"])), name
+        else:
+            assert r.index == -1 and not r.mask.any(), name
+        assert r.root_token == "box" and r.direction == ("left",) and r.preset == preset
+        v = get_variant(name)
+        assert (r.scores["generative"] is not None) == (v.generative and n > 0), name
+        assert (r.scores["discriminative"] is not None) == (v.discriminative and n > 0), name
+        if v.needs_diffusion:
+            assert r.attention.shape == (45, 67)
+            assert r.attention.min() >= 0 and r.attention.max() <= 1
+        else:
+            assert r.attention is None
+    assert len(results["GS"].proposals) > 0, "random SAM with zero thresholds must propose masks"
+    # The shared stages ran once: the same SAM proposals and the same generative map for every variant.
+    assert (results["GS"].proposals == results["full"].proposals).all()
+    np.testing.assert_array_equal(results["G"].attention, results["full"].attention)
+    full = results["full"].scores
+    np.testing.assert_allclose(full["generative"], results["GS"].scores["generative"])
+    np.testing.assert_allclose(full["discriminative"], results["DS"].scores["discriminative"])
+    p = model.preset
+    np.testing.assert_allclose(full["fused"], p.gen_weight * full["generative"] + p.disc_weight * full["discriminative"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_runs_repeat_and_cache_is_reused(models, image):
+    model = make(models)
+    a = model(image, "the blue box", variant="G", seed=3)
+    b = model(image, "the blue box", variant="G", seed=3)
+    np.testing.assert_array_equal(a.attention, b.attention)
+    assert b.timings["unet"] < a.timings["unet"]  # second call: the captured attention came from the cache
+    fresh = make(models)(image, "the blue box", variant="G", seed=3)
+    np.testing.assert_array_equal(a.attention, fresh.attention)
+    other = make(models)(image, "the blue box", variant="G", seed=4)
+    assert not np.array_equal(a.attention, other.attention)
+
+
+def test_strict_filter_gives_an_empty_mask_of_the_right_size(models, image):
+    model = make(models, sam_min_area=10**9)  # every SAM mask is filtered out
+    r = model(image, "the blue box", variant="full")
+    assert r.proposals.shape == (0, 45, 67) and r.index == -1 and r.mask.shape == (45, 67) and not r.mask.any()
+
+
+def test_bad_inputs_raise_clear_errors(models, image):
+    model = make(models)
+    with pytest.raises(InputError, match="empty"):
+        model(image, "   ")
+    with pytest.raises(InputError, match="variant"):
+        model(image, "the box", variant="XL")
+    with pytest.raises(InputError, match="NaN"):
+        model(np.full((8, 8, 3), np.nan, np.float32), "the box")
+    with pytest.raises(InputError, match="no Stable Diffusion"):
+        RefDiff(sam=models[1], clip=models[2], **FAST)(image, "the box", variant="G")
+
+
+def test_ds_variant_needs_no_diffusion_model(models, image):
+    r = RefDiff(sam=models[1], clip=models[2], **FAST)(image, "the blue box on the right", variant="DS")
+    assert r.attention is None and r.mask.shape == (45, 67)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (9, 120, 3), (2, 2)])
+def test_tiny_and_elongated_images(models, shape):
+    rgb = np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8)
+    r = make(models)(rgb, "the thing at the top", variant="full")
+    assert r.mask.shape == shape[:2]
