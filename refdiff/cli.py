@@ -16,6 +16,16 @@ from .errors import RefDiffError
 VARIANT_NAMES = [v.name for v in VARIANTS.values()]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help unless the help already states its default or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads models."""
     g = parser.add_argument_group("models (default: the published weights, downloaded once to the libraries' caches)")
@@ -53,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment the object a referring expression names in one image",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     seg.add_argument("image", help="input image file (any format Pillow reads; grayscale/RGBA/16-bit converted)")
     seg.add_argument("text", help='referring expression, e.g. "the black horse jumping on the left"')
     seg.add_argument("-o", "--output", required=True, help="where to write the mask (PNG, white = selected)")
@@ -75,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         ev.set_defaults(eval_unavailable=str(exc))
     else:
         ev = sub.add_parser("eval", help="evaluate on RefCOCO / RefCOCO+ / RefCOCOg (the paper's tables)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
         add_eval_arguments(ev)
     return parser
 
