@@ -15,7 +15,7 @@ def test_help_explains_every_option_with_defaults(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["segment", "--help"])
     assert info.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # help is wrapped to the terminal width
     for option in ["--variant", "--preset", "--sd", "--sam", "--clip", "--overlay", "--json", "--device",
                    "--seed", "--dtype", "--image-size"]:
         assert option in out
