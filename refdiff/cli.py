@@ -10,10 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import PRESETS, VARIANTS
+from .config import PRESETS, VARIANT_HELP, VARIANTS
 from .errors import RefDiffError
 
-VARIANT_NAMES = [v.name for v in VARIANTS.values()]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,10 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("image", help="input image file (any format Pillow reads; grayscale/RGBA/16-bit converted)")
     seg.add_argument("text", help='referring expression, e.g. "the black horse jumping on the left"')
     seg.add_argument("-o", "--output", required=True, help="where to write the mask (PNG, white = selected)")
-    seg.add_argument("--variant", default="full", type=str.lower,
-                     choices=[n.lower() for n in VARIANT_NAMES],
-                     help="full (Ref-Diff), g (threshold proposals + generative), gs (SAM + generative), "
-                          "ds (SAM + CLIP), sam-clip (baseline)")
+    seg.add_argument("--variant", default="full", type=str.lower, choices=sorted(VARIANTS),
+                     help=VARIANT_HELP + " (case-insensitive)")
     add_method_arguments(seg)
     add_model_arguments(seg)
     seg.add_argument("--overlay", metavar="OUT.png", default=None, help="also write the image with the mask overlaid")

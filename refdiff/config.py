@@ -70,6 +70,19 @@ class Preset:
     gen_weight: float = 0.05
     disc_weight: float = 1.0
     top_k: int = 5
+    # DiffSegmenter self-attention refinement of the map (variant "G-refine"; docs/METHODS.md)
+    refine_iterations: int = 1  # times the map is multiplied by the fused self-attention
+    refine_max_tokens: int = 4096  # capture self-attention only on grids of at most this many tokens
+    refine_factor_weights: tuple[tuple[int, float], ...] = ((8, 0.3), (4, 0.5), (2, 0.1), (1, 0.1))
+    refine_self_factor: int | None = None  # None: the finest grid within refine_max_tokens
+    # FreeSeg-Diff feature-cluster proposals (variant "cluster"; docs/METHODS.md)
+    cluster_k: int = 4
+    cluster_feature_factor: int = 4  # attn2 query features at this downsampling factor
+    cluster_factor: int = 2  # grid the features are clustered on
+    cluster_timestep: int = 0  # DDPM timestep of the single UNet pass
+    cluster_normalize: bool = True  # L2-normalise each block's features before concatenating
+    cluster_split: bool = True  # split clusters into connected components
+    cluster_min_area: int = 0  # drop cluster proposals of area <= this many pixels
 
     def with_(self, **overrides: object) -> "Preset":
         """A copy with some fields changed; unknown names raise InputError."""
@@ -117,14 +130,15 @@ class Variant:
     """Which stages a variant uses (SPEC.md section 10)."""
 
     name: str
-    proposals: Literal["threshold", "sam"]
+    proposals: Literal["threshold", "sam", "cluster"]
     generative: bool
     discriminative: bool
     sam_clip: bool = False  # crop branch only, no positional bias, sentence feature
+    refine: bool = False  # the map c is refined with the UNet's self-attention (DiffSegmenter)
 
     @property
     def needs_diffusion(self) -> bool:
-        return self.generative or self.proposals == "threshold"
+        return self.generative or self.refine or self.proposals in ("threshold", "cluster")
 
 
 VARIANTS: dict[str, Variant] = {
@@ -133,9 +147,16 @@ VARIANTS: dict[str, Variant] = {
     "gs": Variant("GS", "sam", generative=True, discriminative=False),
     "ds": Variant("DS", "sam", generative=False, discriminative=True),
     "sam-clip": Variant("sam-clip", "sam", generative=False, discriminative=True, sam_clip=True),
+    # Sibling methods on the same UNet internals (docs/METHODS.md):
+    "g-refine": Variant("G-refine", "threshold", generative=True, discriminative=False, refine=True),
+    "cluster": Variant("cluster", "cluster", generative=True, discriminative=True),
 }
 _ALIASES = {"ref-diff": "full", "refdiff": "full", "ref-diff/g": "g", "ref-diff/gs": "gs",
-            "ref-diff/ds": "ds", "samclip": "sam-clip", "sam_clip": "sam-clip"}
+            "ref-diff/ds": "ds", "samclip": "sam-clip", "sam_clip": "sam-clip", "diffsegmenter": "g-refine",
+            "g_refine": "g-refine", "freeseg": "cluster", "freeseg-diff": "cluster"}
+VARIANT_HELP = ("full (Ref-Diff), G (threshold proposals + generative), GS (SAM + generative), DS (SAM + CLIP), "
+                "sam-clip (baseline), G-refine (G on the self-attention-refined map), cluster (feature-cluster "
+                "proposals + generative + CLIP)")
 
 
 def get_variant(name: str | Variant) -> Variant:
@@ -145,7 +166,7 @@ def get_variant(name: str | Variant) -> Variant:
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in VARIANTS:
-        raise InputError(f"unknown variant {name!r}; choose one of full, G, GS, DS, sam-clip")
+        raise InputError(f"unknown variant {name!r}; choose one of {', '.join(v.name for v in VARIANTS.values())}")
     return VARIANTS[key]
 
 
@@ -163,4 +184,4 @@ def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
 
 
 __all__ = ["Preset", "OFFICIAL", "PAPER", "PRESETS", "get_preset", "Variant", "VARIANTS", "get_variant",
-           "sam_generator_kwargs", "DEFAULT_THRESHOLDS"]
+           "sam_generator_kwargs", "DEFAULT_THRESHOLDS", "VARIANT_HELP"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 import torch
 
-from .config import Preset, Variant, get_preset, get_variant, sam_generator_kwargs
+from .config import VARIANTS, Preset, Variant, get_preset, get_variant, sam_generator_kwargs
 from .errors import InputError
 from .image import PreparedImage, image_key, load_image, prepare_image
 from .text import ParsedText, parse_text, root_token_position, truncation_warning
@@ -158,29 +158,36 @@ class RefDiff:
         """Run several variants on one (image, text); stages they share run once. Keys are variant names."""
         chosen = [get_variant(v) for v in variants]
         if not chosen:
-            raise InputError("variants is empty; choose at least one of full, G, GS, DS, sam-clip")
+            raise InputError("variants is empty; choose at least one of " + ", ".join(VARIANTS))
         rgb = load_image(image)
         parsed = self._parse(text)
         key = image_key(rgb)
         timings: dict[str, float] = {}
-        p = self.preset
+        maps: dict[bool, tuple[torch.Tensor, int]] = {}  # refined? -> (generative map c, root position)
 
-        c = root_position = None
-        if any(v.needs_diffusion for v in chosen):
-            c, root_position = self._generative_map(rgb, key, parsed, seed, timings)
+        def generative(refine: bool) -> tuple[torch.Tensor, int]:
+            if refine not in maps:
+                maps[refine] = self._generative_map(rgb, key, parsed, seed, timings, refine=refine)
+            return maps[refine]
+
         sam_masks = None
         if any(v.proposals == "sam" for v in chosen):
             sam_masks = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
         results = {}
         for v in chosen:
-            masks = sam_masks if v.proposals == "sam" else self._timed(timings, "threshold", lambda: self._threshold(c))
+            c, root_position = generative(v.refine) if v.needs_diffusion else (None, None)
+            if v.proposals == "sam":
+                masks = sam_masks
+            elif v.proposals == "cluster":
+                masks = self._timed(timings, "cluster", lambda: self._cluster_proposals(rgb, key, seed))
+            else:
+                masks = self._timed(timings, "threshold", lambda: self._threshold(c))
             s_g = s_d = None
             if v.generative and masks.shape[0]:
                 s_g = self._timed(timings, "generative_score", lambda: self._generative_scores(c, masks))
             if v.discriminative and masks.shape[0]:
                 s_d = self._timed(timings, f"clip_{v.name}", lambda: self._discriminative(rgb, key, parsed, masks, v))
-            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position if v.needs_diffusion else None,
-                                           c if v.needs_diffusion else None, dict(timings))
+            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings))
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------
@@ -200,11 +207,28 @@ class RefDiff:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return out
 
+    def _prepare(self, rgb: np.ndarray, key: str, timings: dict[str, float]) -> PreparedImage:
+        p = self.preset
+        return self._timed(timings, "prepare", lambda: self._prepared.get(
+            (key, p.image_size, p.resize_filter), lambda: prepare_image(rgb, p.image_size, p.resize_filter)))
+
+    def _latent(self, prep: PreparedImage, key: str, seed: int, timings: dict[str, float]) -> torch.Tensor:
+        """The scaled VAE latent of the prepared square (cached per image and seed)."""
+        from .diffusion import encode_image
+
+        p, sd = self.preset, self.sd
+        return self._timed(timings, "vae", lambda: self._latents.get(
+            (key, p.image_size, p.resize_filter, p.latent_from, seed),
+            lambda: encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed)))
+
     def _generative_map(self, rgb: np.ndarray, key: str, parsed: ParsedText, seed: int,
-                        timings: dict[str, float]) -> tuple[torch.Tensor, int]:
-        """Eq. 3-5: latent, noised UNet steps with capture, root-token map resized to the image frame."""
+                        timings: dict[str, float], refine: bool = False) -> tuple[torch.Tensor, int]:
+        """Eq. 3-5: latent, noised UNet steps with capture, root-token map resized to the image frame.
+
+        With ``refine`` the low-resolution map is DiffSegmenter's: cross-attention fused over resolutions and
+        propagated through the UNet's self-attention (refdiff.refine)."""
         from .capture import token_map
-        from .diffusion import encode_image, run_capture
+        from .diffusion import run_capture
         from .maps import generative_map
 
         p, sd = self.preset, self.sd
@@ -213,26 +237,44 @@ class RefDiff:
         if warning:
             warnings.warn(warning, stacklevel=3)
         position = root_token_position(parsed, sd.tokenizer, prompt_suffix=p.prompt_suffix)
-        prep: PreparedImage = self._timed(timings, "prepare", lambda: self._prepared.get(
-            (key, p.image_size, p.resize_filter), lambda: prepare_image(rgb, p.image_size, p.resize_filter)))
+        prep = self._prepare(rgb, key, timings)
+        latent = self._latent(prep, key, seed, timings)
+        schedule = dict(strength=p.strength, ddim_steps=p.ddim_steps, num_train_timesteps=p.num_train_timesteps,
+                        use_cfg=p.use_cfg, guidance_scale=p.guidance_scale, capture_kind=p.capture_kind,
+                        capture_blocks=p.capture_blocks, seed=seed)
+        base_key = (key, p.image_size, p.resize_filter, p.latent_from, prompt, *sorted(schedule.items()))
+        if refine:
+            from .refine import diffsegmenter_map
 
-        def encode() -> torch.Tensor:  # the posterior sample is seeded apart from the injected noise
-            return encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed)
-
-        latent = self._timed(timings, "vae", lambda: self._latents.get(
-            (key, p.image_size, p.resize_filter, p.latent_from, seed), encode))
-        capture_key = (key, p.image_size, p.resize_filter, p.latent_from, seed, prompt, p.strength, p.ddim_steps,
-                       p.num_train_timesteps, p.use_cfg, p.guidance_scale, p.capture_kind, p.capture_factor,
-                       p.capture_blocks)
-        maps = self._timed(timings, "unet", lambda: self._attention.get(capture_key, lambda: run_capture(
-            sd, latent, prompt, strength=p.strength, ddim_steps=p.ddim_steps,
-            num_train_timesteps=p.num_train_timesteps, use_cfg=p.use_cfg, guidance_scale=p.guidance_scale,
-            capture_kind=p.capture_kind, capture_factor=p.capture_factor, capture_blocks=p.capture_blocks,
-            seed=seed)))
-        combined = maps.combined(p.guidance_scale)
-        small = token_map(combined, position, eps=p.layer_norm_eps)
+            small = self._timed(timings, "unet_refine", lambda: self._attention.get(
+                ("refine", *base_key, position, p.layer_norm_eps, p.refine_iterations, p.refine_max_tokens,
+                 p.refine_factor_weights, p.refine_self_factor),
+                lambda: diffsegmenter_map(sd, latent, prompt, position, factor_weights=dict(p.refine_factor_weights),
+                                          max_tokens=p.refine_max_tokens, self_factor=p.refine_self_factor,
+                                          iterations=p.refine_iterations, eps=p.layer_norm_eps, **schedule)))
+        else:
+            captured = self._timed(timings, "unet", lambda: self._attention.get(
+                ("capture", *base_key, p.capture_factor),
+                lambda: run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)))
+            small = token_map(captured.combined(p.guidance_scale), position, eps=p.layer_norm_eps)
         c = self._timed(timings, "map", lambda: generative_map(small, prep, mode=p.map_resize, eps=p.map_eps))
         return c, position
+
+    def _cluster_proposals(self, rgb: np.ndarray, key: str, seed: int) -> torch.Tensor:
+        """FreeSeg-Diff proposals: UNet features of the image clustered (cached per image and seed)."""
+        from .clusters import feature_cluster_proposals
+
+        p = self.preset
+        timings: dict[str, float] = {}
+        prep = self._prepare(rgb, key, timings)
+        latent = self._latent(prep, key, seed, timings)
+        cache_key = ("cluster", key, p.image_size, p.resize_filter, p.latent_from, seed, p.cluster_k,
+                     p.cluster_feature_factor, p.cluster_factor, p.cluster_timestep, p.cluster_normalize,
+                     p.cluster_split, p.cluster_min_area)
+        return self._sam_masks.get(cache_key, lambda: feature_cluster_proposals(
+            self.sd, latent, "", prep, feature_factor=p.cluster_feature_factor, timestep=p.cluster_timestep,
+            n_clusters=p.cluster_k, cluster_factor=p.cluster_factor, normalize=p.cluster_normalize,
+            split_components=p.cluster_split, min_area=p.cluster_min_area, seed=seed))
 
     def _sam_proposals(self, rgb: np.ndarray, key: str) -> torch.Tensor:
         """SAM automatic masks (cached per image), then the preset's post-filter."""

@@ -114,3 +114,20 @@ def test_tiny_and_elongated_images(models, shape):
     rgb = np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8)
     r = make(models)(rgb, "the thing at the top", variant="full")
     assert r.mask.shape == shape[:2]
+
+
+def test_refined_map_and_cluster_variants(models, image):
+    """The DiffSegmenter-refined G and the feature-cluster proposals run through the same API."""
+    model = make(models)
+    results = model.segment_variants(image, "the red box on the left", ["G", "G-refine", "cluster"], seed=1)
+    refined, plain, cluster = results["G-refine"], results["G"], results["cluster"]
+    for r in results.values():
+        assert r.mask.shape == (45, 67) and r.attention.shape == (45, 67)
+    assert not np.allclose(refined.attention, plain.attention)  # a different map: self-attention refined
+    assert refined.attention.min() >= 0 and refined.attention.max() <= 1
+    assert len(cluster.proposals) > 0 and cluster.scores["discriminative"] is not None
+    # cluster proposals partition (part of) the frame: no pixel belongs to two proposals
+    assert cluster.proposals.sum(0).max() <= 1
+    # the cluster variant scores with the plain map, like full
+    np.testing.assert_array_equal(cluster.attention, plain.attention)
+    assert model(image, "the red box on the left", variant="diffsegmenter", seed=1).variant == "G-refine"
