@@ -66,6 +66,7 @@ class Preset:
     mask_weight: float = 0.3  # weight of the masked-attention branch in s_D (beta in the paper)
     crop_root_weight: float = 0.0  # crop text feature = (1-w) r_sent + w r_root
     mask_root_weight: float = 0.5  # mask-token text feature = (1-w) r_sent + w r_root
+    normalize_text: bool = True  # L2-normalise each mixed text feature: every s_D term is a cosine
     # 9. fusion: s = gen_weight * s_G + disc_weight * s_D
     gen_weight: float = 0.05
     disc_weight: float = 1.0
@@ -108,6 +109,7 @@ PAPER = Preset(
     mask_weight=0.3,  # beta
     crop_root_weight=0.5,  # r = mean(r_sent, r_root) for both branches
     mask_root_weight=0.5,
+    normalize_text=False,  # v_i . r with r the plain mean of r_sent and r_root
     gen_weight=0.1,  # alpha
     disc_weight=0.9,  # 1 - alpha
 )

@@ -6,9 +6,9 @@ Conventions and the choices made where the method leaves room:
 
 - Images are RGB ``[H, W, 3]``, ``uint8`` (0..255) or float (0..1); masks are ``bool [N, H, W]``.
 - Crop branch: pixels outside the mask are set to black (and multiplied by the positional bias when one is
-  given), the box ``[y0, y1) x [x0, x1)`` bounding the mask is cut out, then CLIP's own preprocessing is
-  applied as CLIP's ``preprocess`` does on a PIL image: bicubic (antialiased) resize of the shorter side to
-  the input size, centre crop to a square, clamp to 0..1, normalise with CLIP's mean/std.
+  given), the box ``[y0, y1) x [x0, x1)`` bounding the mask is cut out, pasted centred on a black square
+  (so no part of the mask is cropped away, whatever the box's shape), resized (bicubic, antialiased) to
+  CLIP's input size, clamped to 0..1 and normalised with CLIP's mean/std.
 - Masked-attention branch: the whole image (times the bias when given) is pasted centred on a black
   square, resized (bicubic, antialiased) to CLIP's input size and encoded once. Proposals are reduced to
   the patch grid by nearest sampling at each patch centre; a non-empty proposal that covers no patch
@@ -42,6 +42,7 @@ _DIRECTION_WORDS: dict[str, tuple[str, ...]] = {
     "bottom": ("bottom", "bottommost", "lower", "lowermost", "lowest"),
 }
 _DIRECTION_OF: dict[str, str] = {w: d for d, words in _DIRECTION_WORDS.items() for w in words}
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -68,7 +69,8 @@ def positional_bias(directions: Sequence[str], height: int, width: int, extent: 
     "left": column c gets max(0, 1 - c / (extent * width)), i.e. 1 at column 0, falling linearly to 0 at
     column extent * width and 0 from there on (width 6, extent 2/3: 1, .75, .5, .25, 0, 0). "right" is its
     mirror image (column c gets the "left" weight of column width - 1 - c); "top"/"bottom" do the same
-    along rows. Repeated clues count once; no clue gives ones. A single string counts as one clue.
+    along rows. Repeated clues count once, and of two opposite clues only the first counts (a ramp and its
+    mirror image would black out the whole image); no clue gives ones. A single string counts as one clue.
     """
     if isinstance(directions, str):
         directions = [directions]
@@ -77,7 +79,11 @@ def positional_bias(directions: Sequence[str], height: int, width: int, extent: 
     if not 0.0 < float(extent) <= 1.0:
         raise InputError(f"positional_bias extent must be in (0, 1], got {extent}")
     height, width = int(height), int(width)
-    clues = {canonical_direction(d) for d in directions}
+    clues: list[str] = []
+    for d in directions:  # of two opposite clues ("left ... right") only the first one counts
+        clue = canonical_direction(d)
+        if clue not in clues and _OPPOSITE[clue] not in clues:
+            clues.append(clue)
     bias = torch.ones(height, width, dtype=torch.float32)
     columns, rows = _falling_ramp(width, extent), _falling_ramp(height, extent)
     profiles = {
@@ -160,28 +166,15 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.any(dim=1)[:, None], boxes, torch.zeros_like(boxes))
 
 
-def resize_shorter_center_crop(chw: torch.Tensor, size: int) -> torch.Tensor:
-    """CLIP's preprocessing geometry on a [3, h, w] float tensor: bicubic resize of the shorter side to
-    ``size`` (long side int(size * long / short), as torchvision's Resize), centre crop to size x size."""
-    _, h, w = chw.shape
-    if h <= w:
-        new_h, new_w = size, max(size, int(size * w / h))
-    else:
-        new_h, new_w = max(size, int(size * h / w)), size
-    if (new_h, new_w) != (h, w):
-        chw = F.interpolate(chw[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
-                            antialias=True)[0].clamp(0.0, 1.0)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return chw[:, top:top + size, left:left + size]
-
-
 def crop_inputs(image: torch.Tensor, masks: torch.Tensor, bias: torch.Tensor | None, size: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop-branch inputs before CLIP normalisation: float [N, 3, size, size] in 0..1 and nonempty bool [N].
 
     ``image`` float [H, W, 3] in 0..1, ``masks`` bool [N, H, W], ``bias`` float [H, W] or None. Pixels
-    outside each mask are black, the rest times the bias; each mask's bounding box is resized (shorter side)
-    and centre-cropped to ``size``. Empty masks give an all-black input and nonempty False.
+    outside each mask are black, the rest times the bias; each mask's bounding box is pasted centred on a
+    black square and resized to ``size``, so every pixel of the mask reaches CLIP whatever the box's shape
+    (a centre crop would cut off the ends of long thin objects). Empty masks give an all-black input and
+    nonempty False.
     """
     chw = image.permute(2, 0, 1)
     if bias is not None:
@@ -193,7 +186,7 @@ def crop_inputs(image: torch.Tensor, masks: torch.Tensor, bias: torch.Tensor | N
         if y1 <= y0 or x1 <= x0:
             continue
         region = chw[:, y0:y1, x0:x1] * masks[i, y0:y1, x0:x1][None]
-        out[i] = resize_shorter_center_crop(region, size)
+        out[i] = pad_square_resize(region.permute(1, 2, 0), size)
     return out, nonempty
 
 
@@ -443,10 +436,11 @@ def _as_vector(value: torch.Tensor, name: str) -> torch.Tensor:
 def discriminative_scores(crop_feats: torch.Tensor | None, mask_feats: torch.Tensor | None,
                           r_sent: torch.Tensor, r_root: torch.Tensor, crop_weight: float = 0.7,
                           mask_weight: float = 0.3, crop_root_weight: float = 0.0,
-                          mask_root_weight: float = 0.5) -> torch.Tensor:
-    """s_D [N] (Eq. 10): crop_weight <f_crop, (1-crw) r_sent + crw r_root>
-    + mask_weight <f_mask, (1-mrw) r_sent + mrw r_root>; a None branch adds 0; the mixed text vector is
-    not re-normalised. Defaults are the ``official`` preset; ``paper`` sets both root weights to 0.5."""
+                          mask_root_weight: float = 0.5, normalize_text: bool = True) -> torch.Tensor:
+    """s_D [N] (Eq. 10): crop_weight <f_crop, t_crop> + mask_weight <f_mask, t_mask> with
+    t = (1-w) r_sent + w r_root per branch; a None branch adds 0. With ``normalize_text`` each mixed t is
+    L2-normalised, so every term is a cosine (``official``: 0.7 cos(f_crop, r_sent) + 0.3 cos(f_M, mix));
+    without it t is used as is (``paper``: v_i . r with r the mean of r_sent and r_root)."""
     if crop_feats is None and mask_feats is None:
         raise InputError("discriminative_scores needs crop_feats, mask_feats or both")
     sent, root = _as_vector(r_sent, "r_sent"), _as_vector(r_root, "r_root")
@@ -460,6 +454,8 @@ def discriminative_scores(crop_feats: torch.Tensor | None, mask_feats: torch.Ten
         if feats.ndim != 2 or feats.shape[1] != sent.shape[0]:
             raise InputError(f"{name} must be [N, {sent.shape[0]}], got {tuple(feats.shape)}")
         text = (1.0 - root_weight) * sent.to(feats.device) + root_weight * root.to(feats.device)
+        if normalize_text:
+            text = text / text.norm().clamp_min(1e-12)
         part = float(weight) * (feats.to(torch.float32) @ text)
         if total is not None and total.shape != part.shape:
             raise InputError(f"crop_feats and mask_feats hold different numbers of proposals "
@@ -471,4 +467,4 @@ def discriminative_scores(crop_feats: torch.Tensor | None, mask_feats: torch.Ten
 
 __all__ = ["ClipScorer", "ClipLayer", "positional_bias", "canonical_direction", "discriminative_scores",
            "crop_inputs", "mask_boxes", "masks_to_grid", "mask_attention_bias", "pad_square_resize",
-           "resize_shorter_center_crop", "as_float_image", "OPENAI_MEAN", "OPENAI_STD"]
+           "as_float_image", "OPENAI_MEAN", "OPENAI_STD"]

@@ -135,11 +135,13 @@ class RefDiff:
         return self._clip.get("CLIP (clip)")
 
     def _mask_generator(self) -> Any:
-        if self._generator is None:
-            from .proposals import make_mask_generator
+        """SAM's automatic mask generator at the preset's settings (rebuilt if they change)."""
+        from .proposals import make_mask_generator
 
-            self._generator = make_mask_generator(self.sam, **sam_generator_kwargs(self.preset))
-        return self._generator
+        kwargs = sam_generator_kwargs(self.preset)
+        if self._generator is None or self._generator[0] != kwargs:
+            self._generator = (kwargs, make_mask_generator(self.sam, **kwargs))
+        return self._generator[1]
 
     def clear_cache(self) -> None:
         """Forget every per-image result (prepared squares, latents, attention, SAM masks, CLIP features)."""
@@ -311,27 +313,27 @@ class RefDiff:
         image = torch.from_numpy(rgb)
         masks_key = image_key(masks.numpy().view(np.uint8)) if masks.numel() else "empty"
 
-        def features(branch: str, with_bias: bool) -> torch.Tensor:
+        def features(branch: str, with_bias: bool, layer: str) -> torch.Tensor:
             b = bias if with_bias else None
-            k = (key, masks_key, branch, p.clip_layer, parsed.directions if with_bias else (), p.bias_extent)
+            k = (key, masks_key, branch, layer, parsed.directions if with_bias else (), p.bias_extent)
             fn = clip.crop_features if branch == "crop" else clip.masked_features
-            return self._clip_image.get(k, lambda: fn(image, masks, b, layer=p.clip_layer))
+            return self._clip_image.get(k, lambda: fn(image, masks, b, layer=layer))
 
-        if v.sam_clip:  # baseline: crop branch only, no positional bias, sentence feature
-            crop = features("crop", False)
+        if v.sam_clip:  # baseline: plain CLIP (final layer) on the crops, no positional bias, sentence feature
+            crop = features("crop", False, "final")
             return discriminative_scores(crop, None, r_sent, r_root, crop_weight=1.0, mask_weight=0.0,
                                          crop_root_weight=0.0, mask_root_weight=0.0)
-        crop = features("crop", p.bias_branch == "crop")
-        masked = features("masked", p.bias_branch == "masked")
+        crop = features("crop", p.bias_branch == "crop", p.clip_layer)
+        masked = features("masked", p.bias_branch == "masked", p.clip_layer)
         return discriminative_scores(crop, masked, r_sent, r_root, crop_weight=p.crop_weight,
                                      mask_weight=p.mask_weight, crop_root_weight=p.crop_root_weight,
-                                     mask_root_weight=p.mask_root_weight)
+                                     mask_root_weight=p.mask_root_weight, normalize_text=p.normalize_text)
 
     def _select(self, v: Variant, masks: torch.Tensor, s_g: torch.Tensor | None, s_d: torch.Tensor | None,
                 parsed: ParsedText, root_position: int | None, c: torch.Tensor | None,
                 timings: dict[str, float]) -> Result:
         """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none)."""
-        from .scoring import fuse_scores, rank, select_mask
+        from .scoring import fuse_scores, rank
 
         p = self.preset
         n, h, w = masks.shape
@@ -340,8 +342,9 @@ class RefDiff:
             disc_weight = p.disc_weight if (s_g is not None and s_d is not None) else 1.0
             fused = fuse_scores(s_g, s_d, gen_weight=gen_weight, disc_weight=disc_weight)
             order = rank(fused, p.top_k)
-            mask = select_mask(masks, fused, h, w)
-            index = int(order[0]) if len(order) else -1
+            best = rank(fused, 1)
+            index = int(best[0]) if len(best) and not torch.isnan(fused[best[0]]) else -1
+            mask = masks[index] if index >= 0 else torch.zeros(h, w, dtype=torch.bool)
         else:
             fused, order, index = torch.zeros(0), torch.zeros(0, dtype=torch.long), -1
             mask = torch.zeros(h, w, dtype=torch.bool)

@@ -15,6 +15,7 @@ def test_official_preset_matches_the_released_code():
     assert (p.sam_keep_largest, p.sam_min_area) == (10, 10000)
     assert p.clip_layer == "final" and p.bias_branch == "crop"
     assert (p.crop_weight, p.mask_weight, p.crop_root_weight, p.mask_root_weight) == (0.7, 0.3, 0.0, 0.5)
+    assert p.normalize_text  # cos(., 0.5 r_sent + 0.5 r_root)
     assert (p.gen_weight, p.disc_weight) == (0.05, 1.0)
 
 
@@ -25,6 +26,7 @@ def test_paper_preset_matches_the_equations():
     assert p.clip_layer == "penultimate" and p.bias_branch == "masked"
     # v = beta f_M + (1 - beta) f_crop, r = mean(r_sent, r_root), beta = 0.3
     assert (p.crop_weight, p.mask_weight, p.crop_root_weight, p.mask_root_weight) == (0.7, 0.3, 0.5, 0.5)
+    assert not p.normalize_text  # v_i . r
     # s = alpha s_G + (1 - alpha) s_D, alpha = 0.1
     assert (p.gen_weight, p.disc_weight) == (0.1, 0.9)
 

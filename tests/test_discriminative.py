@@ -102,14 +102,16 @@ R_ROOT = torch.tensor([0.0, 1.0])
 
 
 def _preset_weights(preset) -> dict[str, float]:
-    names = ("crop_weight", "mask_weight", "crop_root_weight", "mask_root_weight")
+    names = ("crop_weight", "mask_weight", "crop_root_weight", "mask_root_weight", "normalize_text")
     return {n: getattr(preset, n) for n in names}
 
 
 def test_scores_official_hand_computed() -> None:
-    # crop text = r_sent -> dots (1, 0); mask text = (0.5, 0.5) -> dots (0.7, 0.5)
+    # crop text = r_sent -> cosines (1, 0); mask text = (0.5, 0.5) / |.| = (1, 1) / sqrt(2)
+    # -> cosines (1.4 / sqrt(2), 1 / sqrt(2))
     scores = discriminative_scores(CROP, MASK, R_SENT, R_ROOT, **_preset_weights(OFFICIAL))
-    torch.testing.assert_close(scores, torch.tensor([0.7 * 1 + 0.3 * 0.7, 0.7 * 0 + 0.3 * 0.5]))
+    r2 = 2.0 ** 0.5
+    torch.testing.assert_close(scores, torch.tensor([0.7 * 1 + 0.3 * 1.4 / r2, 0.7 * 0 + 0.3 * 1.0 / r2]))
 
 
 def test_scores_paper_hand_computed_mixed_text_not_renormalised() -> None:
@@ -123,6 +125,11 @@ def test_scores_sam_clip_crop_only_and_errors() -> None:
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(discriminative_scores(None, MASK, R_SENT[None], R_ROOT, mask_weight=1.0,
                                                      mask_root_weight=0.0), torch.tensor([0.6, 1.0]))
+    # normalisation of the text only matters for a mixed (non-unit) text vector
+    torch.testing.assert_close(discriminative_scores(CROP, None, 2 * R_SENT, R_ROOT, crop_weight=1.0),
+                               torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(discriminative_scores(CROP, None, 2 * R_SENT, R_ROOT, crop_weight=1.0,
+                                                     normalize_text=False), torch.tensor([2.0, 0.0]))
     with pytest.raises(InputError):
         discriminative_scores(None, None, R_SENT, R_ROOT)
     with pytest.raises(InputError):
@@ -166,18 +173,28 @@ def test_crop_input_is_masked_bounding_box() -> None:
     assert pixels[0][:, 0:30, 30:64].abs().max() == 0  # the cut-out corner is black
 
 
-def test_crop_input_shorter_side_and_centre_crop() -> None:
+def test_crop_input_keeps_the_whole_box_on_a_black_square() -> None:
     image = _image(64, 100)
-    wide = _box_mask(64, 100, (0, 64, 0, 96))  # 64 x 96 box -> columns 16..80 of the box survive
+    wide = _box_mask(64, 100, (0, 32, 0, 64))  # a 32 x 64 box: pasted at rows 16..48 of a 64 x 64 square
     pixels, _ = crop_inputs(image, wide, None, 64)
-    torch.testing.assert_close(pixels[0], image[:, 16:80].permute(2, 0, 1))
-    tall = _box_mask(100, 64, (2, 98, 0, 64))  # 96 x 64 box starting at row 2 -> rows 18..82
+    torch.testing.assert_close(pixels[0][:, 16:48], image[0:32, 0:64].permute(2, 0, 1))
+    assert pixels[0][:, :16].abs().max() == 0 and pixels[0][:, 48:].abs().max() == 0
+    tall = _box_mask(100, 64, (2, 66, 10, 42))  # a 64 x 32 box: columns 16..48
     image_t = _image(100, 64, seed=1)
     pixels, _ = crop_inputs(image_t, tall, None, 64)
-    torch.testing.assert_close(pixels[0], image_t[18:82].permute(2, 0, 1))
+    torch.testing.assert_close(pixels[0][:, :, 16:48], image_t[2:66, 10:42].permute(2, 0, 1))
+    strip = _box_mask(64, 100, (30, 31, 0, 100))  # a 1 x 100 strip: every column still reaches CLIP
+    pixels, _ = crop_inputs(torch.ones(64, 100, 3), strip, None, 64)
+    assert (pixels[0].amax(dim=(0, 1)) > 0).all()
     small = _box_mask(64, 100, (5, 21, 10, 26))  # 16 x 16 box is upsampled to 64 x 64, values stay in 0..1
     pixels, _ = crop_inputs(image, small, None, 64)
     assert pixels.shape == (1, 3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1
+
+
+def test_opposite_clues_keep_the_first() -> None:
+    torch.testing.assert_close(positional_bias(["left", "right"], 3, 6), positional_bias(["left"], 3, 6))
+    torch.testing.assert_close(positional_bias(["bottom", "top", "right"], 6, 6),
+                               positional_bias(["bottom", "right"], 6, 6))
 
 
 def test_positional_bias_dims_the_right_object_in_the_crop_branch() -> None:

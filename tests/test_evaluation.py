@@ -395,3 +395,12 @@ def test_end_to_end_tiny_pipeline(data: Path, tmp_path: Path) -> None:
         alone = model(image, "left part", variant=name, seed=0)
         rec = next(r for r in records if r["sent_id"] == 10 and r["variant"] == name)
         assert mask_iou(np.asarray(alone.mask, bool), gt)[:2] == (rec["inter"], rec["union"]), name
+
+
+def test_official_preset_turns_the_area_filter_off_on_refcocog() -> None:
+    from refdiff.evaluation.cli import dataset_overrides
+
+    assert dataset_overrides("refcocog", "official", {}) == {"sam_min_area": 0}
+    assert dataset_overrides("refcoco", "official", {}) == {}
+    assert dataset_overrides("refcocog", "paper", {}) == {}
+    assert dataset_overrides("refcocog", "official", {"sam_min_area": 500}) == {}

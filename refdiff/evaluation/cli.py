@@ -139,6 +139,14 @@ def _print_summary(out_dir: Path) -> None:
     print(f"wrote {json_path} and {md_path}")
 
 
+def dataset_overrides(dataset: str | None, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Preset settings the released code changes per dataset: the official SAM area filter is off (0) on
+    RefCOCOg, whose referred objects are often small. An explicit --set sam_min_area=... wins."""
+    if dataset == "refcocog" and preset == "official" and "sam_min_area" not in overrides:
+        return {"sam_min_area": 0}
+    return {}
+
+
 def _run(args: argparse.Namespace, model: VariantSegmenter | None) -> int:
     if args.table:
         summaries = [summarize_folder(d) for d in args.table]
@@ -157,6 +165,7 @@ def _run(args: argparse.Namespace, model: VariantSegmenter | None) -> int:
     overrides = parse_overrides(args.overrides)
     if getattr(args, "image_size", None) is not None:
         overrides.setdefault("image_size", args.image_size)
+    overrides.update(dataset_overrides(args.dataset, args.preset, overrides))
     rank, world, distributed = shard_of(args)
     evalset = load_dataset(args.dataset, args.data_root, args.split, split_by=args.split_by,
                            image_dir=args.image_dir, text=args.text).limited(args.limit)
@@ -219,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_eval(parser.parse_args(argv))
 
 
-__all__ = ["add_eval_arguments", "run_eval", "main", "parse_overrides", "shard_of", "rank_device", "PICKLE_NOTE"]
+__all__ = ["add_eval_arguments", "run_eval", "dataset_overrides", "main", "parse_overrides", "shard_of", "rank_device", "PICKLE_NOTE"]
