@@ -1,0 +1,246 @@
+"""Generative stage nodes: image preparation, noise injection (Eq. 3) and cross-attention capture (Eq. 4)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+from refdiff.capture import LayerSelector
+from refdiff.errors import InputError
+from refdiff.text import strip_prompt_weights
+
+from . import comfy_sd, common, helpers
+from .payloads import INJECTION_KEY, AttentionBatch, Injection, ParsedBatch
+
+KIND_OPTIONS = ["preset", "probs", "logits"]
+
+
+# ------------------------------------------------------------------------------------------ stage functions
+def prepare_images(image: torch.Tensor, size: int, resize_filter: str) -> torch.Tensor:
+    """IMAGE batch -> the padded, resized squares the VAE encodes (SPEC.md section 1)."""
+    return common.intermediate(helpers.prepared_squares(image, size=size, resize_filter=resize_filter))
+
+
+def inject_noise(latent: dict, seed: int, strength: float, ddim_steps: int,
+                 num_train_timesteps: int = 1000) -> dict:
+    """A copy of a LATENT dict carrying the injection plan (seeded noise + DDIM timesteps) under INJECTION_KEY."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise InputError("latent: expected a LATENT from VAEEncode (a dict with 'samples' [B, 4, h, w])")
+    out = dict(latent)
+    out[INJECTION_KEY] = comfy_sd.make_injection(samples, seed, strength, ddim_steps, num_train_timesteps)
+    return out
+
+
+def injection_of(latent: dict) -> Injection:
+    """The plan RefDiffNoiseInjection stored in a LATENT; InputError naming the missing node otherwise."""
+    plan = latent.get(INJECTION_KEY) if isinstance(latent, dict) else None
+    if not isinstance(plan, Injection):
+        raise InputError("latent: this LATENT carries no noise injection plan; connect VAEEncode -> "
+                         "RefDiffNoiseInjection -> the latent input")
+    return plan
+
+
+def prompts_for_batch(batch: int, parse: ParsedBatch | None, text: str, prompt_suffix: str) -> list[str]:
+    """The prompt of each image: from the parse when connected, else the text lines plus the suffix."""
+    if parse is not None:
+        return [item.prompt for item in parse.for_batch(batch, "parse")]
+    return [t + prompt_suffix for t in helpers.texts_for_batch(text, batch, "text")]
+
+
+def capture_attention(model: Any, latent: dict, *, positive: list | None = None, negative: list | None = None,
+                      clip: Any = None, parse: ParsedBatch | None = None, text: str = "",
+                      prompt_suffix: str = ", ", guidance_scale: float = 9.0, use_cfg: bool = True,
+                      kind: str = "logits", factor: int = 4, blocks: tuple[str, ...] = ("down", "mid", "up"),
+                      steps: int = 0) -> tuple[AttentionBatch, str]:
+    """Run the UNet steps on every image of a noised LATENT and capture cross-attention (Eq. 4).
+
+    Conditioning comes from ``positive``/``negative`` when given, else each prompt is encoded with ``clip``
+    (the unconditional branch is the empty prompt). Returns the maps and a summary.
+    """
+    family = comfy_sd.model_family(model)
+    plan = injection_of(latent)
+    samples = latent["samples"]
+    batch = int(samples.shape[0])
+    if plan.noise.shape[0] != batch:
+        raise InputError(f"latent: the injection plan is for {plan.noise.shape[0]} images but the latent holds "
+                         f"{batch}; re-run RefDiffNoiseInjection on this latent")
+    if steps:
+        plan = dataclasses.replace(plan, step_timesteps=plan.step_timesteps[:steps],
+                                   prev_timesteps=plan.prev_timesteps[:steps])
+    layers = comfy_sd.select_layers(model, LayerSelector(factor, tuple(blocks)))
+
+    prompts: list[str | None] = [None] * batch
+    tokens: list[list[str] | None] = [None] * batch
+    if positive is None:
+        if clip is None:
+            raise InputError("clip: connect the checkpoint's CLIP (with text or a parse), or give positive and "
+                             "negative CONDITIONING")
+        prompts = prompts_for_batch(batch, parse, text, prompt_suffix)
+        tokenizer = comfy_sd.sd_tokenizer(clip)
+        plain = [strip_prompt_weights(p) + prompt_suffix for p in prompts]
+        tokens = [helpers.token_strings(p, tokenizer) for p in plain]
+        for prompt, plain_prompt in dict(zip(prompts, plain)).items():
+            if not comfy_sd.tokens_agree(clip, prompt, plain_prompt):
+                common.LOG.warning("[RefDiff] ComfyUI tokenises %r differently from the plain text %r (embedding "
+                                   "or unusual syntax?): the root word's token position may be off", prompt,
+                                   plain_prompt)
+        cache: dict[str, list] = {}
+
+        def encoded(p: str) -> list:
+            if p not in cache:
+                cache[p] = comfy_sd.encode_text(clip, p)
+            return cache[p]
+
+        positives = [encoded(p) for p in prompts]
+        negatives = [encoded("") for _ in prompts] if use_cfg else [None] * batch
+    else:
+        positives = [comfy_sd.conditioning_item(positive, i, batch) for i in range(batch)]
+        negatives = ([comfy_sd.conditioning_item(negative, i, batch) for i in range(batch)]
+                     if negative is not None else [None] * batch)
+
+    progress = common.Progress(batch * len(plan.step_timesteps))
+    maps = []
+    for i in range(batch):
+        common.check_interrupt()
+        maps.append(comfy_sd.run_capture(model, samples[i:i + 1], plan, positives[i], negatives[i],
+                                         guidance_scale, use_cfg, kind, layers, on_step=progress.step))
+    result = AttentionBatch(maps=maps, prompts=prompts, tokens=tokens, latent_hw=tuple(samples.shape[-2:]),
+                            guidance_scale=float(guidance_scale), kind=kind, model_family=family,
+                            layers=[la.name for la in layers])
+    summary = (f"{family}: captured {kind} of {len(layers)} layer(s) {result.layers} x {len(plan.step_timesteps)} "
+               f"step(s) on a {samples.shape[-2]}x{samples.shape[-1]} latent for {batch} image(s); "
+               f"grid {maps[0].grid}; {plan.describe()}; guidance {guidance_scale if use_cfg else 'off'}")
+    return result, summary
+
+
+# ------------------------------------------------------------------------------------------ nodes
+class RefDiffPrepareImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffPrepareImage",
+            display_name="RefDiff Prepare Image",
+            category=common.CATEGORY,
+            description="Pad each image centred on a black square and resize it to size x size (Ref-Diff's "
+                        "input to the VAE). Feed the result to VAEEncode.",
+            inputs=[
+                io.Image.Input("image", tooltip="Images to segment (a batch of equal-size images)."),
+                io.Int.Input("size", default=1024, min=64, max=4096, step=64,
+                             tooltip="Side S of the square in pixels (1024 in both presets; smaller is faster)."),
+                io.Combo.Input("resize_filter", options=["lanczos", "bicubic", "bilinear"], default="lanczos",
+                               tooltip="Resampling filter of the resize (the method uses Lanczos)."),
+            ],
+            outputs=[io.Image.Output(display_name="square", tooltip="The padded squares [B, S, S, 3] for VAEEncode.")],
+        )
+
+    @classmethod
+    def execute(cls, image, size, resize_filter) -> io.NodeOutput:
+        return io.NodeOutput(prepare_images(image, size, resize_filter))
+
+
+class RefDiffNoiseInjection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffNoiseInjection",
+            display_name="RefDiff Noise Injection",
+            category=common.CATEGORY,
+            description="Plan Eq. 3: seeded noise and the DDIM timesteps (strength 0.1 of 20 steps: noise to "
+                        "t=101, then UNet steps at t=51 and t=1). The capture node applies it in the model's "
+                        "latent scale.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="The VAEEncode latent of the prepared squares."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the injected noise; every image of the batch uses it."),
+                io.Combo.Input("schedule", options=["preset", "custom"], default="preset",
+                               tooltip="'preset' takes strength and steps from the preset; 'custom' uses the "
+                                       "two widgets below."),
+                common.preset_input(),
+                io.Float.Input("strength", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="custom schedule: fraction of the DDIM steps to noise back "
+                                       "(t_enc = int(strength * steps))."),
+                io.Int.Input("ddim_steps", default=20, min=1, max=1000,
+                             tooltip="custom schedule: number of uniform DDIM steps over the 1000 training steps."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="noised latent",
+                                 tooltip="The same latent plus the injection plan (for RefDiffCaptureAttention)."),
+                io.String.Output(display_name="schedule", tooltip="The timesteps that will run."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, latent, seed, schedule, preset, strength, ddim_steps) -> io.NodeOutput:
+        p = common.preset(preset)
+        if schedule == "preset":
+            strength, ddim_steps = p.strength, p.ddim_steps
+        out = inject_noise(latent, seed, strength, ddim_steps, p.num_train_timesteps)
+        return io.NodeOutput(out, out[INJECTION_KEY].describe())
+
+
+class RefDiffCaptureAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffCaptureAttention",
+            display_name="RefDiff Capture Attention",
+            category=common.CATEGORY,
+            description="Run the noised latent through the UNet (DDIM steps with classifier-free guidance) and "
+                        "record the head-averaged cross-attention of the chosen layers (Eq. 4). The MODEL is "
+                        "cloned; the one you connect is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL."),
+                io.Latent.Input("latent", tooltip="The noised latent from RefDiffNoiseInjection."),
+                common.preset_input("Preset for 'kind: preset' and the prompt suffix (', ' in both)."),
+                io.Combo.Input("kind", options=KIND_OPTIONS, default="preset",
+                               tooltip="'probs' = softmax probabilities of the conditional branch (paper); "
+                                       "'logits' = pre-softmax logits, guidance-combined (official)."),
+                io.Float.Input("guidance", default=9.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Classifier-free guidance scale of the UNet steps and of the logits."),
+                io.Boolean.Input("use_cfg", default=True,
+                                 tooltip="Run the unconditional branch too (off: conditional only, faster)."),
+                io.Int.Input("factor", default=4, min=1, max=64,
+                             tooltip="Capture the layers whose query grid is the latent downsampled by this "
+                                     "factor (4: 32x32 for a 1024 image)."),
+                io.String.Input("blocks", default="down,mid,up",
+                                tooltip="UNet parts to capture from: any of down (input), mid (middle), up (output)."),
+                io.Int.Input("steps", default=0, min=0, max=1000,
+                             tooltip="Run only the first N UNet steps of the schedule (0 = all; 1 = speed option)."),
+                io.String.Input("text", default="", multiline=True, optional=True,
+                                tooltip="Referring expression(s), one line for all images or one per image; used "
+                                        "with clip when no parse and no conditioning is connected."),
+                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP, to encode the prompts."),
+                common.Parse.Input("parse", optional=True,
+                                   tooltip="Parsed text from RefDiffParseText: its prompts are encoded with clip "
+                                           "(keeps the text and the token positions in step)."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Instead of text + clip: the conditional CONDITIONING."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="With positive: the unconditional CONDITIONING (an empty prompt)."),
+            ],
+            outputs=[
+                common.Attention.Output(display_name="attention",
+                                        tooltip="Captured maps per image (REFDIFF_ATTENTION)."),
+                io.String.Output(display_name="info", tooltip="Which layers, steps and grid were captured."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, preset, kind, guidance, use_cfg, factor, blocks, steps, text="", clip=None,
+                parse=None, positive=None, negative=None) -> io.NodeOutput:
+        p = common.preset(preset)
+        result, summary = capture_attention(
+            model, latent, positive=positive, negative=negative, clip=clip, parse=parse, text=text or "",
+            prompt_suffix=p.prompt_suffix, guidance_scale=guidance, use_cfg=use_cfg,
+            kind=p.capture_kind if kind == "preset" else kind, factor=factor,
+            blocks=helpers.parse_blocks(blocks), steps=steps)
+        common.LOG.info("[RefDiff] %s", summary)
+        return io.NodeOutput(result, summary)
+
+
+NODES = [RefDiffPrepareImage, RefDiffNoiseInjection, RefDiffCaptureAttention]
+__all__ = ["prepare_images", "inject_noise", "injection_of", "prompts_for_batch", "capture_attention", "NODES",
+           *[n.__name__ for n in NODES]]

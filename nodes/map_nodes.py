@@ -1,0 +1,191 @@
+"""Generative map (Eq. 5), threshold proposals (Eq. 8) and generative scores (Eq. 9) nodes."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from refdiff.capture import token_map
+from refdiff.config import DEFAULT_THRESHOLDS
+from refdiff.errors import InputError
+from refdiff.maps import RESIZE_MODES, generative_map
+from refdiff.proposals import threshold_proposals
+from refdiff.scoring import generative_scores
+from refdiff.text import strip_prompt_weights
+
+from . import common, helpers
+from .payloads import AttentionBatch, ParsedBatch, ProposalBatch, ScoreBatch
+
+
+# ------------------------------------------------------------------------------------------ stage functions
+def _check_prompt(captured: str | None, parsed_prompt: str, index: int) -> None:
+    """InputError when the attention was captured for another text than the one parsed."""
+    if captured is None:
+        return
+    if strip_prompt_weights(captured).lower() != strip_prompt_weights(parsed_prompt).lower():
+        raise InputError(f"parse: image {index}'s attention was captured for {captured!r} but the parse is of "
+                         f"{parsed_prompt!r}; connect the same text (or the same parse) to both nodes")
+
+
+def generative_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.Tensor, mode: str = "lanczos",
+                    layer_eps: float = 1e-8, map_eps: float = 1e-8) -> torch.Tensor:
+    """c of every image (Eq. 5) as a MASK batch [B, H, W] at the images' size, float32 in [0, 1].
+
+    Each image's map is the root token's attention (last BPE piece), per-layer min-max normalised and
+    averaged over layers and steps, resized to the padded square and cropped back to the image frame.
+    """
+    batch = int(image.shape[0])
+    if len(attention) != batch:
+        raise InputError(f"attention holds {len(attention)} image(s) but image holds {batch}; connect the images "
+                         "the attention was captured from")
+    lh, lw = attention.latent_hw
+    if lh != lw:
+        raise InputError(f"attention: the latent is {lh}x{lw}, not square; encode the output of RefDiffPrepareImage "
+                         "(the padded square) with VAEEncode")
+    items = parse.for_batch(batch, "parse")
+    height, width = int(image.shape[1]), int(image.shape[2])
+    maps = []
+    for i, (maps_i, item) in enumerate(zip(attention.maps, items)):
+        _check_prompt(attention.prompts[i], item.prompt, i)
+        if item.root_position >= maps_i.num_tokens:
+            raise InputError(f"parse: root token position {item.root_position} is beyond the {maps_i.num_tokens} "
+                             "captured tokens")
+        small = token_map(maps_i.combined(attention.guidance_scale), item.root_position, eps=layer_eps)
+        geometry = helpers.frame_geometry(height, width, attention.image_hw[0])
+        maps.append(generative_map(small, geometry, mode=mode, eps=map_eps))
+    return helpers.masks_to_output(maps)
+
+
+def _maps_list(c: torch.Tensor, name: str = "c") -> list[torch.Tensor]:
+    if not isinstance(c, torch.Tensor) or c.ndim not in (2, 3):
+        raise InputError(f"{name}: expected a MASK [B, H, W], got {getattr(c, 'shape', type(c).__name__)}")
+    c = c[None] if c.ndim == 2 else c
+    return [m.detach().float().cpu() for m in c]
+
+
+def threshold_batch(c: torch.Tensor, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> ProposalBatch:
+    """Eq. 8 on every map of a MASK batch: {c >= mu} for each threshold mu, empty and duplicate masks dropped."""
+    return ProposalBatch([threshold_proposals(m, thresholds) for m in _maps_list(c)], source="threshold")
+
+
+def generative_score_batch(c: torch.Tensor, proposals: ProposalBatch, eps: float = 1e-6) -> ScoreBatch:
+    """Eq. 9 for every proposal of every image: mean of c inside minus mean outside."""
+    maps = _maps_list(c)
+    if len(maps) == 1 and len(proposals) > 1:
+        maps = maps * len(proposals)
+    if len(maps) != len(proposals):
+        raise InputError(f"c holds {len(maps)} map(s) but the proposals are for {len(proposals)} image(s)")
+    scores = [generative_scores(m, p, eps=eps) for m, p in zip(maps, proposals.masks)]
+    return ScoreBatch(scores, kind="generative", counts=[int(p.shape[0]) for p in proposals.masks])
+
+
+def parse_thresholds(text: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """"preset" -> default; otherwise numbers separated by commas or spaces, each in (0, 1]."""
+    if not text.strip() or text.strip().lower() == "preset":
+        return tuple(default)
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise InputError(f"thresholds: {text!r} is not a list of numbers such as '0.3, 0.5, 0.7'") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise InputError(f"thresholds: every value must lie in (0, 1], got {values}")
+    return values
+
+
+def preview_maps(image: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The images with the heatmap of c blended over them, IMAGE [B, H, W, 3]."""
+    frames = [0.5 * image[i if image.shape[0] > 1 else 0, ..., :3].float().cpu() + 0.5 * helpers.heatmap(c[i])
+              for i in range(c.shape[0])]
+    return common.intermediate(torch.stack(frames).clamp(0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------------------ nodes
+class RefDiffGenerativeMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffGenerativeMap",
+            display_name="RefDiff Generative Map",
+            category=common.CATEGORY,
+            description="The generative map c (Eq. 5): attention of the root token, resized to the padded square, "
+                        "cropped to each image and min-max normalised to [0, 1].",
+            inputs=[
+                common.Attention.Input("attention", tooltip="Captured maps from RefDiffCaptureAttention."),
+                common.Parse.Input("parse", tooltip="The parse of the same text (gives the root token)."),
+                io.Image.Input("image", tooltip="The ORIGINAL images (before RefDiffPrepareImage): c is cropped "
+                                                "to their frame and size."),
+                common.preset_input("Preset for 'resize: preset' and the normalisation epsilons."),
+                io.Combo.Input("resize", options=["preset", *RESIZE_MODES], default="preset",
+                               tooltip="Resize filter of the map: 'bilinear' (paper) or 'lanczos' (official)."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="c", tooltip="Generative map per image, MASK [B, H, W] in [0, 1]."),
+                io.Image.Output(display_name="preview", tooltip="Heatmap of c over the images."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, attention, parse, image, preset, resize) -> io.NodeOutput:
+        p = common.preset(preset)
+        c = generative_maps(attention, parse, image, mode=p.map_resize if resize == "preset" else resize,
+                            layer_eps=p.layer_norm_eps, map_eps=p.map_eps)
+        preview = preview_maps(image, c)
+        return io.NodeOutput(c, preview, ui=ui.PreviewImage(preview, cls=cls))
+
+
+class RefDiffThresholdProposals(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffThresholdProposals",
+            display_name="RefDiff Threshold Proposals",
+            category=common.CATEGORY,
+            description="Weight-free proposals (Eq. 8): one mask {c >= mu} per threshold mu (0.05, 0.10, ..., "
+                        "0.95); empty masks and duplicates are dropped.",
+            inputs=[
+                io.Mask.Input("c", tooltip="Generative maps from RefDiffGenerativeMap."),
+                io.String.Input("thresholds", default="preset",
+                                tooltip="'preset' (0.05 to 0.95 in steps of 0.05) or your own list, e.g. "
+                                        "'0.3, 0.5, 0.7'."),
+                common.preset_input(),
+            ],
+            outputs=[
+                common.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
+                                                                          "(REFDIFF_PROPOSALS)."),
+                io.String.Output(display_name="info", tooltip="How many proposals each image got."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, c, thresholds, preset) -> io.NodeOutput:
+        proposals = threshold_batch(c, parse_thresholds(thresholds, common.preset(preset).thresholds))
+        info = ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(proposals.masks))
+        return io.NodeOutput(proposals, info)
+
+
+class RefDiffGenerativeScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffGenerativeScore",
+            display_name="RefDiff Generative Score",
+            category=common.CATEGORY,
+            description="Generative matching (Eq. 9): for each proposal, the mean of c inside it minus the mean "
+                        "outside.",
+            inputs=[
+                io.Mask.Input("c", tooltip="Generative maps from RefDiffGenerativeMap."),
+                common.Proposals.Input("proposals", tooltip="Proposals of the same images (SAM or threshold)."),
+                common.preset_input("Preset for the epsilon of the means."),
+            ],
+            outputs=[
+                common.Scores.Output(display_name="scores", tooltip="s_G per proposal (REFDIFF_SCORES)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, c, proposals, preset) -> io.NodeOutput:
+        return io.NodeOutput(generative_score_batch(c, proposals, eps=common.preset(preset).score_eps))
+
+
+NODES = [RefDiffGenerativeMap, RefDiffThresholdProposals, RefDiffGenerativeScore]
+__all__ = ["generative_maps", "threshold_batch", "generative_score_batch", "parse_thresholds", "preview_maps",
+           "NODES", *[n.__name__ for n in NODES]]

@@ -1,0 +1,169 @@
+"""The values that travel on the pack's own wires (custom ComfyUI types), as plain dataclasses.
+
+Every payload holds one entry per image of the batch, so a batch of B images flows through the graph as
+B independent problems. No ComfyUI import here: the payloads are built and checked in offline tests too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from refdiff.capture import CrossAttentionMaps
+from refdiff.errors import InputError
+from refdiff.text import ParsedText
+
+# Custom wire type names, as ComfyUI shows them on sockets.
+ATTENTION = "REFDIFF_ATTENTION"
+PARSE = "REFDIFF_PARSE"
+PROPOSALS = "REFDIFF_PROPOSALS"
+SCORES = "REFDIFF_SCORES"
+SAM_MODEL = "REFDIFF_SAM"
+CLIP_MODEL = "REFDIFF_CLIP"
+
+# Key under which RefDiffNoiseInjection stores its plan in a LATENT dict.
+INJECTION_KEY = "refdiff_injection"
+
+
+@dataclass
+class Injection:
+    """The noise injection plan of RefDiffNoiseInjection (Eq. 3), carried inside a LATENT dict.
+
+    ``noise`` is float32 [B, C, h, w] on the CPU (every image of the batch gets the noise of ``seed``, so
+    an image's result does not depend on its place in the batch); ``noise_timestep`` is the DDPM step the
+    clean latent is noised to, ``step_timesteps`` / ``prev_timesteps`` the DDIM steps the UNet then runs.
+    """
+
+    noise: torch.Tensor
+    seed: int
+    strength: float
+    ddim_steps: int
+    num_train_timesteps: int
+    noise_timestep: int
+    step_timesteps: list[int]
+    prev_timesteps: list[int]
+
+    def describe(self) -> str:
+        """One line for logs and summaries."""
+        return (f"noise to DDPM t={self.noise_timestep}, UNet steps at t={self.step_timesteps} "
+                f"(strength {self.strength}, {self.ddim_steps} DDIM steps, seed {self.seed})")
+
+
+@dataclass
+class AttentionBatch:
+    """REFDIFF_ATTENTION: the captured cross-attention of every image, with what is needed to read it.
+
+    ``maps[i]`` holds image i's maps of every captured layer and step; ``tokens[i]`` the text tokens of its
+    prompt by position (position 0 = start token), when the prompt is known; ``latent_hw`` the latent
+    grid the UNet ran on: the prepared square is ``8 * latent_hw`` pixels.
+    """
+
+    maps: list[CrossAttentionMaps]
+    prompts: list[str | None]
+    tokens: list[list[str] | None]
+    latent_hw: tuple[int, int]
+    guidance_scale: float
+    kind: str
+    model_family: str
+    layers: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """Pixel size of the square the latent was encoded from (the VAE downsamples by 8)."""
+        return 8 * self.latent_hw[0], 8 * self.latent_hw[1]
+
+
+@dataclass
+class ParsedItem:
+    """One parsed referring expression and where its root word sits in the diffusion model's tokens."""
+
+    parsed: ParsedText
+    prompt: str  # the text the UNet is conditioned on: parsed.text + prompt suffix
+    root_positions: list[int]  # every BPE position of the root word
+    root_position: int  # the LAST BPE piece (SPEC.md section 4)
+    tokens: list[str]  # token strings by position (0 = start token), for summaries
+    root_rule: str
+    root_overridden: bool = False
+
+
+@dataclass
+class ParsedBatch:
+    """REFDIFF_PARSE: one ParsedItem per line of the text input."""
+
+    items: list[ParsedItem]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def for_batch(self, batch: int, what: str = "text") -> list[ParsedItem]:
+        """One item per image: a single item serves every image; otherwise the counts must match."""
+        return match_batch(self.items, batch, what)
+
+
+@dataclass
+class ProposalBatch:
+    """REFDIFF_PROPOSALS: candidate masks of every image, bool [N_i, H, W] at the image's own size (CPU)."""
+
+    masks: list[torch.Tensor]
+    source: str  # "threshold" or "sam"
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+
+@dataclass
+class ScoreBatch:
+    """REFDIFF_SCORES: one float32 score [N_i] per proposal of every image, of one kind."""
+
+    scores: list[torch.Tensor]
+    kind: str  # "generative" or "discriminative"
+    counts: list[int]  # N_i of the proposals that were scored, to catch mismatched wiring
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def check_against(self, proposals: ProposalBatch, name: str) -> None:
+        """InputError unless these scores were computed on ``proposals`` (same images, same counts)."""
+        got = [int(m.shape[0]) for m in proposals.masks]
+        if len(self.scores) != len(got) or self.counts != got:
+            raise InputError(f"{name}: these {self.kind} scores were computed for {len(self.scores)} image(s) "
+                             f"with {self.counts} proposals, but the proposals input holds {len(got)} image(s) "
+                             f"with {got}; connect the scores made from the same proposals")
+
+
+@dataclass
+class SamHandle:
+    """REFDIFF_SAM: a loaded SAM model (kept on the offload device while idle)."""
+
+    model: Any
+    model_type: str
+    path: str
+
+
+@dataclass
+class ClipHandle:
+    """REFDIFF_CLIP: a loaded refdiff.discriminative.ClipScorer (kept on the offload device while idle)."""
+
+    scorer: Any
+    path: str
+
+
+def match_batch(items: list[Any], batch: int, what: str) -> list[Any]:
+    """Broadcast one item to ``batch`` images, pass ``batch`` items through, refuse any other count."""
+    if batch < 1:
+        raise InputError(f"{what}: the image batch is empty")
+    if len(items) == 1:
+        return list(items) * batch
+    if len(items) != batch:
+        raise InputError(f"{what}: {len(items)} entries for a batch of {batch} images; give one entry for "
+                         f"all images or exactly one per image (one text per line)")
+    return list(items)
+
+
+__all__ = ["ATTENTION", "PARSE", "PROPOSALS", "SCORES", "SAM_MODEL", "CLIP_MODEL", "INJECTION_KEY", "Injection",
+           "AttentionBatch", "ParsedItem", "ParsedBatch", "ProposalBatch", "ScoreBatch", "SamHandle",
+           "ClipHandle", "match_batch"]

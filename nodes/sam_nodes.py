@@ -1,0 +1,145 @@
+"""SAM nodes: load a Segment Anything checkpoint from models/sams; automatic mask proposals (SPEC.md 6)."""
+from __future__ import annotations
+
+import segment_anything  # noqa: F401  (without it these nodes are disabled, not broken)
+import torch
+from comfy_api.latest import io
+
+from refdiff.config import Preset, sam_generator_kwargs
+from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals
+from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_type, load_sam
+
+from . import common, helpers
+from .payloads import ProposalBatch, SamHandle
+
+SAM_WHERE = ("Download one of " + ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
+             + " (the method uses vit_h).")
+FILTER_OPTIONS = ["preset", "none", "custom"]
+
+
+# ------------------------------------------------------------------------------------------ stage functions
+def load_sam_model(sam_name: str, model_type: str = "auto") -> SamHandle:
+    """Load a SAM checkpoint of models/sams onto the offload device (moved to the GPU only while it runs)."""
+    path = common.resolve_model_file(common.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
+    wanted = None if model_type == "auto" else canonical_model_type(model_type)
+    model = load_sam(path, model_type=wanted, device=common.offload_device())
+    found = wanted or infer_model_type(model.state_dict()) or "custom"
+    return SamHandle(model=model, model_type=found, path=path)
+
+
+def sam_post_filter(mode: str, preset: Preset, keep_largest: int, min_area: int) -> tuple[int | None, int]:
+    """(keep_largest, min_area) of the post-filter: the preset's, none, or the custom values (0 = keep all)."""
+    if mode == "preset":
+        return preset.sam_keep_largest, preset.sam_min_area
+    if mode == "none":
+        return None, 0
+    return (int(keep_largest) or None), int(min_area)
+
+
+def sam_proposal_batch(sam: SamHandle, image: torch.Tensor, amg: dict, keep_largest: int | None = 10,
+                       min_area: int = 10000) -> ProposalBatch:
+    """SAM automatic masks of every image at its own resolution, then the post-filter (a real filter: what
+    it drops can never be selected)."""
+    rgbs = helpers.images_to_rgb(image)
+    out = []
+    progress = common.Progress(len(rgbs))
+    with common.on_compute_device(sam.model):
+        generator = make_mask_generator(sam.model, **amg)
+        for rgb in rgbs:
+            common.check_interrupt()
+            masks = sam_proposals(generator, rgb)
+            masks, _ = filter_proposals(masks, keep_largest=keep_largest, min_area=min_area)
+            out.append(masks.cpu())
+            progress.step()
+    return ProposalBatch(out, source="sam")
+
+
+# ------------------------------------------------------------------------------------------ nodes
+class RefDiffSAMLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffSAMLoader",
+            display_name="RefDiff SAM Loader",
+            category=common.CATEGORY,
+            description="Load a Segment Anything checkpoint (sam_vit_h/l/b .pth or .safetensors) from "
+                        "ComfyUI/models/sams. The weights are read without running pickled code.",
+            inputs=[
+                io.Combo.Input("sam_name", options=common.model_files(common.SAM_FOLDER),
+                               tooltip="Checkpoint file in ComfyUI/models/sams (e.g. sam_vit_h_4b8939.pth)."),
+                io.Combo.Input("model_type", options=["auto", "vit_h", "vit_l", "vit_b"], default="auto",
+                               tooltip="Architecture; 'auto' reads it from the weights (a given type must match)."),
+            ],
+            outputs=[common.SamModel.Output(display_name="sam", tooltip="The loaded SAM (REFDIFF_SAM).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sam_name) -> bool | str:
+        return common.missing_file_message(common.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
+
+    @classmethod
+    def execute(cls, sam_name, model_type) -> io.NodeOutput:
+        return io.NodeOutput(load_sam_model(sam_name, model_type))
+
+
+class RefDiffSAMProposals(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = sam_generator_kwargs(Preset(name="defaults"))
+        return io.Schema(
+            node_id="RefDiffSAMProposals",
+            display_name="RefDiff SAM Proposals",
+            category=common.CATEGORY,
+            description="SAM automatic mask generation on each image at its own resolution (defaults: SAM's AMG "
+                        "settings), then the preset's post-filter (official: the 10 largest masks of area > "
+                        "10000 px; paper: none).",
+            inputs=[
+                common.SamModel.Input("sam", tooltip="SAM from RefDiffSAMLoader."),
+                io.Image.Input("image", tooltip="The original images."),
+                common.preset_input("Preset for 'post_filter: preset'."),
+                io.Int.Input("points_per_side", default=d["points_per_side"], min=1, max=128,
+                             tooltip="Grid of point prompts per image side (32: 1024 points)."),
+                io.Int.Input("points_per_batch", default=d["points_per_batch"], min=1, max=1024,
+                             tooltip="Point prompts run at once (memory vs speed)."),
+                io.Float.Input("pred_iou_thresh", default=d["pred_iou_thresh"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Drop masks whose predicted IoU is below this."),
+                io.Float.Input("stability_score_thresh", default=d["stability_score_thresh"], min=0.0, max=1.0,
+                               step=0.01, tooltip="Drop masks whose stability score is below this."),
+                io.Float.Input("box_nms_thresh", default=d["box_nms_thresh"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Box IoU above which duplicate masks are suppressed."),
+                io.Int.Input("crop_n_layers", default=d["crop_n_layers"], min=0, max=4,
+                             tooltip="Extra passes on image crops (0 = whole image only)."),
+                io.Int.Input("min_mask_region_area", default=d["min_mask_region_area"], min=0, max=100000,
+                             tooltip="Remove islands and holes smaller than this (needs OpenCV when > 0)."),
+                io.Combo.Input("post_filter", options=FILTER_OPTIONS, default="preset",
+                               tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the "
+                                       "two values below."),
+                io.Int.Input("keep_largest", default=10, min=0, max=1000,
+                             tooltip="custom filter: keep only the N largest masks (0 = all)."),
+                io.Int.Input("min_area", default=10000, min=0, max=100000000,
+                             tooltip="custom filter: drop masks of at most this many pixels."),
+            ],
+            outputs=[
+                common.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
+                                                                          "(REFDIFF_PROPOSALS)."),
+                io.String.Output(display_name="info", tooltip="How many proposals each image got."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, sam, image, preset, points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
+                box_nms_thresh, crop_n_layers, min_mask_region_area, post_filter, keep_largest,
+                min_area) -> io.NodeOutput:
+        amg = dict(points_per_side=points_per_side, points_per_batch=points_per_batch,
+                   pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                   box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers,
+                   min_mask_region_area=min_mask_region_area)
+        keep, area = sam_post_filter(post_filter, common.preset(preset), keep_largest, min_area)
+        proposals = sam_proposal_batch(sam, image, amg, keep, area)
+        info = ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(proposals.masks))
+        return io.NodeOutput(proposals, info)
+
+
+NODES = [RefDiffSAMLoader, RefDiffSAMProposals]
+__all__ = ["load_sam_model", "sam_post_filter", "sam_proposal_batch", "NODES", "RefDiffSAMLoader",
+           "RefDiffSAMProposals"]

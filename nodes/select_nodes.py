@@ -1,0 +1,136 @@
+"""Fusion and selection node (Eq. 1, 2): the best proposal per image, the top-k, and the scores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io, ui
+
+from refdiff.config import Preset
+from refdiff.errors import InputError
+from refdiff.scoring import fuse_scores, rank, select_mask
+
+from . import common, helpers
+from .payloads import ProposalBatch, ScoreBatch
+
+
+@dataclass
+class Selection:
+    """What fuse_select returns: masks per image, the top-k batch, the chosen indices and a text table."""
+
+    best: torch.Tensor  # MASK [B, H, W]
+    top_k: torch.Tensor  # MASK [B * k, H, W], image-major, empty masks where an image has fewer than k
+    indices: list[int]  # chosen proposal per image, -1 when there is none
+    fused: list[torch.Tensor]
+    table: str
+
+
+def fusion_weights(preset: Preset, both: bool, gen_weight: float | None = None,
+                   disc_weight: float | None = None) -> tuple[float, float]:
+    """(gen_weight, disc_weight): the preset's (or given) weights when both scores are fused, else 1 and 1."""
+    if not both:
+        return 1.0, 1.0
+    return (preset.gen_weight if gen_weight is None else gen_weight,
+            preset.disc_weight if disc_weight is None else disc_weight)
+
+
+# ------------------------------------------------------------------------------------------ stage function
+def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
+                gen_weight: float, disc_weight: float, top_k: int = 5, pin_index: int = -1) -> Selection:
+    """s = gen_weight s_G + disc_weight s_D per proposal; the best (or the pinned) proposal of each image.
+
+    An image without proposals gets an empty mask of its size, never the whole image.
+    """
+    if generative is None and discriminative is None:
+        raise InputError("scores: connect generative scores, discriminative scores or both")
+    for scores, name in ((generative, "generative"), (discriminative, "discriminative")):
+        if scores is not None:
+            scores.check_against(proposals, name)
+    best, tops, indices, fused_all, lines = [], [], [], [], []
+    for i, masks in enumerate(proposals.masks):
+        n, h, w = masks.shape
+        s_g = generative.scores[i] if generative is not None else None
+        s_d = discriminative.scores[i] if discriminative is not None else None
+        fused = fuse_scores(s_g, s_d, gen_weight, disc_weight) if n else torch.zeros(0)
+        order = [int(j) for j in rank(fused, top_k)] if n else []
+        if pin_index >= 0 and n:
+            if pin_index >= n:
+                raise InputError(f"pin_index {pin_index} is out of range: image {i} has {n} proposals "
+                                 f"(0..{n - 1}); use -1 to select by score")
+            chosen = pin_index
+            mask = masks[pin_index]
+        else:
+            mask = select_mask(masks, fused, h, w)
+            chosen = order[0] if order and not bool(torch.isnan(fused).all()) else -1
+        best.append(mask)
+        empty = torch.zeros(h, w, dtype=torch.bool)
+        tops.extend([masks[j] for j in order] + [empty] * (top_k - len(order)))
+        indices.append(chosen)
+        fused_all.append(fused)
+        lines.append(helpers.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
+                                         f"({proposals.source}), weights s_G x {gen_weight:g}, s_D x {disc_weight:g}"))
+    top_batch = helpers.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
+    return Selection(helpers.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
+
+
+def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:
+    """The chosen mask tinted over each image (black where no image is given), IMAGE [B, H, W, 3]."""
+    frames = []
+    for i in range(best.shape[0]):
+        frame = None
+        if image is not None:
+            frame = image[i if image.shape[0] > 1 else 0]
+            if tuple(frame.shape[:2]) != tuple(best.shape[1:]):
+                frame = None
+        frames.append(helpers.overlay(frame, best[i]))
+    return common.intermediate(torch.stack(frames))
+
+
+# ------------------------------------------------------------------------------------------ node
+class RefDiffFuseSelect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffFuseSelect",
+            display_name="RefDiff Fuse & Select",
+            category=common.CATEGORY,
+            description="Fuse the scores (Eq. 1, 2: s = gen_weight s_G + disc_weight s_D; one kind alone is used "
+                        "as it is) and output the best proposal of each image.",
+            inputs=[
+                common.Proposals.Input("proposals", tooltip="Proposals the scores were computed on."),
+                common.Scores.Input("generative", optional=True, tooltip="s_G from RefDiffGenerativeScore."),
+                common.Scores.Input("discriminative", optional=True, tooltip="s_D from RefDiffCLIPScore."),
+                common.preset_input("Preset fusion weights: official s_D + 0.05 s_G; paper 0.1 s_G + 0.9 s_D."),
+                io.Float.Input("gen_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,
+                               tooltip="Weight of s_G when both scores are given (alpha in the paper); -1 = the "
+                                       "preset's."),
+                io.Float.Input("disc_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,
+                               tooltip="Weight of s_D when both scores are given (1 - alpha); -1 = the preset's."),
+                io.Int.Input("top_k", default=5, min=1, max=100,
+                             tooltip="How many best proposals per image go to the top_k output."),
+                io.Int.Input("pin_index", default=-1, min=-1, max=10000,
+                             tooltip="Select this proposal index instead of the best (-1 = by score)."),
+                io.Image.Input("image", optional=True, tooltip="Original images, for the preview."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W] (empty "
+                                                            "when nothing qualifies)."),
+                io.Mask.Output(display_name="top_k", tooltip="The k best masks of each image, MASK [B*k, H, W], "
+                                                             "image by image, best first (empty masks pad)."),
+                io.String.Output(display_name="scores", tooltip="Every ranked proposal with its scores."),
+                io.Image.Output(display_name="preview", tooltip="The selected mask over the image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, proposals, preset, gen_weight, disc_weight, top_k, pin_index, generative=None,
+                discriminative=None, image=None) -> io.NodeOutput:
+        gw, dw = fusion_weights(common.preset(preset), generative is not None and discriminative is not None,
+                                None if gen_weight < 0 else gen_weight, None if disc_weight < 0 else disc_weight)
+        sel = fuse_select(proposals, generative, discriminative, gw, dw, top_k, pin_index)
+        preview = preview_selection(image, sel.best)
+        return io.NodeOutput(sel.best, sel.top_k, sel.table, preview, ui=ui.PreviewImage(preview, cls=cls))
+
+
+NODES = [RefDiffFuseSelect]
+__all__ = ["Selection", "fusion_weights", "fuse_select", "preview_selection", "NODES", "RefDiffFuseSelect"]
