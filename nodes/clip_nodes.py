@@ -1,4 +1,4 @@
-"""CLIP nodes: load an open_clip model from models/open_clip; discriminative scores s_D (SPEC.md 8)."""
+"""CLIP nodes: load an open_clip model from models/open_clip; discriminative scores s_D (docs/METHOD.md 8)."""
 from __future__ import annotations
 
 import json

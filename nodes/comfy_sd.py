@@ -25,7 +25,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 
 from refdiff.capture import (AttentionStore, CrossAttentionMaps, LayerSelector, attention_output,
                              downsampled_grid, head_averaged_attention, normalise_block)
-from refdiff.diffusion import ddim_step, injection_schedule, noise_latent
+from refdiff.diffusion import ddim_step, injection_noise, injection_schedule, noise_latent, step_pairs
 from refdiff.errors import InputError
 
 from .payloads import Injection
@@ -155,8 +155,8 @@ def make_injection(latent: torch.Tensor, seed: int, strength: float, ddim_steps:
     """
     noise_t, step_ts = injection_schedule(strength, ddim_steps, num_train_timesteps)
     shape = (1,) + tuple(latent.shape[1:])
-    noise = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(int(seed)), dtype=torch.float32)
-    prev_ts = list(step_ts[1:]) + [0]  # the last DDIM step goes to alphas_cumprod[0], as run_capture
+    noise = injection_noise(shape, seed)
+    prev_ts = [t_prev for _, t_prev in step_pairs(step_ts)]
     return Injection(noise=noise.expand(latent.shape[0], *shape[1:]).contiguous(), seed=int(seed),
                      strength=float(strength), ddim_steps=int(ddim_steps),
                      num_train_timesteps=int(num_train_timesteps), noise_timestep=int(noise_t),

@@ -19,7 +19,7 @@ KIND_OPTIONS = ["preset", "probs", "logits"]
 
 # ------------------------------------------------------------------------------------------ stage functions
 def prepare_images(image: torch.Tensor, size: int, resize_filter: str) -> torch.Tensor:
-    """IMAGE batch -> the padded, resized squares the VAE encodes (SPEC.md section 1)."""
+    """IMAGE batch -> the padded, resized squares the VAE encodes (docs/METHOD.md section 1)."""
     return common.intermediate(helpers.prepared_squares(image, size=size, resize_filter=resize_filter))
 
 

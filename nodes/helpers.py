@@ -122,7 +122,7 @@ def images_to_rgb(image: torch.Tensor, name: str = "image") -> list[np.ndarray]:
 
 def prepared_squares(image: torch.Tensor, size: int = 1024, resize_filter: str = "lanczos",
                      name: str = "image") -> torch.Tensor:
-    """Each image padded to a centred black square and resized to ``size`` (SPEC.md section 1), as an
+    """Each image padded to a centred black square and resized to ``size`` (docs/METHOD.md section 1), as an
     IMAGE batch [B, size, size, 3] in 0..1, ready for VAEEncode."""
     out = [(prepare_image(rgb, size=size, resize_filter=resize_filter).pixels[0].permute(1, 2, 0) + 1.0) / 2.0
            for rgb in images_to_rgb(image, name)]

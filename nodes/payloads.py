@@ -84,7 +84,7 @@ class ParsedItem:
     parsed: ParsedText
     prompt: str  # the text the UNet is conditioned on: parsed.text + prompt suffix
     root_positions: list[int]  # every BPE position of the root word
-    root_position: int  # the LAST BPE piece (SPEC.md section 4)
+    root_position: int  # the LAST BPE piece (docs/METHOD.md section 4)
     tokens: list[str]  # token strings by position (0 = start token), for summaries
     root_rule: str
     root_overridden: bool = False

@@ -1,4 +1,4 @@
-"""SAM nodes: load a Segment Anything checkpoint from models/sams; automatic mask proposals (SPEC.md 6)."""
+"""SAM nodes: load a Segment Anything checkpoint from models/sams; automatic mask proposals (docs/METHOD.md 6)."""
 from __future__ import annotations
 
 import segment_anything  # noqa: F401  (without it these nodes are disabled, not broken)

@@ -1,4 +1,4 @@
-"""Text node: the root word of the referring expression, its token position(s), direction clues (SPEC.md 4)."""
+"""Text node: the root word of the referring expression, its token position(s), direction clues (docs/METHOD.md 4)."""
 from __future__ import annotations
 
 from typing import Any

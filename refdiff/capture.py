@@ -1,4 +1,4 @@
-"""Cross-attention capture shared by every backend (SPEC.md section 3, Eq. 4).
+"""Cross-attention capture shared by every backend (docs/METHOD.md section 3, Eq. 4).
 
 The attention output of a captured layer is computed with PyTorch's fused SDPA, exactly as the default
 processors do; the head-averaged map a = mean_heads softmax(Q K^T / sqrt(d)) (or its pre-softmax logits) is

@@ -1,4 +1,4 @@
-"""Load the CLIP model of the discriminative branch (SPEC.md section 8) with open_clip: an open_clip
+"""Load the CLIP model of the discriminative branch (docs/METHOD.md section 8) with open_clip: an open_clip
 pretrained tag ("ViT-B-16/openai", fetched by open_clip's own download mechanism) or a local weight file.
 
 Weight files are read safely: safetensors, or ``torch.load(weights_only=True)`` for .bin/.pt/.pth/.ckpt.
@@ -7,9 +7,12 @@ from the file, so it is refused unless ``allow_torchscript=True`` (only for file
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +174,22 @@ def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
                          + ". Pass model_name= (and model_cfg=) for another architecture.")
 
 
+@contextlib.contextmanager
+def _no_random_init_warning() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building a model
+    whose weights come from a file: the message would be false."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _from_file(path: Path, model_name: str, quick_gelu: bool | None, model_cfg: dict[str, Any] | None,
                allow_torchscript: bool) -> torch.nn.Module:
     """An open_clip model of architecture ``model_name`` with the weights of a local file."""
@@ -182,7 +201,8 @@ def _from_file(path: Path, model_name: str, quick_gelu: bool | None, model_cfg: 
     else:
         cfg.setdefault("quick_gelu", True)
     try:
-        model = open_clip.create_model(model_name, pretrained=None, **cfg)
+        with _no_random_init_warning():  # the weights are loaded just below
+            model = open_clip.create_model(model_name, pretrained=None, **cfg)
     except Exception as exc:
         raise ModelLoadError(f"cannot build the open_clip architecture {model_name!r} for {path}: {exc}") from exc
     _check_keys(model, state, path, model_name)

@@ -8,7 +8,7 @@ projections (attn2.to_q) of the cross-attention layers on the 16 x 16 grid of a 
 resized bilinearly to 32 x 32 (factor 2), timestep 0, the empty prompt, and K = 4.
 
 Here the clusters become proposals bool [N, H, W] at the image's own frame, usable wherever SAM or threshold
-proposals are (scoring, CLIP). Differences and choices (see docs/METHODS.md): each block's features are
+proposals are (scoring, CLIP). Differences and choices (see docs/SIBLING_METHODS.md): each block's features are
 L2-normalised per pixel before concatenation (blocks of different widths and scales then weigh the same;
 the released code concatenated raw features of equal-width layers); clusters can be split into connected
 components (scipy.ndimage.label when scipy is installed, otherwise skipped with a warning); the dense CRF

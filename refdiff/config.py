@@ -1,6 +1,6 @@
 """The two presets of Ref-Diff (``paper`` and ``official``) and the five variants.
 
-Every constant of the method lives here as a named field with the default of SPEC.md; stage functions take
+Every constant of the method lives here as a named field with the default of docs/METHOD.md; stage functions take
 these values as arguments, so a preset is only a bundle of defaults and any field can be overridden.
 """
 from __future__ import annotations
@@ -71,12 +71,12 @@ class Preset:
     gen_weight: float = 0.05
     disc_weight: float = 1.0
     top_k: int = 5
-    # DiffSegmenter self-attention refinement of the map (variant "G-refine"; docs/METHODS.md)
+    # DiffSegmenter self-attention refinement of the map (variant "G-refine"; docs/SIBLING_METHODS.md)
     refine_iterations: int = 1  # times the map is multiplied by the fused self-attention
     refine_max_tokens: int = 4096  # capture self-attention only on grids of at most this many tokens
     refine_factor_weights: tuple[tuple[int, float], ...] = ((8, 0.3), (4, 0.5), (2, 0.1), (1, 0.1))
     refine_self_factor: int | None = None  # None: the finest grid within refine_max_tokens
-    # FreeSeg-Diff feature-cluster proposals (variant "cluster"; docs/METHODS.md)
+    # FreeSeg-Diff feature-cluster proposals (variant "cluster"; docs/SIBLING_METHODS.md)
     cluster_k: int = 4
     cluster_feature_factor: int = 4  # attn2 query features at this downsampling factor
     cluster_factor: int = 2  # grid the features are clustered on
@@ -129,7 +129,7 @@ def get_preset(preset: str | Preset) -> Preset:
 
 @dataclass(frozen=True)
 class Variant:
-    """Which stages a variant uses (SPEC.md section 10)."""
+    """Which stages a variant uses (docs/METHOD.md section 10)."""
 
     name: str
     proposals: Literal["threshold", "sam", "cluster"]
@@ -149,7 +149,7 @@ VARIANTS: dict[str, Variant] = {
     "gs": Variant("GS", "sam", generative=True, discriminative=False),
     "ds": Variant("DS", "sam", generative=False, discriminative=True),
     "sam-clip": Variant("sam-clip", "sam", generative=False, discriminative=True, sam_clip=True),
-    # Sibling methods on the same UNet internals (docs/METHODS.md):
+    # Sibling methods on the same UNet internals (docs/SIBLING_METHODS.md):
     "g-refine": Variant("G-refine", "threshold", generative=True, discriminative=False, refine=True),
     "cluster": Variant("cluster", "cluster", generative=True, discriminative=True),
 }

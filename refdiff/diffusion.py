@@ -1,5 +1,5 @@
 """diffusers backend of the generative stage: VAE encoding, seeded DDIM noising and UNet steps with
-cross-attention capture (SPEC.md sections 2 and 3).
+cross-attention capture (docs/METHOD.md sections 2 and 3).
 
 The schedule reproduces the released (LDM img2img) code: a uniform DDIM schedule of ``ddim_steps`` steps
 over the training steps (timesteps 1, 51, 101, ... for 20 steps); strength 0.1 gives t_enc = 2, the latent is
@@ -84,6 +84,17 @@ def injection_schedule(strength: float = 0.1, ddim_steps: int = 20,
         raise InputError(f"strength={strength} with ddim_steps={ddim_steps} gives t_enc = {t_enc}, beyond the "
                          f"{len(ts)} DDIM timesteps: use strength < 1")
     return ts[t_enc], ts[:t_enc][::-1]
+
+
+def step_pairs(step_ts: Sequence[int]) -> list[tuple[int, int]]:
+    """(t, t_prev) of each DDIM step; the last step goes to alphas_cumprod[0], as LDM's ddim_alphas_prev."""
+    return list(zip(step_ts, list(step_ts[1:]) + [0]))
+
+
+def injection_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The seeded Gaussian noise of Eq. 3, drawn on the CPU so that CPU and GPU runs share it."""
+    return torch.randn(tuple(shape), generator=torch.Generator(device="cpu").manual_seed(int(seed)),
+                       dtype=torch.float32)
 
 
 def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
@@ -326,21 +337,18 @@ def run_capture(sd: SDComponents, latent: torch.Tensor, prompt: str, *, strength
         raise InputError(f"num_train_timesteps={num_train_timesteps} but the model's schedule has "
                          f"{len(sd.alphas_cumprod)} steps")
     noise_t, step_ts = injection_schedule(strength, ddim_steps, num_train_timesteps)
-    prev_ts = step_ts[1:] + [0]  # LDM: the last step goes to alphas_cumprod[0]
-    if max_steps is not None:
-        step_ts, prev_ts = step_ts[:max_steps], prev_ts[:max_steps]
+    steps = step_pairs(step_ts)[:max_steps]
     ac = sd.alphas_cumprod.double().cpu()
     selector = LayerSelector(capture_factor, tuple(capture_blocks))
     store = AttentionStore(kind=capture_kind)
 
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn(latent.shape, generator=gen, dtype=torch.float32)
+    noise = injection_noise(latent.shape, seed)
     x = noise_latent(latent.float(), float(ac[noise_t]), noise.to(latent.device)).to(sd.device)
     context = encode_prompts(sd, prompt, use_cfg)
     layout = [1, 0] if use_cfg else [0]
-    total = len(step_ts)
+    total = len(steps)
     with torch.no_grad(), capture_processors(sd.unet, selector, store, capture_kind, layout):
-        for i, (t, t_prev) in enumerate(zip(step_ts, prev_ts)):
+        for i, (t, t_prev) in enumerate(steps):
             if should_stop is not None:
                 should_stop()
             store.step = i

@@ -1,4 +1,4 @@
-"""Discriminative matching of Ref-Diff (SPEC.md section 8): positional bias (Eq. 6), the CLIP crop branch,
+"""Discriminative matching of Ref-Diff (docs/METHOD.md section 8): positional bias (Eq. 6), the CLIP crop branch,
 the masked-attention branch with one mask token per proposal in a single encoder pass (Eq. 7), text
 features, and the discriminative score s_D (Eq. 10).
 

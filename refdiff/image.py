@@ -1,4 +1,4 @@
-"""Image input: loading and validation, and the padded square the diffusion model sees (SPEC.md section 1)."""
+"""Image input: loading and validation, and the padded square the diffusion model sees (docs/METHOD.md section 1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -120,7 +120,7 @@ def pad_to_square(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 def prepare_image(rgb: np.ndarray, size: int = 1024, resize_filter: str = "lanczos") -> PreparedImage:
-    """Pad to a square, resize to ``size`` with ``resize_filter`` and scale to [-1, 1] (SPEC.md section 1)."""
+    """Pad to a square, resize to ``size`` with ``resize_filter`` and scale to [-1, 1] (docs/METHOD.md section 1)."""
     if size < 8 or size % 8:
         raise InputError(f"image_size must be a positive multiple of 8 (the VAE downsamples by 8), got {size}")
     if resize_filter not in _FILTERS:

@@ -1,6 +1,6 @@
 """Capture of UNet internals beyond cross-attention: head-averaged SELF-attention (attn1) and block features.
 
-Same rule as the cross-attention capture (SPEC.md section 3): capture only what is asked, and never change
+Same rule as the cross-attention capture (docs/METHOD.md section 3): capture only what is asked, and never change
 what the UNet computes. Both context managers work with forward hooks only: a forward pre-hook on each
 attn1 module recomputes its query/key projections on the side (the module's own processor is left in place,
 so its output is bit-identical whatever processor is installed, and it composes with

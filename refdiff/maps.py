@@ -1,4 +1,4 @@
-"""The generative map c (SPEC.md section 5, Eq. 5): the root token's attention map, resized to the padded
+"""The generative map c (docs/METHOD.md section 5, Eq. 5): the root token's attention map, resized to the padded
 square, cropped back to the original frame and min-max normalised.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mask proposals (SPEC.md section 6): the weight-free threshold filter (Eq. 8), SAM automatic masks, and the
+"""Mask proposals (docs/METHOD.md section 6): the weight-free threshold filter (Eq. 8), SAM automatic masks, and the
 ``official`` post-filter. Proposals are bool tensors [N, H, W] at the image's own resolution.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def make_mask_generator(sam: "Sam", points_per_side: int = 32, points_per_batch:
                         pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                         box_nms_thresh: float = 0.7, crop_n_layers: int = 0, min_mask_region_area: int = 0,
                         **extra: Any) -> "SamAutomaticMaskGenerator":
-    """A SamAutomaticMaskGenerator with SAM's AMG defaults (SPEC.md section 6), returning binary masks.
+    """A SamAutomaticMaskGenerator with SAM's AMG defaults (docs/METHOD.md section 6), returning binary masks.
 
     ``extra`` goes to the generator unchanged (e.g. crop_overlap_ratio); ``config.sam_generator_kwargs``
     gives the named arguments of a preset.

@@ -14,7 +14,7 @@ only partially, while self-attention says which pixels belong together (shape). 
 
 Row-stochastic A is a random-walk operator: (A m)(i) is the A-weighted mean of m over the pixels i attends
 to, so a partial blob spreads over the pixels that attend to it, and values stay inside [min m, max m].
-See docs/METHODS.md for the memory costs and how this plugs into Ref-Diff.
+See docs/SIBLING_METHODS.md for the memory costs and how this plugs into Ref-Diff.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Scores of proposals: generative matching (Eq. 9), fusion (Eq. 1, 2), ranking and selection
-(SPEC.md sections 7 and 9).
+(docs/METHOD.md sections 7 and 9).
 """
 from __future__ import annotations
 

@@ -146,3 +146,19 @@ def test_full_size_vit_b16_random() -> None:
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
     crops = scorer.crop_features(image, masks)
     torch.testing.assert_close(crops.norm(dim=-1), torch.ones(3))
+
+
+def test_loading_a_file_does_not_claim_random_weights(tmp_path, caplog) -> None:
+    import logging
+
+    from safetensors.torch import save_file
+
+    from refdiff.clip import load_clip
+    from refdiff.testing.clip import TINY_CLIP_CONFIG, tiny_clip_model
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_clip_model().state_dict().items()}, str(path))
+    caplog.clear()  # building the random model above rightly logged it
+    with caplog.at_level(logging.WARNING):
+        load_clip(path, model_cfg=TINY_CLIP_CONFIG)
+    assert "initialized randomly" not in caplog.text
