@@ -1,4 +1,4 @@
-"""The presets carry SPEC.md's constants, and variants and overrides are validated."""
+"""The presets carry docs/METHOD.md's constants, and variants and overrides are validated."""
 from __future__ import annotations
 
 import pytest

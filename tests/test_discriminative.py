@@ -1,4 +1,4 @@
-"""Discriminative matching (SPEC.md section 8): positional bias, crop branch, masked-attention branch, s_D."""
+"""Discriminative matching (docs/METHOD.md section 8): positional bias, crop branch, masked-attention branch, s_D."""
 from __future__ import annotations
 
 import copy

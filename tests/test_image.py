@@ -1,4 +1,4 @@
-"""Image loading, validation and the padded square of SPEC.md section 1."""
+"""Image loading, validation and the padded square of docs/METHOD.md section 1."""
 from __future__ import annotations
 
 import numpy as np
