@@ -83,7 +83,7 @@ class Preset:
     cluster_timestep: int = 0  # DDPM timestep of the single UNet pass
     cluster_normalize: bool = True  # L2-normalise each block's features before concatenating
     cluster_split: bool = True  # split clusters into connected components
-    cluster_min_area: int = 0  # drop cluster proposals of area <= this many pixels
+    cluster_min_area: int = 0  # drop cluster proposals smaller than this many pixels
 
     def with_(self, **overrides: object) -> "Preset":
         """A copy with some fields changed; unknown names raise InputError."""
