@@ -6,6 +6,15 @@ KSampler. A custom sampler function performs the DDIM steps of ``refdiff.diffusi
 noising, same update; only the UNet evaluation goes through ComfyUI). Capture hooks are attn2 "replace"
 patches installed on a CLONE of the MODEL, on the selected layers only; each computes the attention
 output with ``refdiff.capture.attention_output`` and records ``head_averaged_attention`` beside it.
+
+The UNet's internals used by the sibling methods (docs/SIBLING_METHODS.md) are captured the same way, on a
+clone and only where asked: SELF-attention through attn1 replace patches (head-averaged probabilities,
+chunked over queries, only on grids of at most ``max_tokens`` tokens, stored in a
+``refdiff.internals.SelfAttentionStore``), and features through attn2 replace patches (the query
+projections) or ComfyUI's input/output block patches (whole block outputs), stored in a
+``refdiff.internals.FeatureStore``, so ``refdiff.refine`` and ``refdiff.clusters`` run on them unchanged.
+These patches compute the layer's output with ComfyUI's own attention function, so the clone's output is
+the unpatched model's, bit for bit.
 """
 from __future__ import annotations
 
@@ -23,10 +32,11 @@ import comfy.supported_models as supported_models
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 
-from refdiff.capture import (AttentionStore, CrossAttentionMaps, LayerSelector, attention_output,
-                             downsampled_grid, head_averaged_attention, normalise_block)
+from refdiff.capture import (BLOCKS, COND, UNCOND, AttentionStore, CrossAttentionMaps, LayerSelector,
+                             attention_output, downsampled_grid, head_averaged_attention, normalise_block)
 from refdiff.diffusion import ddim_step, injection_noise, injection_schedule, noise_latent, step_pairs
 from refdiff.errors import InputError
+from refdiff.internals import SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, FeatureStore, SelfAttentionStore
 
 from .payloads import Injection
 
@@ -50,6 +60,15 @@ class Attn2Layer:
         return f"{prefix}{number}.transformer_blocks.{self.transformer_index}"
 
 
+@dataclass(frozen=True)
+class Attn1Layer(Attn2Layer):
+    """One self-attention (attn1) of a ComfyUI UNet: same patch key and factor as its block's attn2."""
+
+    @property
+    def name(self) -> str:
+        return super().name + ".attn1"
+
+
 # ---------------------------------------------------------------------------------------------- family
 def model_family(model: Any) -> str:
     """"SD1.x" or "SD2.x" for a supported MODEL; InputError naming the family otherwise."""
@@ -70,14 +89,32 @@ def model_family(model: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _transformer_layers(module: torch.nn.Module, block: str, number: int, factor: int) -> list[Attn2Layer]:
-    out = []
+def _transformer_layers(module: torch.nn.Module, block: str, number: int, factor: int,
+                        self_attention: bool = False) -> list[Attn2Layer]:
+    out: list[Attn2Layer] = []
     for layer in module:
         if isinstance(layer, SpatialTransformer):
             for j, tb in enumerate(layer.transformer_blocks):
-                if getattr(tb, "attn2", None) is not None:
+                if self_attention:
+                    if getattr(tb, "attn1", None) is not None and not getattr(tb, "disable_self_attn", False):
+                        out.append(Attn1Layer(block, number, j, factor))
+                elif getattr(tb, "attn2", None) is not None:
                     out.append(Attn2Layer(block, number, j, factor))
     return out
+
+
+def _walk(diffusion_model: torch.nn.Module, self_attention: bool) -> list[Attn2Layer]:
+    layers: list[Attn2Layer] = []
+    level = 0
+    for i, blk in enumerate(diffusion_model.input_blocks):
+        layers += _transformer_layers(blk, "input", i, 2 ** level, self_attention)
+        level += sum(isinstance(layer, Downsample) for layer in blk)
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        layers += _transformer_layers(diffusion_model.middle_block, "middle", 0, 2 ** level, self_attention)
+    for i, blk in enumerate(diffusion_model.output_blocks):
+        layers += _transformer_layers(blk, "output", i, 2 ** level, self_attention)
+        level -= sum(isinstance(layer, Upsample) for layer in blk)
+    return layers
 
 
 def attn2_layers(diffusion_model: torch.nn.Module) -> list[Attn2Layer]:
@@ -85,17 +122,22 @@ def attn2_layers(diffusion_model: torch.nn.Module) -> list[Attn2Layer]:
 
     The factor of a layer is 2 ** (Downsample layers before it, minus Upsample layers before it).
     """
-    layers: list[Attn2Layer] = []
-    level = 0
-    for i, blk in enumerate(diffusion_model.input_blocks):
-        layers += _transformer_layers(blk, "input", i, 2 ** level)
-        level += sum(isinstance(layer, Downsample) for layer in blk)
-    if getattr(diffusion_model, "middle_block", None) is not None:
-        layers += _transformer_layers(diffusion_model.middle_block, "middle", 0, 2 ** level)
-    for i, blk in enumerate(diffusion_model.output_blocks):
-        layers += _transformer_layers(blk, "output", i, 2 ** level)
+    return _walk(diffusion_model, self_attention=False)
+
+
+def attn1_layers(diffusion_model: torch.nn.Module) -> list[Attn1Layer]:
+    """Every self-attention (attn1 that attends to its own tokens) of a ComfyUI UNet, in forward order."""
+    return _walk(diffusion_model, self_attention=True)  # type: ignore[return-value]
+
+
+def output_block_levels(diffusion_model: torch.nn.Module) -> list[int]:
+    """The downsampling factor each output block of a ComfyUI UNet runs at (before its own Upsample)."""
+    level = sum(isinstance(layer, Downsample) for blk in diffusion_model.input_blocks for layer in blk)
+    out = []
+    for blk in diffusion_model.output_blocks:
+        out.append(2 ** level)
         level -= sum(isinstance(layer, Upsample) for layer in blk)
-    return layers
+    return out
 
 
 def select_layers(model: Any, selector: LayerSelector) -> list[Attn2Layer]:
@@ -109,11 +151,61 @@ def select_layers(model: Any, selector: LayerSelector) -> list[Attn2Layer]:
     return chosen
 
 
+def select_self_attention_layers(model: Any, latent_hw: tuple[int, int],
+                                 max_tokens: int = SELF_ATTENTION_MAX_TOKENS,
+                                 blocks: Sequence[str] = BLOCKS) -> list[Attn1Layer]:
+    """The attn1 layers in ``blocks`` whose query grid for this latent has at most ``max_tokens`` tokens.
+
+    InputError listing the grids this UNet has when none qualifies (self-attention costs Q^2 per layer).
+    """
+    if int(max_tokens) < 1:
+        raise InputError(f"self_max_tokens must be positive, got {max_tokens}")
+    selector = LayerSelector(None, tuple(blocks))
+    layers = [la for la in attn1_layers(model.model.diffusion_model) if selector.wants(la.block, la.factor)]
+    chosen = [la for la in layers if math.prod(downsampled_grid(latent_hw, la.factor)) <= int(max_tokens)]
+    if not chosen:
+        grids = sorted({downsampled_grid(latent_hw, la.factor) for la in layers}, key=math.prod)
+        raise InputError(f"self_max_tokens: no self-attention layer in blocks {list(selector.blocks)} has a grid of at "
+                         f"most {max_tokens} tokens for the latent {tuple(latent_hw)}; its grids are {grids}. "
+                         "Raise self_max_tokens (memory: tokens^2 x 4 bytes per level) or use a smaller image")
+    return chosen
+
+
 # ---------------------------------------------------------------------------------------------- patches
-def _existing_patch(model: Any, layer: Attn2Layer) -> Callable | None:
-    """An attn2 replace patch the MODEL already carries on this layer (another node's), if any."""
-    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+def _existing_patch(model: Any, layer: Attn2Layer, which: str = "attn2") -> Callable | None:
+    """An attn1/attn2 replace patch the MODEL already carries on this layer (another node's), if any."""
+    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(which, {})
     return table.get((layer.block, layer.number, layer.transformer_index)) or table.get((layer.block, layer.number))
+
+
+def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """The attention output exactly as the unpatched layer computes it: ComfyUI's current attention function."""
+    from comfy.ldm.modules import attention as comfy_attention_module
+
+    return comfy_attention_module.optimized_attention(q, k, v, int(extra_options["n_heads"]),
+                                                      attn_precision=extra_options.get("attn_precision"),
+                                                      transformer_options=extra_options)
+
+
+def _checked_grid(layer: Attn2Layer, extra_options: dict) -> tuple[int, int]:
+    """The layer's query grid; InputError when it is not the latent downsampled by the layer's factor."""
+    grid = tuple(int(s) for s in extra_options["activations_shape"][-2:])
+    latent_hw = tuple(int(s) for s in extra_options["original_shape"][-2:])
+    if downsampled_grid(latent_hw, layer.factor) != grid:
+        raise InputError(f"layer {layer.name}: query grid {grid} is not the latent {latent_hw} downsampled by "
+                         f"{layer.factor}")
+    return grid  # type: ignore[return-value]
+
+
+def kept_branches(x: torch.Tensor, cond_or_uncond: Sequence[int] | None,
+                  keep: Sequence[int] = (COND,)) -> list[tuple[int, torch.Tensor]]:
+    """(label, chunk) for the CFG chunks of a batch [B, ...] whose label is in ``keep`` (0 cond, 1 uncond)."""
+    labels = [COND] if not cond_or_uncond else [int(c) for c in cond_or_uncond]
+    if any(c not in (COND, UNCOND) for c in labels) or x.shape[0] % len(labels):
+        raise InputError(f"cond_or_uncond {labels} (0 = cond, 1 = uncond) does not split a batch of {x.shape[0]} "
+                         "into equal chunks")
+    n = x.shape[0] // len(labels)
+    return [(label, x[i * n:(i + 1) * n]) for i, label in enumerate(labels) if label in keep]
 
 
 def make_capture_patch(layer: Attn2Layer, store: AttentionStore, kind: str,
@@ -142,6 +234,102 @@ def patched_clone(model: Any, layers: Sequence[Attn2Layer], store: AttentionStor
         previous = _existing_patch(clone, layer)
         clone.set_model_attn2_replace(make_capture_patch(layer, store, kind, previous), layer.block,
                                       layer.number, layer.transformer_index)
+    return clone
+
+
+def make_self_attention_patch(layer: Attn1Layer, store: SelfAttentionStore, keep: Sequence[int] = (COND,),
+                              chunk: int = SELF_ATTENTION_CHUNK, previous: Callable | None = None) -> Callable:
+    """An attn1 replace patch: output as the unpatched layer's (or the previous patch's); head-averaged
+    softmax probabilities [n, Q, Q] of the kept CFG branches added to ``store``, ``chunk`` queries at a time."""
+
+    def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        grid = _checked_grid(layer, extra_options)
+        out = previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, extra_options)
+        heads = int(extra_options["n_heads"])
+        labels = extra_options.get("cond_or_uncond")
+        for (label, qc), (_, kc) in zip(kept_branches(q, labels, keep), kept_branches(k, labels, keep)):
+            store.add(layer.name, layer.factor, grid, head_averaged_attention(qc, kc, heads, "probs", chunk=chunk),
+                      label)
+        return out
+
+    return patch
+
+
+def add_self_attention_patches(clone: Any, layers: Sequence[Attn1Layer], store: SelfAttentionStore,
+                               keep: Sequence[int] = (COND,), chunk: int = SELF_ATTENTION_CHUNK) -> Any:
+    """Put self-attention capture patches on ``layers`` of a CLONE (chained after attn1 patches it carries)."""
+    for layer in layers:
+        previous = _existing_patch(clone, layer, "attn1")
+        clone.set_model_attn1_replace(make_self_attention_patch(layer, store, keep, chunk, previous), layer.block,
+                                      layer.number, layer.transformer_index)
+    return clone
+
+
+def make_query_feature_patch(layer: Attn2Layer, store: FeatureStore, keep: Sequence[int] = (COND,),
+                             previous: Callable | None = None) -> Callable:
+    """An attn2 replace patch recording the layer's query projection (attn2.to_q) as features [n, C, h, w]."""
+
+    def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        grid = _checked_grid(layer, extra_options)
+        for label, qc in kept_branches(q, extra_options.get("cond_or_uncond"), keep):
+            store.add(query_feature_name(layer), grid, qc.transpose(1, 2).reshape(qc.shape[0], qc.shape[2], *grid),
+                      label)
+        return previous(q, k, v, extra_options) if previous is not None else comfy_attention(q, k, v, extra_options)
+
+    return patch
+
+
+def query_feature_name(layer: Attn2Layer) -> str:
+    """Name under which a layer's query features are stored."""
+    return layer.name + ".attn2.to_q"
+
+
+def block_feature_names(diffusion_model: torch.nn.Module) -> list[str]:
+    """Blocks whose output the block patches can record: input_blocks.i, middle_block, output_blocks.j
+    (every output block but the last, whose output goes straight to the UNet's final layers)."""
+    names = [f"input_blocks.{i}" for i in range(len(diffusion_model.input_blocks))]
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        names.append("middle_block")
+    return names + [f"output_blocks.{j}" for j in range(len(diffusion_model.output_blocks) - 1)]
+
+
+def add_block_feature_patches(clone: Any, names: Sequence[str], store: FeatureStore,
+                              keep: Sequence[int] = (COND,)) -> Any:
+    """Record the outputs of whole UNet blocks on a CLONE with ComfyUI's input/output block patches.
+
+    ``input_blocks.i``: h after input block i; ``middle_block`` / ``output_blocks.j``: the h that output block
+    0 / j + 1 receives (before the skip connection is concatenated). The patches return h unchanged.
+    """
+    known = block_feature_names(clone.model.diffusion_model)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise InputError(f"feature blocks {list(unknown) or list(names)} are not recordable blocks of this UNet; "
+                         f"choose from {known}")
+    wanted_in = {int(n.split(".")[1]): n for n in names if n.startswith("input_blocks.")}
+    wanted_out = {0 if n == "middle_block" else int(n.split(".")[1]) + 1: n for n in names
+                  if n == "middle_block" or n.startswith("output_blocks.")}
+
+    def record(name: str, h: torch.Tensor, options: dict) -> None:
+        for label, part in kept_branches(h, options.get("cond_or_uncond"), keep):
+            store.add(name, (int(h.shape[-2]), int(h.shape[-1])), part, label)
+
+    def input_patch(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        block = transformer_options.get("block")
+        if block and block[0] == "input" and int(block[1]) in wanted_in:
+            record(wanted_in[int(block[1])], h, transformer_options)
+        return h
+
+    def output_patch(h: torch.Tensor, hsp: torch.Tensor,
+                     transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        block = transformer_options.get("block")
+        if block and block[0] == "output" and int(block[1]) in wanted_out:
+            record(wanted_out[int(block[1])], h, transformer_options)
+        return h, hsp
+
+    if wanted_in:
+        clone.set_model_input_block_patch(input_patch)
+    if wanted_out:
+        clone.set_model_output_block_patch(output_patch)
     return clone
 
 
@@ -201,12 +389,15 @@ def _ddim_sampler(injection: Injection, ac: torch.Tensor, store: AttentionStore,
 
 def run_capture(model: Any, latent: torch.Tensor, injection: Injection, positive: list, negative: list | None,
                 guidance_scale: float, use_cfg: bool, kind: str, layers: Sequence[Attn2Layer],
-                on_step: Callable[[], None] = lambda: None) -> CrossAttentionMaps:
+                on_step: Callable[[], None] = lambda: None, self_layers: Sequence[Attn1Layer] = (),
+                self_store: SelfAttentionStore | None = None,
+                self_chunk: int = SELF_ATTENTION_CHUNK) -> CrossAttentionMaps:
     """Noise one image's latent [1, 4, h, w] (unscaled, as VAEEncode gives it) and run the DDIM steps with
     capture on a patched clone of ``model``; returns the maps of every captured layer and step.
 
     ``positive`` / ``negative`` are CONDITIONING lists; without ``use_cfg`` the conditional branch runs
-    alone (guidance 1), as the method's speed option.
+    alone (guidance 1), as the method's speed option. With ``self_layers`` the conditional branch's
+    self-attention of those layers is added to ``self_store`` in the same run.
     """
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise InputError(f"latent must hold one image [1, C, h, w] here, got {tuple(latent.shape)}")
@@ -216,6 +407,10 @@ def run_capture(model: Any, latent: torch.Tensor, injection: Injection, positive
                          f"the model's schedule has {len(ac)}")
     store = AttentionStore(kind=kind)
     clone = patched_clone(model, layers, store, kind)
+    if self_layers:
+        if self_store is None:
+            raise InputError("self_store: give a SelfAttentionStore to capture self-attention into")
+        add_self_attention_patches(clone, self_layers, self_store, keep=(COND,), chunk=self_chunk)
     if use_cfg and negative is None:
         raise InputError("negative: classifier-free guidance needs the unconditional CONDITIONING (an empty "
                          "prompt); connect one, or turn use_cfg off")
@@ -230,6 +425,51 @@ def run_capture(model: Any, latent: torch.Tensor, injection: Injection, positive
                                negative if negative is not None else positive, latent,
                                disable_pbar=True, seed=injection.seed)
     return store.maps()
+
+
+def _one_evaluation(alpha_bar: float, on_step: Callable[[], None]) -> Callable:
+    """A ComfyUI sampler function that noises the latent to ``alpha_bar`` and evaluates the model once."""
+
+    def sample(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+               callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
+        mm.throw_exception_if_processing_interrupted()
+        x_t = noise_latent(model.latent_image.float(), alpha_bar, model.noise.float())
+        sigma = math.sqrt((1.0 - alpha_bar) / alpha_bar)
+        x_in = x_t * math.sqrt(1.0 + sigma ** 2)  # ComfyUI's EPS input scaling, inverted
+        denoised = model(x_in, sigma * x_in.new_ones([x_in.shape[0]]), **(extra_args or {})).float()
+        on_step()
+        return denoised
+
+    return sample
+
+
+def run_features(model: Any, latent: torch.Tensor, noise: torch.Tensor, timestep: int, positive: list,
+                 query_layers: Sequence[Attn2Layer] = (), blocks: Sequence[str] = (), seed: int = 0,
+                 on_step: Callable[[], None] = lambda: None) -> FeatureStore:
+    """One UNet evaluation of a latent batch [B, 4, h, w] (unscaled) noised to DDPM ``timestep`` with ``noise``
+    [B, 4, h, w], conditioned on ``positive`` (no guidance), on a clone recording features: the query
+    projections of ``query_layers`` and the outputs of ``blocks``. Returns the store (conditional branch)."""
+    if latent.ndim != 4 or noise.shape != latent.shape:
+        raise InputError(f"latent {tuple(latent.shape)} and noise {tuple(noise.shape)} must be equal [B, C, h, w]")
+    if not query_layers and not blocks:
+        raise InputError("features: name some query layers or blocks to record")
+    ac = alphas_cumprod(model)
+    if not 0 <= int(timestep) < len(ac):
+        raise InputError(f"timestep must be within 0..{len(ac) - 1} (the model's training steps), got {timestep}")
+    store = FeatureStore()
+    clone = model.clone()
+    for layer in query_layers:
+        previous = _existing_patch(clone, layer, "attn2")
+        clone.set_model_attn2_replace(make_query_feature_patch(layer, store, (COND,), previous), layer.block,
+                                      layer.number, layer.transformer_index)
+    if blocks:
+        add_block_feature_patches(clone, blocks, store, (COND,))
+    alpha_bar = float(ac[int(timestep)])
+    sigmas = torch.tensor([math.sqrt((1.0 - alpha_bar) / alpha_bar), 0.0], dtype=torch.float32)
+    sampler = comfy.samplers.KSAMPLER(_one_evaluation(alpha_bar, on_step))
+    comfy.sample.sample_custom(clone, noise.to(latent.dtype), 1.0, sampler, sigmas, positive, positive, latent,
+                               disable_pbar=True, seed=int(seed))
+    return store
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -283,6 +523,9 @@ def conditioning_item(cond: list, index: int, batch: int) -> list:
     return out
 
 
-__all__ = ["SUPPORTED_FAMILIES", "Attn2Layer", "model_family", "attn2_layers", "select_layers",
-           "make_capture_patch", "patched_clone", "make_injection", "alphas_cumprod", "run_capture",
+__all__ = ["SUPPORTED_FAMILIES", "Attn2Layer", "Attn1Layer", "model_family", "attn2_layers", "attn1_layers",
+           "output_block_levels", "select_layers", "select_self_attention_layers", "comfy_attention",
+           "kept_branches", "make_capture_patch", "patched_clone", "make_self_attention_patch",
+           "add_self_attention_patches", "make_query_feature_patch", "query_feature_name", "block_feature_names",
+           "add_block_feature_patches", "make_injection", "alphas_cumprod", "run_capture", "run_features",
            "sd_tokenizer", "encode_text", "token_ids", "tokens_agree", "conditioning_item"]

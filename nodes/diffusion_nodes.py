@@ -7,12 +7,14 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from refdiff.capture import LayerSelector
+from refdiff.capture import COND, LayerSelector
 from refdiff.errors import InputError
+from refdiff.internals import SELF_ATTENTION_MAX_TOKENS, SelfAttentionStore
 from refdiff.text import strip_prompt_weights
 
 from . import comfy_sd, common, helpers
-from .payloads import INJECTION_KEY, AttentionBatch, Injection, ParsedBatch
+from .payloads import INJECTION_KEY, Injection, ParsedBatch
+from .sibling_helpers import InternalsAttentionBatch
 
 KIND_OPTIONS = ["preset", "probs", "logits"]
 
@@ -53,12 +55,15 @@ def prompts_for_batch(batch: int, parse: ParsedBatch | None, text: str, prompt_s
 def capture_attention(model: Any, latent: dict, *, positive: list | None = None, negative: list | None = None,
                       clip: Any = None, parse: ParsedBatch | None = None, text: str = "",
                       prompt_suffix: str = ", ", guidance_scale: float = 9.0, use_cfg: bool = True,
-                      kind: str = "logits", factor: int = 4, blocks: tuple[str, ...] = ("down", "mid", "up"),
-                      steps: int = 0) -> tuple[AttentionBatch, str]:
+                      kind: str = "logits", factor: int | None = 4,
+                      blocks: tuple[str, ...] = ("down", "mid", "up"), steps: int = 0, self_attention: bool = False,
+                      self_max_tokens: int = SELF_ATTENTION_MAX_TOKENS) -> tuple[InternalsAttentionBatch, str]:
     """Run the UNet steps on every image of a noised LATENT and capture cross-attention (Eq. 4).
 
-    Conditioning comes from ``positive``/``negative`` when given, else each prompt is encoded with ``clip``
-    (the unconditional branch is the empty prompt). Returns the maps and a summary.
+    ``factor`` 0 or None captures every level. Conditioning comes from ``positive``/``negative`` when given,
+    else each prompt is encoded with ``clip`` (the unconditional branch is the empty prompt). With
+    ``self_attention`` the same run also records the conditional branch's self-attention on every level of at
+    most ``self_max_tokens`` tokens (layers and steps averaged per level). Returns the maps and a summary.
     """
     family = comfy_sd.model_family(model)
     plan = injection_of(latent)
@@ -70,7 +75,10 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
     if steps:
         plan = dataclasses.replace(plan, step_timesteps=plan.step_timesteps[:steps],
                                    prev_timesteps=plan.prev_timesteps[:steps])
-    layers = comfy_sd.select_layers(model, LayerSelector(factor, tuple(blocks)))
+    layers = comfy_sd.select_layers(model, LayerSelector(factor or None, tuple(blocks)))
+    latent_hw = (int(samples.shape[-2]), int(samples.shape[-1]))
+    self_layers = (comfy_sd.select_self_attention_layers(model, latent_hw, self_max_tokens, tuple(blocks))
+                   if self_attention else [])
 
     prompts: list[str | None] = [None] * batch
     tokens: list[list[str] | None] = [None] * batch
@@ -103,16 +111,32 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
 
     progress = common.Progress(batch * len(plan.step_timesteps))
     maps = []
+    affinities = []
     for i in range(batch):
         common.check_interrupt()
+        store = SelfAttentionStore(per_layer=False)
         maps.append(comfy_sd.run_capture(model, samples[i:i + 1], plan, positives[i], negatives[i],
-                                         guidance_scale, use_cfg, kind, layers, on_step=progress.step))
-    result = AttentionBatch(maps=maps, prompts=prompts, tokens=tokens, latent_hw=tuple(samples.shape[-2:]),
-                            guidance_scale=float(guidance_scale), kind=kind, model_family=family,
-                            layers=[la.name for la in layers])
+                                         guidance_scale, use_cfg, kind, layers, on_step=progress.step,
+                                         self_layers=self_layers, self_store=store))
+        if self_layers:
+            affinities.append(store.affinities(COND))
+    selector = LayerSelector(None, tuple(blocks))
+    unet_factors = sorted({la.factor for la in comfy_sd.attn2_layers(model.model.diffusion_model)
+                           if selector.wants(la.block, la.factor)})
+    result = InternalsAttentionBatch(maps=maps, prompts=prompts, tokens=tokens, latent_hw=latent_hw,
+                                     guidance_scale=float(guidance_scale), kind=kind, model_family=family,
+                                     layers=[la.name for la in layers],
+                                     layer_factors={la.name: la.factor for la in layers},
+                                     unet_factors=tuple(unet_factors),
+                                     self_attention=affinities if self_layers else None,
+                                     self_max_tokens=int(self_max_tokens) if self_layers else 0)
     summary = (f"{family}: captured {kind} of {len(layers)} layer(s) {result.layers} x {len(plan.step_timesteps)} "
                f"step(s) on a {samples.shape[-2]}x{samples.shape[-1]} latent for {batch} image(s); "
                f"grid {maps[0].grid}; {plan.describe()}; guidance {guidance_scale if use_cfg else 'off'}")
+    if self_layers:
+        levels = ", ".join(f"factor {a.factor} ({a.grid[0]}x{a.grid[1]}, {len(a.layers)} layer(s))"
+                           for a in affinities[0])
+        summary += f"; self-attention (conditional branch, layers and steps averaged): {levels}"
     return result, summary
 
 
@@ -189,8 +213,9 @@ class RefDiffCaptureAttention(io.ComfyNode):
             display_name="RefDiff Capture Attention",
             category=common.CATEGORY,
             description="Run the noised latent through the UNet (DDIM steps with classifier-free guidance) and "
-                        "record the head-averaged cross-attention of the chosen layers (Eq. 4). The MODEL is "
-                        "cloned; the one you connect is not changed.",
+                        "record the head-averaged cross-attention of the chosen layers (Eq. 4); optionally the "
+                        "self-attention too (for RefDiff Self-Attention Refine). The MODEL is cloned; the one you "
+                        "connect is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL."),
                 io.Latent.Input("latent", tooltip="The noised latent from RefDiffNoiseInjection."),
@@ -202,9 +227,10 @@ class RefDiffCaptureAttention(io.ComfyNode):
                                tooltip="Classifier-free guidance scale of the UNet steps and of the logits."),
                 io.Boolean.Input("use_cfg", default=True,
                                  tooltip="Run the unconditional branch too (off: conditional only, faster)."),
-                io.Int.Input("factor", default=4, min=1, max=64,
+                io.Int.Input("factor", default=4, min=0, max=64,
                              tooltip="Capture the layers whose query grid is the latent downsampled by this "
-                                     "factor (4: 32x32 for a 1024 image)."),
+                                     "factor (4: 32x32 for a 1024 image); 0 = every level (needed by RefDiff "
+                                     "Self-Attention Refine, which fuses the levels)."),
                 io.String.Input("blocks", default="down,mid,up",
                                 tooltip="UNet parts to capture from: any of down (input), mid (middle), up (output)."),
                 io.Int.Input("steps", default=0, min=0, max=1000,
@@ -220,6 +246,14 @@ class RefDiffCaptureAttention(io.ComfyNode):
                                       tooltip="Instead of text + clip: the conditional CONDITIONING."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="With positive: the unconditional CONDITIONING (an empty prompt)."),
+                io.Boolean.Input("self_attention", default=False, optional=True,
+                                 tooltip="Also record the UNet's self-attention (conditional branch, heads, layers "
+                                         "and steps averaged per level) for RefDiff Self-Attention Refine. Costs "
+                                         "tokens^2 x 4 bytes per level: 64 MiB for the 64x64 level."),
+                io.Int.Input("self_max_tokens", default=SELF_ATTENTION_MAX_TOKENS, min=1, max=65536, optional=True,
+                             tooltip="With self_attention: record only levels whose grid has at most this many "
+                                     "tokens (4096 = 64x64: factor 2 of a 1024 image; the 128x128 level would "
+                                     "need 1 GiB)."),
             ],
             outputs=[
                 common.Attention.Output(display_name="attention",
@@ -230,13 +264,15 @@ class RefDiffCaptureAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, preset, kind, guidance, use_cfg, factor, blocks, steps, text="", clip=None,
-                parse=None, positive=None, negative=None) -> io.NodeOutput:
+                parse=None, positive=None, negative=None, self_attention=False,
+                self_max_tokens=SELF_ATTENTION_MAX_TOKENS) -> io.NodeOutput:
         p = common.preset(preset)
         result, summary = capture_attention(
             model, latent, positive=positive, negative=negative, clip=clip, parse=parse, text=text or "",
             prompt_suffix=p.prompt_suffix, guidance_scale=guidance, use_cfg=use_cfg,
             kind=p.capture_kind if kind == "preset" else kind, factor=factor,
-            blocks=helpers.parse_blocks(blocks), steps=steps)
+            blocks=helpers.parse_blocks(blocks), steps=steps, self_attention=bool(self_attention),
+            self_max_tokens=int(self_max_tokens))
         common.LOG.info("[RefDiff] %s", summary)
         return io.NodeOutput(result, summary)
 

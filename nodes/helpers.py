@@ -6,16 +6,22 @@ The method itself (maps, proposals, scores) lives in ``refdiff``; nothing here c
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from refdiff.capture import token_map
 from refdiff.errors import InputError
 from refdiff.image import PreparedImage, load_image, pad_to_square, prepare_image
-from refdiff.text import (parse_text, root_token_position, strip_prompt_weights, truncation_warning,
+from refdiff.maps import generative_map
+from refdiff.scoring import rank
+from refdiff.text import (parse_text, root_token_position, strip_prompt_weights, token_spans, truncation_warning,
                           word_token_positions)
 
 from .payloads import ParsedItem, match_batch
@@ -85,7 +91,17 @@ def parse_item(text: str, tokenizer: Any, root_rule: str = "root_or_subj", promp
     position = root_token_position(parsed, tokenizer, prompt_suffix=prompt_suffix, max_length=max_length)
     return ParsedItem(parsed=parsed, prompt=prompt, root_positions=[p for p in positions if p < max_length - 1],
                       root_position=position, tokens=token_strings(prompt, tokenizer, max_length),
-                      root_rule=root_rule, root_overridden=overridden)
+                      root_rule=root_rule, root_overridden=overridden,
+                      word_positions=word_positions(prompt, parsed.words, tokenizer, max_length))
+
+
+def word_positions(prompt: str, words: Sequence[tuple[str, int, int]], tokenizer: Any,
+                   max_length: int = 77) -> list[list[int]]:
+    """The BPE positions of each (word, start, end) of ``prompt`` (start token = 0); positions the model cuts
+    off at its token limit are left out, so a word past the limit gets an empty list."""
+    spans = token_spans(prompt, tokenizer)
+    return [[p for p, s, e in spans if s < end and e > start and e > s and p < max_length - 1]
+            for _, start, end in words]
 
 
 def parse_warnings(items: Sequence[ParsedItem], tokenizer: Any, max_length: int = 77) -> list[str]:
@@ -193,6 +209,224 @@ def parse_blocks(blocks: str) -> tuple[str, ...]:
     return names
 
 
-__all__ = ["split_lines", "texts_for_batch", "find_word", "token_strings", "parse_item", "parse_warnings",
-           "parse_summary", "images_to_rgb", "prepared_squares", "frame_geometry", "masks_to_output",
-           "heatmap", "overlay", "score_table", "parse_blocks"]
+
+# ------------------------------------------------------------------------------------------ web views
+# What the nodes send to the pack's web extension (web/js/): small thumbnails, bounded in number.
+VIEW_THUMB_SIDE = 96  # longest side of a thumbnail, pixels
+VIEW_MAX_IMAGES = 4  # images of a batch shown on a node
+VIEW_MAX_WORDS = 32  # words per image in the token strip
+VIEW_MAX_PROPOSALS = 32  # proposals per image in the gallery
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenChoice:
+    """The token whose map becomes c: its position among the model's tokens (start token = 0), a label,
+    where the choice came from ("parser", "root_word" or "token_override") and the index of the word of
+    ``parsed.words`` it belongs to (None for a token of no word, such as the prompt's trailing comma)."""
+
+    position: int
+    label: str
+    source: str
+    word: int | None
+
+
+def overrides_for_batch(value: str, batch: int, name: str = "token_override") -> list[str]:
+    """One token override per image: empty -> none; one line for every image; or one line per image (an
+    empty line keeps that image's root)."""
+    lines = [line.strip() for line in str(value or "").splitlines()]
+    if not any(lines):
+        return [""] * batch
+    if len(lines) != batch:
+        while lines and not lines[-1]:
+            lines.pop()
+    return match_batch(lines, batch, name)
+
+
+def item_word_positions(item: ParsedItem) -> list[list[int]]:
+    """The BPE positions of each word of a parse (recomputed with the SD 1.x tokenizer, whose vocabulary
+    SD 2.x shares, for a parse made without them)."""
+    if len(item.word_positions) == len(item.parsed.words):
+        return item.word_positions
+    from refdiff.tokenizer import clip_tokenizer
+
+    return word_positions(item.prompt, item.parsed.words, clip_tokenizer(), max(len(item.tokens), 2))
+
+
+def _word_at(positions: Sequence[Sequence[int]], position: int) -> int | None:
+    return next((i for i, p in enumerate(positions) if position in p), None)
+
+
+def resolve_token(item: ParsedItem, override: str = "", num_tokens: int = 77,
+                  name: str = "token_override") -> TokenChoice:
+    """The token c is read from: the parse's root (its last BPE piece) when ``override`` is empty; else the
+    first word of the text equal to it (case-insensitive; its last piece) or, for a number, that position."""
+    words = item.parsed.words
+    positions = item_word_positions(item)
+    value = str(override or "").strip()
+    if not value:
+        source = "root_word" if item.root_overridden else "parser"
+        return TokenChoice(item.root_position, item.parsed.root, source, _word_at(positions, item.root_position))
+    last = min(len(item.tokens), int(num_tokens)) - 2  # the tokens between the start and the end token
+    for i, (word, _, _) in enumerate(words):
+        if word.lower() == value.lower():
+            if not positions[i]:
+                raise InputError(f"{name}: the word {word!r} lies beyond the model's token limit; shorten the "
+                                 "text or pick an earlier word")
+            return TokenChoice(positions[i][-1], word, "token_override", i)
+    if re.fullmatch(r"#?\d+", value):
+        pos = int(value.lstrip("#"))
+        if not 1 <= pos <= last:
+            raise InputError(f"{name}: token position {pos} is outside the text's tokens 1..{last} of "
+                             f"{item.prompt!r}; give a word of the text, or leave {name} empty for the root")
+        label = item.tokens[pos].replace("</w>", "")
+        return TokenChoice(pos, label, "token_override", _word_at(positions, pos))
+    listed = ", ".join(w for w, _, _ in words)
+    raise InputError(f"{name} {value!r} is not a word of the text {item.parsed.text!r} (its words: {listed}) "
+                     f"nor a token position (1..{last}); pick one of those words, or leave {name} empty to use "
+                     f"the root word {item.parsed.root!r}")
+
+
+def thumb_size(height: int, width: int, side: int = VIEW_THUMB_SIDE) -> tuple[int, int]:
+    """(h, w) of a thumbnail of an H x W image whose longest side is ``side`` pixels."""
+    scale = float(side) / max(int(height), int(width), 1)
+    return max(1, round(int(height) * scale)), max(1, round(int(width) * scale))
+
+
+def thumb_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB frame [H, W, C] (0..1) resized (antialiased) to ``size``, as [h, w, 3]."""
+    x = image.detach().float().cpu()[..., :3].permute(2, 0, 1)[None]
+    y = F.interpolate(x, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False, antialias=True)
+    return y[0].permute(1, 2, 0).clamp(0.0, 1.0).contiguous()
+
+
+def thumb_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks [N, H, W] (bool or 0..1) resized to ``size`` by the maximum over each thumbnail pixel's footprint,
+    so that a small or thin mask stays visible; float [N, h, w] in 0..1."""
+    x = masks.detach().float().cpu()[:, None]
+    if x.shape[0] == 0:
+        return torch.zeros(0, *size)
+    return F.adaptive_max_pool2d(x, tuple(int(v) for v in size))[:, 0].clamp(0.0, 1.0)
+
+
+def token_thumb_maps(combined: torch.Tensor, positions: Sequence[int], size: tuple[int, int],
+                     mode: str = "lanczos", layer_eps: float = 1e-8, map_eps: float = 1e-8) -> torch.Tensor:
+    """Eq. 5 for each token position, at thumbnail size [N, h, w]: the steps of c (per-layer min-max, layer
+    mean, resize to the padded square, crop to the frame, min-max) with square and frame scaled to ``size``."""
+    h, w = (int(v) for v in size)
+    geometry = frame_geometry(h, w, max(h, w))
+    maps = [generative_map(token_map(combined, int(p), eps=layer_eps), geometry, mode=mode, eps=map_eps)
+            for p in positions]
+    return torch.stack(maps) if maps else torch.zeros(0, h, w)
+
+
+def heat_frames(image: torch.Tensor | None, maps: torch.Tensor) -> torch.Tensor:
+    """Heatmaps [N, h, w] blended half and half over an RGB thumbnail [h, w, 3] (alone when None)."""
+    heat = heatmap(maps)
+    if image is None:
+        return heat
+    return (0.5 * image.detach().float().cpu()[None, ..., :3] + 0.5 * heat).clamp(0.0, 1.0)
+
+
+def mask_frames(image: torch.Tensor | None, masks: torch.Tensor, color: Sequence[float] = (0.2, 0.9, 1.0),
+                alpha: float = 0.45, dim: float = 0.35) -> torch.Tensor:
+    """Thumbnail masks [N, h, w] shown on an RGB thumbnail [h, w, 3] (black when None): the image dimmed to
+    ``dim`` outside the mask, tinted with ``color`` inside, so that even a small mask stands out; [N, h, w, 3]."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, *masks.shape[1:], 3)
+    base = torch.zeros(*masks.shape[1:], 3) if image is None else image.detach().float().cpu()[..., :3]
+    frames = []
+    for m in masks:
+        m = m.detach().float().cpu()
+        frames.append(overlay(base * (dim + (1.0 - dim) * m)[..., None], m, color=color, alpha=alpha))
+    return torch.stack(frames)
+
+
+def save_thumbnails(frames: Sequence[torch.Tensor], folder: str | Path, prefix: str, subfolder: str = "",
+                    kind: str = "temp") -> list[dict[str, str]]:
+    """Write each RGB frame [h, w, 3] (0..1) as ``{prefix}_{i:05}_.png`` in ``folder/subfolder``; returns the
+    references ComfyUI's /view serves them by ({"filename", "subfolder", "type"})."""
+    from PIL import Image
+
+    target = Path(folder) / subfolder
+    target.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i, frame in enumerate(frames):
+        pixels = (frame.detach().float().cpu()[..., :3].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+        name = f"{prefix}_{i:05}_.png"
+        Image.fromarray(pixels).save(target / name, compress_level=4)
+        refs.append({"filename": name, "subfolder": subfolder, "type": kind})
+    return refs
+
+
+def strip_words(item: ParsedItem, limit: int = VIEW_MAX_WORDS) -> list[int]:
+    """Indices of the words of a parse shown in the token strip: the first ``limit`` that have tokens."""
+    return [i for i, p in enumerate(item_word_positions(item)) if p][:max(0, int(limit))]
+
+
+def _number(x: Any) -> float | None:
+    """A float for JSON, None when missing or not finite (JSON has no NaN)."""
+    if x is None:
+        return None
+    value = float(x)
+    return value if math.isfinite(value) else None
+
+
+def token_strip_view(item: ParsedItem, choice: TokenChoice, shown: Sequence[int], thumbs: Sequence[dict],
+                     image: int = 0, override: str = "") -> dict[str, Any]:
+    """The token strip of one image (JSON): per shown word its text, token positions, thumbnail, whether
+    its map is c (root) or the parse's root, and the ``token_override`` value that selects it."""
+    words = item.parsed.words
+    positions = item_word_positions(item)
+    parse_root = _word_at(positions, item.root_position)
+    tokens = []
+    for i, thumb in zip(shown, thumbs):
+        word, start, end = words[i]
+        first = next(j for j, (w, _, _) in enumerate(words) if w.lower() == word.lower())
+        tokens.append({"word": word, "start": start, "end": end, "positions": list(positions[i]),
+                       "position": positions[i][-1], "root": choice.word == i, "parse_root": parse_root == i,
+                       "override": word if first == i else str(positions[i][-1]), "thumb": dict(thumb)})
+    token = item.tokens[choice.position] if choice.position < len(item.tokens) else ""
+    return {"image": int(image), "text": item.parsed.text, "override": str(override or ""),
+            "root": {"label": choice.label, "position": choice.position, "token": token, "source": choice.source,
+                     "word": choice.word},
+            "parse_root": item.parsed.root, "tokens": tokens, "more": len(words) - len(tokens)}
+
+
+def gallery_order(fused: torch.Tensor, chosen: int = -1, limit: int = VIEW_MAX_PROPOSALS) -> list[int]:
+    """Proposals shown in the gallery, best fused score first: the ``limit`` best, the chosen one always
+    included (in last place when it ranks lower)."""
+    n = int(fused.shape[0])
+    shown = [int(j) for j in rank(fused, min(n, max(1, int(limit))))] if n else []
+    if 0 <= chosen < n and chosen not in shown:
+        shown = shown[:max(0, int(limit) - 1)] + [int(chosen)]
+    return shown
+
+
+def proposal_gallery_view(masks: torch.Tensor, fused: torch.Tensor, generative: torch.Tensor | None,
+                          discriminative: torch.Tensor | None, shown: Sequence[int], chosen: int,
+                          thumbs: Sequence[dict], image: int = 0, pin_index: int = -1,
+                          weights: tuple[float, float] = (1.0, 1.0), source: str = "") -> dict[str, Any]:
+    """The proposal gallery of one image (JSON): the shown proposals with their rank by fused score, area,
+    s_G, s_D, fused score and thumbnail; which one was chosen and whether it was pinned."""
+    n = int(masks.shape[0])
+    ranks = {int(j): r + 1 for r, j in enumerate(rank(fused, n))} if n else {}
+    areas = masks.flatten(1).sum(dim=1).tolist() if n else []
+    items = [{"index": int(j), "rank": ranks[int(j)], "area": int(areas[j]), "fused": _number(fused[j]),
+              "generative": _number(generative[j]) if generative is not None else None,
+              "discriminative": _number(discriminative[j]) if discriminative is not None else None,
+              "chosen": int(j) == int(chosen), "thumb": dict(thumb)}
+             for j, thumb in zip(shown, thumbs)]
+    return {"image": int(image), "count": n, "source": source, "chosen": int(chosen), "pin_index": int(pin_index),
+            "pinned": 0 <= int(pin_index) < n,
+            "weights": {"generative": float(weights[0]) if generative is not None else None,
+                        "discriminative": float(weights[1]) if discriminative is not None else None},
+            "items": items, "more": n - len(items)}
+
+
+__all__ = ["split_lines", "texts_for_batch", "find_word", "token_strings", "parse_item", "word_positions",
+           "parse_warnings", "parse_summary", "images_to_rgb", "prepared_squares", "frame_geometry",
+           "masks_to_output", "heatmap", "overlay", "score_table", "parse_blocks", "VIEW_THUMB_SIDE",
+           "VIEW_MAX_IMAGES", "VIEW_MAX_WORDS", "VIEW_MAX_PROPOSALS", "TokenChoice", "overrides_for_batch",
+           "item_word_positions", "resolve_token", "thumb_size", "thumb_image", "thumb_masks", "token_thumb_maps",
+           "heat_frames", "mask_frames", "save_thumbnails", "strip_words", "token_strip_view", "gallery_order",
+           "proposal_gallery_view"]

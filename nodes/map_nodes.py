@@ -1,6 +1,9 @@
 """Generative map (Eq. 5), threshold proposals (Eq. 8) and generative scores (Eq. 9) nodes."""
 from __future__ import annotations
 
+import uuid
+
+import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
@@ -26,14 +29,10 @@ def _check_prompt(captured: str | None, parsed_prompt: str, index: int) -> None:
                          f"{parsed_prompt!r}; connect the same text (or the same parse) to both nodes")
 
 
-def generative_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.Tensor, mode: str = "lanczos",
-                    layer_eps: float = 1e-8, map_eps: float = 1e-8) -> torch.Tensor:
-    """c of every image (Eq. 5) as a MASK batch [B, H, W] at the images' size, float32 in [0, 1].
-
-    Each image's map is the root token's attention (last BPE piece), per-layer min-max normalised and
-    averaged over layers and steps, resized to the padded square and cropped back to the image frame.
-    """
-    batch = int(image.shape[0])
+def token_choices(attention: AttentionBatch, parse: ParsedBatch, batch: int,
+                  token_override: str = "") -> list[helpers.TokenChoice]:
+    """The token each image's c is read from: the parse's root, or the word / position ``token_override``
+    names (one line for all images or one per image); checks the parse belongs to the captured text."""
     if len(attention) != batch:
         raise InputError(f"attention holds {len(attention)} image(s) but image holds {batch}; connect the images "
                          "the attention was captured from")
@@ -42,17 +41,62 @@ def generative_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.
         raise InputError(f"attention: the latent is {lh}x{lw}, not square; encode the output of RefDiffPrepareImage "
                          "(the padded square) with VAEEncode")
     items = parse.for_batch(batch, "parse")
+    overrides = helpers.overrides_for_batch(token_override, batch)
+    choices = []
+    for i, (maps_i, item, override) in enumerate(zip(attention.maps, items, overrides)):
+        _check_prompt(attention.prompts[i], item.prompt, i)
+        name = "token_override" if batch == 1 else f"token_override (image {i})"
+        choice = helpers.resolve_token(item, override, maps_i.num_tokens, name=name)
+        if choice.position >= maps_i.num_tokens:
+            raise InputError(f"parse: root token position {choice.position} is beyond the {maps_i.num_tokens} "
+                             "captured tokens")
+        choices.append(choice)
+    return choices
+
+
+def generative_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.Tensor, mode: str = "lanczos",
+                    layer_eps: float = 1e-8, map_eps: float = 1e-8, token_override: str = "") -> torch.Tensor:
+    """c of every image (Eq. 5) as a MASK batch [B, H, W] at the images' size, float32 in [0, 1].
+
+    Each image's map is the root token's attention (last BPE piece; or the token ``token_override`` names),
+    per-layer min-max normalised and averaged over layers and steps, resized to the padded square and
+    cropped back to the image frame.
+    """
+    batch = int(image.shape[0])
+    choices = token_choices(attention, parse, batch, token_override)
     height, width = int(image.shape[1]), int(image.shape[2])
     maps = []
-    for i, (maps_i, item) in enumerate(zip(attention.maps, items)):
-        _check_prompt(attention.prompts[i], item.prompt, i)
-        if item.root_position >= maps_i.num_tokens:
-            raise InputError(f"parse: root token position {item.root_position} is beyond the {maps_i.num_tokens} "
-                             "captured tokens")
-        small = token_map(maps_i.combined(attention.guidance_scale), item.root_position, eps=layer_eps)
+    for maps_i, choice in zip(attention.maps, choices):
+        small = token_map(maps_i.combined(attention.guidance_scale), choice.position, eps=layer_eps)
         geometry = helpers.frame_geometry(height, width, attention.image_hw[0])
         maps.append(generative_map(small, geometry, mode=mode, eps=map_eps))
     return helpers.masks_to_output(maps)
+
+
+def token_strips(attention: AttentionBatch, parse: ParsedBatch, image: torch.Tensor, token_override: str = "",
+                 mode: str = "lanczos", layer_eps: float = 1e-8, map_eps: float = 1e-8) -> list[dict]:
+    """What the web extension shows on the node: per image (at most VIEW_MAX_IMAGES) the map of every word
+    over the image as thumbnails in ComfyUI's temp folder, the root token marked (see helpers.token_strip_view)."""
+    batch = int(image.shape[0])
+    choices = token_choices(attention, parse, batch, token_override)
+    items = parse.for_batch(batch, "parse")
+    overrides = helpers.overrides_for_batch(token_override, batch)
+    size = helpers.thumb_size(int(image.shape[1]), int(image.shape[2]))
+    prefix = "refdiff_tokens_" + uuid.uuid4().hex[:10]
+    views = []
+    for i in range(min(batch, helpers.VIEW_MAX_IMAGES)):
+        item = items[i]
+        shown = helpers.strip_words(item)
+        positions = helpers.item_word_positions(item)
+        combined = attention.maps[i].combined(attention.guidance_scale)
+        maps = helpers.token_thumb_maps(combined, [positions[w][-1] for w in shown], size, mode=mode,
+                                        layer_eps=layer_eps, map_eps=map_eps)
+        frames = helpers.heat_frames(helpers.thumb_image(image[i], size), maps)
+        thumbs = helpers.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
+        view = helpers.token_strip_view(item, choices[i], shown, thumbs, image=i, override=overrides[i])
+        view["batch"] = batch
+        views.append(view)
+    return views
 
 
 def _maps_list(c: torch.Tensor, name: str = "c") -> list[torch.Tensor]:
@@ -116,6 +160,12 @@ class RefDiffGenerativeMap(io.ComfyNode):
                 common.preset_input("Preset for 'resize: preset' and the normalisation epsilons."),
                 io.Combo.Input("resize", options=["preset", *RESIZE_MODES], default="preset",
                                tooltip="Resize filter of the map: 'bilinear' (paper) or 'lanczos' (official)."),
+                io.String.Input("token_override", default="", optional=True,
+                                tooltip="Optional: read c from this word of the text (or this token position) "
+                                        "instead of the root word; empty = the parse's root. One line for all "
+                                        "images or one per image. Clicking a word in the node's token strip "
+                                        "sets it. Changes c and s_G only (the root word of the CLIP score "
+                                        "comes from RefDiffParseText)."),
             ],
             outputs=[
                 io.Mask.Output(display_name="c", tooltip="Generative map per image, MASK [B, H, W] in [0, 1]."),
@@ -124,12 +174,17 @@ class RefDiffGenerativeMap(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, attention, parse, image, preset, resize) -> io.NodeOutput:
+    def execute(cls, attention, parse, image, preset, resize, token_override="") -> io.NodeOutput:
         p = common.preset(preset)
-        c = generative_maps(attention, parse, image, mode=p.map_resize if resize == "preset" else resize,
-                            layer_eps=p.layer_norm_eps, map_eps=p.map_eps)
+        mode = p.map_resize if resize == "preset" else resize
+        c = generative_maps(attention, parse, image, mode=mode, layer_eps=p.layer_norm_eps, map_eps=p.map_eps,
+                            token_override=token_override or "")
         preview = preview_maps(image, c)
-        return io.NodeOutput(c, preview, ui=ui.PreviewImage(preview, cls=cls))
+        strips = token_strips(attention, parse, image, token_override or "", mode=mode, layer_eps=p.layer_norm_eps,
+                              map_eps=p.map_eps)
+        # the preview image, and what web/js/refdiff.js shows on the node
+        ui_output = {**ui.PreviewImage(preview, cls=cls).as_dict(), "refdiff_tokens": strips}
+        return io.NodeOutput(c, preview, ui=ui_output)
 
 
 class RefDiffThresholdProposals(io.ComfyNode):
@@ -187,5 +242,6 @@ class RefDiffGenerativeScore(io.ComfyNode):
 
 
 NODES = [RefDiffGenerativeMap, RefDiffThresholdProposals, RefDiffGenerativeScore]
-__all__ = ["generative_maps", "threshold_batch", "generative_score_batch", "parse_thresholds", "preview_maps",
+__all__ = ["token_choices", "generative_maps", "token_strips", "threshold_batch", "generative_score_batch",
+           "parse_thresholds", "preview_maps",
            "NODES", *[n.__name__ for n in NODES]]

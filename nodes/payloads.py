@@ -88,6 +88,8 @@ class ParsedItem:
     tokens: list[str]  # token strings by position (0 = start token), for summaries
     root_rule: str
     root_overridden: bool = False
+    # BPE positions of each word of parsed.words (same order; empty for a word cut off by the token limit)
+    word_positions: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Fusion and selection node (Eq. 1, 2): the best proposal per image, the top-k, and the scores."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
+import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
@@ -86,6 +88,34 @@ def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.T
     return common.intermediate(torch.stack(frames))
 
 
+def proposal_galleries(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
+                       selection: Selection, image: torch.Tensor | None, pin_index: int = -1,
+                       weights: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
+    """What the web extension shows on the node: per image (at most VIEW_MAX_IMAGES) the proposals ranked by
+    fused score with their scores and thumbnails in ComfyUI's temp folder (see helpers.proposal_gallery_view)."""
+    prefix = "refdiff_proposals_" + uuid.uuid4().hex[:10]
+    views = []
+    for i, masks in enumerate(proposals.masks[:helpers.VIEW_MAX_IMAGES]):
+        n, h, w = masks.shape
+        size = helpers.thumb_size(h, w)
+        frame = None
+        if image is not None:
+            candidate = image[i if image.shape[0] > 1 else 0]
+            if tuple(candidate.shape[:2]) == (h, w):
+                frame = helpers.thumb_image(candidate, size)
+        fused = selection.fused[i]
+        shown = helpers.gallery_order(fused, selection.indices[i])
+        frames = helpers.mask_frames(frame, helpers.thumb_masks(masks[shown] if shown else masks[:0], size))
+        thumbs = helpers.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
+        view = helpers.proposal_gallery_view(
+            masks, fused, generative.scores[i] if generative is not None else None,
+            discriminative.scores[i] if discriminative is not None else None, shown, selection.indices[i], thumbs,
+            image=i, pin_index=pin_index, weights=weights, source=proposals.source)
+        view["batch"] = len(proposals)
+        views.append(view)
+    return views
+
+
 # ------------------------------------------------------------------------------------------ node
 class RefDiffFuseSelect(io.ComfyNode):
     @classmethod
@@ -129,8 +159,12 @@ class RefDiffFuseSelect(io.ComfyNode):
                                 None if gen_weight < 0 else gen_weight, None if disc_weight < 0 else disc_weight)
         sel = fuse_select(proposals, generative, discriminative, gw, dw, top_k, pin_index)
         preview = preview_selection(image, sel.best)
-        return io.NodeOutput(sel.best, sel.top_k, sel.table, preview, ui=ui.PreviewImage(preview, cls=cls))
+        galleries = proposal_galleries(proposals, generative, discriminative, sel, image, pin_index, (gw, dw))
+        # the preview image, and what web/js/refdiff.js shows on the node
+        ui_output = {**ui.PreviewImage(preview, cls=cls).as_dict(), "refdiff_proposals": galleries}
+        return io.NodeOutput(sel.best, sel.top_k, sel.table, preview, ui=ui_output)
 
 
 NODES = [RefDiffFuseSelect]
-__all__ = ["Selection", "fusion_weights", "fuse_select", "preview_selection", "NODES", "RefDiffFuseSelect"]
+__all__ = ["Selection", "fusion_weights", "fuse_select", "preview_selection", "proposal_galleries", "NODES",
+           "RefDiffFuseSelect"]

@@ -19,7 +19,8 @@ OBJECT_INFO = json.loads((REPO / "tests" / "comfyui" / "object_info.json").read_
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
                ("RefDiffCLIPLoader", "clip_name")}
-EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting"}
+EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
+            "ref-diff-G-refine", "ref-diff-clusters"}
 
 
 def _builder():
@@ -157,6 +158,29 @@ def test_ablations_differ_only_where_docs_say():
     sam_clip = load(WORKFLOWS / "api" / "sam-clip.json")
     scorer = next(n for n in sam_clip.values() if n["class_type"] == "RefDiffCLIPScore")
     assert scorer["inputs"]["mode"] == "sam-clip"
+
+
+def test_sibling_workflows_swap_only_their_stage():
+    """G-refine is G with the refined map (capture at every level, with self-attention); clusters is the full
+    graph with feature-cluster proposals in place of SAM's, feeding s_G, s_D and the fusion."""
+    kinds = {name: sorted(n["class_type"] for n in load(WORKFLOWS / "api" / f"{name}.json").values())
+             for name in EXPECTED}
+    refine = load(WORKFLOWS / "api" / "ref-diff-G-refine.json")
+    assert "RefDiffSelfAttentionRefine" in kinds["ref-diff-G-refine"]
+    assert not {"RefDiffGenerativeMap", "RefDiffCLIPScore"} & set(kinds["ref-diff-G-refine"])
+    capture = next(n for n in refine.values() if n["class_type"] == "RefDiffCaptureAttention")
+    assert capture["inputs"]["factor"] == 0 and capture["inputs"]["self_attention"] is True
+    refined = next(k for k, n in refine.items() if n["class_type"] == "RefDiffSelfAttentionRefine")
+    for consumer in ("RefDiffThresholdProposals", "RefDiffGenerativeScore"):
+        node = next(n for n in refine.values() if n["class_type"] == consumer)
+        assert node["inputs"]["c"] == [refined, 0], consumer
+    clusters = load(WORKFLOWS / "api" / "ref-diff-clusters.json")
+    assert "RefDiffSAMProposals" not in kinds["ref-diff-clusters"]
+    assert set(kinds["ref-diff-clusters"]) - {"RefDiffFeatureClusterProposals"} < set(kinds["ref-diff"])
+    source = next(k for k, n in clusters.items() if n["class_type"] == "RefDiffFeatureClusterProposals")
+    for consumer in ("RefDiffGenerativeScore", "RefDiffCLIPScore", "RefDiffFuseSelect"):
+        node = next(n for n in clusters.values() if n["class_type"] == consumer)
+        assert node["inputs"]["proposals"] == [source, 0], consumer
 
 
 def test_node_reference_documents_every_node_and_input():

@@ -65,9 +65,10 @@ def generative_chain(g: Graph, ckpt: str, image: str, parse: str) -> str:
                    schedule="preset", preset="official", strength=0.1, ddim_steps=20)
     capture = g.add("RefDiffCaptureAttention", "Capture cross-attention (Eq. 4)", model=g.out(ckpt, 0),
                     latent=g.out(noised), preset="official", kind="preset", guidance=9.0, use_cfg=True, factor=4,
-                    blocks="down,mid,up", steps=0, text="", clip=g.out(ckpt, 1), parse=g.out(parse))
+                    blocks="down,mid,up", steps=0, text="", clip=g.out(ckpt, 1), parse=g.out(parse),
+                    self_attention=False, self_max_tokens=4096)
     return g.add("RefDiffGenerativeMap", "Generative map c (Eq. 5)", attention=g.out(capture), parse=g.out(parse),
-                 image=g.out(image), preset="official", resize="preset")
+                 image=g.out(image), preset="official", resize="preset", token_override="")
 
 
 def sam_chain(g: Graph, image: str) -> str:
@@ -186,8 +187,55 @@ def inpainting() -> Graph:
     return g
 
 
+def refine_chain(g: Graph, ckpt: str, image: str, parse: str) -> str:
+    """Prepare -> VAEEncode -> noise injection -> capture (every level, with self-attention) -> DiffSegmenter's
+    refined map; returns the refine node."""
+    square = g.add("RefDiffPrepareImage", "Pad to a square", image=g.out(image), size=1024, resize_filter="lanczos")
+    latent = g.add("VAEEncode", pixels=g.out(square), vae=g.out(ckpt, 2))
+    noised = g.add("RefDiffNoiseInjection", "Noise injection (Eq. 3)", latent=g.out(latent), seed=0,
+                   schedule="preset", preset="official", strength=0.1, ddim_steps=20)
+    capture = g.add("RefDiffCaptureAttention", "Capture cross- and self-attention, every level", model=g.out(ckpt, 0),
+                    latent=g.out(noised), preset="official", kind="preset", guidance=9.0, use_cfg=True, factor=0,
+                    blocks="down,mid,up", steps=0, text="", clip=g.out(ckpt, 1), parse=g.out(parse),
+                    self_attention=True, self_max_tokens=4096)
+    return g.add("RefDiffSelfAttentionRefine", "Refined map c (DiffSegmenter)", attention=g.out(capture),
+                 parse=g.out(parse), image=g.out(image), preset="official", iterations=1,
+                 factor_weights="8:0.3,4:0.5,2:0.1,1:0.1", eps=1e-8, self_factor=0, resize="preset")
+
+
+def ref_diff_g_refine() -> Graph:
+    g = Graph()
+    ckpt, image = sd_front(g)
+    parse = parse_node(g, g.out(ckpt, 1))
+    c = refine_chain(g, ckpt, image, parse)
+    proposals = g.add("RefDiffThresholdProposals", "Threshold proposals (Eq. 8)", c=g.out(c), thresholds="preset",
+                      preset="official")
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    outputs(g, select_node(g, proposals, image, s_g, None), "ref-diff-G-refine")
+    return g
+
+
+def ref_diff_clusters() -> Graph:
+    g = Graph()
+    ckpt, image = sd_front(g)
+    parse = parse_node(g, g.out(ckpt, 1))
+    c = generative_chain(g, ckpt, image, parse)
+    latent = next(k for k, v in g.nodes.items() if v["class_type"] == "VAEEncode")
+    proposals = g.add("RefDiffFeatureClusterProposals", "Feature-cluster proposals (FreeSeg-Diff)",
+                      model=g.out(ckpt, 0), latent=g.out(latent), image=g.out(image), clusters=4, features="queries",
+                      feature_factor=4, cluster_factor=2, timestep=0, normalize=True, split_components=True,
+                      min_area=0, seed=0, clip=g.out(ckpt, 1))
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-clusters")
+    return g
+
+
 WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS": ref_diff_gs,
-                  "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting}
+                  "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
+                  "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion

@@ -4,12 +4,19 @@ Usage: python inprocess_checks.py MODELS_DIR REPO_DIR CHECK   -> prints one JSON
 
 Checks:
 - ``no_leak``: the MODEL given to the capture has the same model_options and gives the same UNet output
-  before and after the capture ran (the patches live on a clone only).
+  before and after the capture ran (the patches live on a clone only), with self-attention captured too and
+  after a feature-cluster pass.
 - ``transparent``: a clone with capture patches on EVERY cross-attention computes the same UNet output as
   the unpatched model (capturing changes nothing).
 - ``same_as_library`` / ``same_as_library_v``: the maps of the ComfyUI backend equal
   refdiff.diffusion.run_capture's on the same weights (the small SD 1.5 UNet converted to diffusers, the same
   text encoder), latent and seed; ``_v`` treats the UNet as a v-prediction model on both sides.
+- ``transparent_internals``: a clone recording self-attention on every attn1, query features on every attn2
+  and the outputs of every recordable block computes the unpatched model's output bit for bit.
+- ``internals_same_as_library``: on the same weights (converted to diffusers as above), ComfyUI's
+  self-attention, feature and block captures equal refdiff.internals', the refined DiffSegmenter map equals
+  refdiff.refine.diffsegmenter_map's and the feature-cluster proposals equal
+  refdiff.clusters.feature_cluster_proposals'.
 - ``sd2``: an SD 2.x UNet (linear projections, context 1024) is detected and captured from.
 - ``families``: other model families are refused with a message naming them.
 """
@@ -80,12 +87,17 @@ def check_no_leak() -> dict:
     before = unet_x0(model, x, sigma, cond, dict(model.model_options.get("transformer_options", {})))
     latent = dn.inject_noise(latent_batch(vae), 0, 0.1, 20)
     parse, _ = tn.parse_texts("the dog on the left", clip)
-    attention, _ = dn.capture_attention(model, latent, clip=clip, parse=parse, factor=None)
+    attention, _ = dn.capture_attention(model, latent, clip=clip, parse=parse, factor=None, self_attention=True)
+    sn = import_module(nodes.__name__ + ".sibling_nodes")
+    proposals, _ = sn.cluster_proposal_batch(model, latent, torch.zeros(1, 53, 77, 3), clip=clip)
     after = unet_x0(model, x, sigma, cond, dict(model.model_options.get("transformer_options", {})))
     return {"options_equal": repr(model.model_options) == options_before,
             "patches_before": repr(patches_before),
             "patches_after": repr(model.model_options.get("transformer_options", {}).get("patches_replace")),
-            "max_diff": float((before - after).abs().max()), "captured_layers": len(attention.layers)}
+            "other_patches_after": repr(model.model_options.get("transformer_options", {}).get("patches")),
+            "max_diff": float((before - after).abs().max()), "captured_layers": len(attention.layers),
+            "self_levels": [[a.factor, list(a.grid), len(a.layers)] for a in attention.self_attention[0]],
+            "cluster_proposals": list(proposals.masks[0].shape)}
 
 
 def check_transparent() -> dict:
@@ -185,6 +197,104 @@ def check_same_as_library(prediction: str = "epsilon") -> dict:
             "lib_layers": [n.split("/")[1] for n in lib_maps.layers]}
 
 
+def check_transparent_internals() -> dict:
+    nodes = load_pack()
+    from importlib import import_module
+
+    from refdiff.internals import FeatureStore, SelfAttentionStore
+
+    cs = import_module(nodes.__name__ + ".comfy_sd")
+    model, _, _ = load_sd15()
+    dm = model.model.diffusion_model
+    self_store, features = SelfAttentionStore(per_layer=True), FeatureStore()
+    clone = cs.add_self_attention_patches(model.clone(), cs.attn1_layers(dm), self_store, keep=(0, 1), chunk=5)
+    for layer in cs.attn2_layers(dm):
+        clone.set_model_attn2_replace(cs.make_query_feature_patch(layer, features, (0, 1)), layer.block, layer.number,
+                                      layer.transformer_index)
+    cs.add_block_feature_patches(clone, cs.block_feature_names(dm), features, (0, 1))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.5, 0.5])
+    cond = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(2))
+    plain = unet_x0(model, x, sigma, cond)
+    opts = dict(clone.model_options["transformer_options"])
+    opts["cond_or_uncond"] = [1, 0]
+    patched = unet_x0(clone, x, sigma, cond, opts)
+    probs = [a.affinity for a in self_store.affinities(0)] + [a.affinity for a in self_store.affinities(1)]
+    return {"max_diff": float((plain - patched).abs().max()), "self_layers": list(self_store.names),
+            "row_sums": [float(p.sum(-1).sub(1).abs().max()) for p in probs],
+            "features": {f.name: list(f.features.shape) for f in features.features(0)},
+            "feature_uncond": len(features.features(1))}
+
+
+def check_internals_same_as_library() -> dict:
+    nodes = load_pack()
+    from importlib import import_module
+
+    from refdiff.capture import COND
+    from refdiff.clusters import feature_cluster_proposals, query_feature_modules
+    from refdiff.diffusion import SDComponents, encode_prompts, noise_latent, run_capture, scaled_linear_alphas_cumprod
+    from refdiff.internals import capture_block_features, capture_self_attention
+    from refdiff.refine import diffsegmenter_map
+    from refdiff.tokenizer import clip_tokenizer
+
+    dn = import_module(nodes.__name__ + ".diffusion_nodes")
+    tn = import_module(nodes.__name__ + ".text_nodes")
+    sn = import_module(nodes.__name__ + ".sibling_nodes")
+    sh = import_module(nodes.__name__ + ".sibling_helpers")
+    hp = import_module(nodes.__name__ + ".helpers")
+    cs = import_module(nodes.__name__ + ".comfy_sd")
+    model, clip, vae = load_sd15()
+    latent = latent_batch(vae)
+    parse, _ = tn.parse_texts("the black horse on the left", clip)
+    item = parse.items[0]
+    attention, _ = dn.capture_attention(model, dn.inject_noise(latent, 7, 0.1, 20), clip=clip, parse=parse,
+                                        kind="logits", guidance_scale=9.0, factor=0, self_attention=True)
+    weights = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
+    comfy_refined = sh.refined_token_map(attention, 0, item.root_position, weights, iterations=1)
+
+    unet, _, _ = _diffusers_unet_from(model)
+    text, _, _ = _text_encoder_from(clip)
+    sd = SDComponents(unet=unet, vae=None, text_encoder=text, tokenizer=clip_tokenizer(),
+                      alphas_cumprod=scaled_linear_alphas_cumprod(), scaling_factor=0.18215, prediction_type="epsilon")
+    scaled = latent["samples"] * 0.18215
+    with capture_self_attention(unet, cond_or_uncond=[1, 0], keep=(COND,), per_layer=False) as store:
+        run_capture(sd, scaled, item.prompt, seed=7, capture_kind="logits", guidance_scale=9.0, capture_factor=None)
+    lib_self = store.affinities(COND)
+    lib_refined = diffsegmenter_map(sd, scaled, item.prompt, item.root_position, seed=7, capture_kind="logits",
+                                    guidance_scale=9.0, factor_weights=weights, self_factor=4)
+    comfy_self = attention.self_attention[0]
+    self_scale = float(lib_self[0].affinity.abs().max())
+
+    # features of one pass at t = 0 on the empty prompt: queries at factor 4 and three block outputs
+    noise = torch.randn(scaled.shape, generator=torch.Generator().manual_seed(0))
+    x = noise_latent(scaled, float(sd.alphas_cumprod[0]), noise)
+    names = {"output_blocks.1": "up_blocks.0", "input_blocks.2": "down_blocks.0", "middle_block": "mid_block"}
+    queries = query_feature_modules(unet, 4)
+    with torch.no_grad(), capture_block_features(unet, [*queries, *names.values()]) as lib_store:
+        unet(x, torch.zeros(1, dtype=torch.long), encoder_hidden_states=encode_prompts(sd, "", use_cfg=False))
+    lib_features = {f.name: f.features for f in lib_store.features(COND)}
+    layers = [la for la in cs.attn2_layers(model.model.diffusion_model) if la.factor == 4]
+    comfy_store = cs.run_features(model, latent["samples"], noise, 0, cs.encode_text(clip, ""), layers,
+                                  list(names), seed=0)
+    comfy_features = {f.name: f.features for f in comfy_store.features(COND)}
+    pairs = [(cs.query_feature_name(la), q) for la, q in zip(layers, queries)] + list(names.items())
+    feature_diffs = {c: float((comfy_features[c] - lib_features[d]).abs().max() / lib_features[d].abs().max())
+                     for c, d in pairs}
+
+    prep = hp.frame_geometry(53, 77, 128)
+    lib_masks = feature_cluster_proposals(sd, scaled, "", prep, seed=0)
+    comfy_masks = sn.cluster_proposal_batch(model, latent, torch.zeros(1, 53, 77, 3), clip=clip, seed=0)[0].masks[0]
+    same_masks = lib_masks.shape == comfy_masks.shape and bool((lib_masks == comfy_masks).all())
+    return {"comfy_levels": [[a.factor, list(a.grid), len(a.layers)] for a in comfy_self],
+            "lib_levels": [[a.factor, list(a.grid), len(a.layers)] for a in lib_self],
+            "self_diff": float((comfy_self[0].affinity - lib_self[0].affinity).abs().max()) / self_scale,
+            "refined_shape": list(comfy_refined.shape), "lib_refined_shape": list(lib_refined.shape),
+            "refined_diff": float((comfy_refined - lib_refined).abs().max()),
+            "refined_range": [float(comfy_refined.min()), float(comfy_refined.max())],
+            "feature_diffs": feature_diffs, "feature_pairs": len(pairs),
+            "cluster_shapes": [list(comfy_masks.shape), list(lib_masks.shape)], "same_masks": same_masks}
+
+
 def check_sd2() -> dict:
     nodes = load_pack()
     from importlib import import_module
@@ -225,5 +335,6 @@ def check_families() -> dict:
 if __name__ == "__main__":
     result = {"no_leak": check_no_leak, "transparent": check_transparent, "same_as_library": check_same_as_library,
               "same_as_library_v": lambda: check_same_as_library("v_prediction"),
-              "sd2": check_sd2, "families": check_families}[CHECK]()
+              "sd2": check_sd2, "families": check_families, "transparent_internals": check_transparent_internals,
+              "internals_same_as_library": check_internals_same_as_library}[CHECK]()
     print(json.dumps(result))

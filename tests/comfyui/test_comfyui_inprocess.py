@@ -20,9 +20,12 @@ def run_check(comfy_env, name: str) -> dict:
 
 
 def test_capture_leaves_the_model_untouched(comfy_env):
+    """Cross- and self-attention capture, then a feature-cluster pass, on the same MODEL: nothing sticks to it."""
     r = run_check(comfy_env, "no_leak")
     assert r["captured_layers"] == 4
-    assert r["options_equal"] and r["patches_before"] == r["patches_after"] == "None"
+    assert r["self_levels"] == [[4, [4, 4], 4]]  # the 4x4 level: 4 attn1 layers averaged
+    assert r["cluster_proposals"][1:] == [53, 77] and r["cluster_proposals"][0] >= 1
+    assert r["options_equal"] and r["patches_before"] == r["patches_after"] == r["other_patches_after"] == "None"
     assert r["max_diff"] == 0.0
 
 
@@ -31,6 +34,31 @@ def test_capture_patches_do_not_change_the_unet_output(comfy_env):
     assert r["factors"] == [4, 4, 4, 4]  # the small test UNet: attention only at the deepest level
     assert r["maps_shape"] == r["uncond_shape"] == [4, 4, 4, 77]
     assert r["max_diff"] <= 1e-5 * r["scale"]
+
+
+def test_internals_patches_do_not_change_the_unet_output(comfy_env):
+    """Self-attention, query-feature and block patches on every layer: the clone's output is the model's, bit for
+    bit (the patched layers call ComfyUI's own attention)."""
+    r = run_check(comfy_env, "transparent_internals")
+    assert r["max_diff"] == 0.0
+    assert len(r["self_layers"]) == 4 and all(name.endswith(".attn1") for name in r["self_layers"])
+    assert max(r["row_sums"]) < 1e-5  # softmax rows, both CFG branches kept here
+    assert r["features"]["output_blocks.1"] == [320, 8, 8]  # after its Upsample
+    assert r["features"]["input_blocks.5.transformer_blocks.0.attn2.to_q"] == [320, 4, 4]
+    assert len(r["features"]) == r["feature_uncond"] == 16  # 12 blocks + 4 query projections
+
+
+@pytest.mark.slow
+def test_comfyui_internals_equal_the_library(comfy_env):
+    """Same weights, latent, prompt and seed: ComfyUI's self-attention and feature captures equal
+    refdiff.internals', and the refined map and the cluster proposals equal the library's."""
+    r = run_check(comfy_env, "internals_same_as_library")
+    assert r["comfy_levels"] == r["lib_levels"] == [[4, [4, 4], 4]]
+    assert r["self_diff"] < 1e-5, r
+    assert r["refined_shape"] == r["lib_refined_shape"] == [4, 4]
+    assert r["refined_diff"] < 1e-4 and r["refined_range"][0] == 0.0 and r["refined_range"][1] > 0.99, r
+    assert r["feature_pairs"] == 7 and max(r["feature_diffs"].values()) < 1e-4, r
+    assert r["same_masks"] and r["cluster_shapes"][0] == r["cluster_shapes"][1], r
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ SNAPSHOT_FILE = HERE / "object_info.json"
 EXPECTED_NODES = {"RefDiffPrepareImage", "RefDiffNoiseInjection", "RefDiffCaptureAttention", "RefDiffParseText",
                   "RefDiffGenerativeMap", "RefDiffThresholdProposals", "RefDiffGenerativeScore", "RefDiffSAMLoader",
                   "RefDiffSAMProposals", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
-                  "RefDiffSegment"}
+                  "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals"}
 
 
 @pytest.fixture(scope="module")

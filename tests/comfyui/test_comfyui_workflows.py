@@ -169,3 +169,21 @@ def test_model_is_not_changed_by_the_capture(run_graph, comfy_env):
     b = load_file(str(second.files["8"][0]))["latent_tensor"]
     assert a.shape == b.shape == (1, 4, 16, 16)
     assert (a - b).abs().max().item() == 0.0
+
+
+def test_refine_without_self_attention_is_named(run_graph):
+    graph = for_tests(load_api("ref-diff-G-refine"), TEST_IMAGE)
+    graph[find(graph, "RefDiffCaptureAttention")]["inputs"]["self_attention"] = False
+    out = run_graph(graph)
+    assert not out.ok
+    assert "captured without self-attention; turn on self_attention" in out.error(), out.error()
+
+
+def test_malformed_factor_weights_are_refused_before_the_run(comfy):
+    graph = for_tests(load_api("ref-diff-G-refine"), TEST_IMAGE)
+    graph[find(graph, "RefDiffSelfAttentionRefine")]["inputs"]["factor_weights"] = "4:0.5,3:0.2"
+    code, answer = comfy.queue(graph)
+    assert code == 400, answer
+    errors = [e for node in answer.get("node_errors", {}).values() for e in node["errors"]]
+    text = " ".join(f"{e.get('message')} {e.get('details')}" for e in errors)
+    assert "factor_weights" in text and "must be a power of two" in text, text
