@@ -28,6 +28,15 @@ from .payloads import ParsedItem, match_batch
 
 
 # ------------------------------------------------------------------------------------------------ text
+def check_prompt(captured: str | None, parsed_prompt: str, index: int) -> None:
+    """InputError when the attention was captured for another text than the one parsed."""
+    if captured is None:
+        return
+    if strip_prompt_weights(captured).lower() != strip_prompt_weights(parsed_prompt).lower():
+        raise InputError(f"parse: image {index}'s attention was captured for {captured!r} but the parse is of "
+                         f"{parsed_prompt!r}; connect the same text (or the same parse) to both nodes")
+
+
 def split_lines(text: str, name: str = "text") -> list[str]:
     """The non-empty lines of a multi-line text input; InputError naming the input when there are none."""
     if not isinstance(text, str):
@@ -423,7 +432,7 @@ def proposal_gallery_view(masks: torch.Tensor, fused: torch.Tensor, generative: 
             "items": items, "more": n - len(items)}
 
 
-__all__ = ["split_lines", "texts_for_batch", "find_word", "token_strings", "parse_item", "word_positions",
+__all__ = ["check_prompt", "split_lines", "texts_for_batch", "find_word", "token_strings", "parse_item", "word_positions",
            "parse_warnings", "parse_summary", "images_to_rgb", "prepared_squares", "frame_geometry",
            "masks_to_output", "heatmap", "overlay", "score_table", "parse_blocks", "VIEW_THUMB_SIDE",
            "VIEW_MAX_IMAGES", "VIEW_MAX_WORDS", "VIEW_MAX_PROPOSALS", "TokenChoice", "overrides_for_batch",

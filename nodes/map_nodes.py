@@ -13,22 +13,12 @@ from refdiff.errors import InputError
 from refdiff.maps import RESIZE_MODES, generative_map
 from refdiff.proposals import threshold_proposals
 from refdiff.scoring import generative_scores
-from refdiff.text import strip_prompt_weights
 
 from . import common, helpers
 from .payloads import AttentionBatch, ParsedBatch, ProposalBatch, ScoreBatch
 
 
 # ------------------------------------------------------------------------------------------ stage functions
-def _check_prompt(captured: str | None, parsed_prompt: str, index: int) -> None:
-    """InputError when the attention was captured for another text than the one parsed."""
-    if captured is None:
-        return
-    if strip_prompt_weights(captured).lower() != strip_prompt_weights(parsed_prompt).lower():
-        raise InputError(f"parse: image {index}'s attention was captured for {captured!r} but the parse is of "
-                         f"{parsed_prompt!r}; connect the same text (or the same parse) to both nodes")
-
-
 def token_choices(attention: AttentionBatch, parse: ParsedBatch, batch: int,
                   token_override: str = "") -> list[helpers.TokenChoice]:
     """The token each image's c is read from: the parse's root, or the word / position ``token_override``
@@ -44,7 +34,7 @@ def token_choices(attention: AttentionBatch, parse: ParsedBatch, batch: int,
     overrides = helpers.overrides_for_batch(token_override, batch)
     choices = []
     for i, (maps_i, item, override) in enumerate(zip(attention.maps, items, overrides)):
-        _check_prompt(attention.prompts[i], item.prompt, i)
+        helpers.check_prompt(attention.prompts[i], item.prompt, i)
         name = "token_override" if batch == 1 else f"token_override (image {i})"
         choice = helpers.resolve_token(item, override, maps_i.num_tokens, name=name)
         if choice.position >= maps_i.num_tokens:

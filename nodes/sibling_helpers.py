@@ -17,7 +17,6 @@ from refdiff.errors import InputError
 from refdiff.internals import CapturedAffinity
 from refdiff.maps import generative_map
 from refdiff.refine import fuse_cross_attention, fuse_self_attention, factor_token_maps, refine_with_self_attention
-from refdiff.text import strip_prompt_weights
 
 from . import helpers
 from .payloads import AttentionBatch, ParsedBatch, ProposalBatch
@@ -91,15 +90,6 @@ def format_factor_weights(weights: Mapping[int, float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ refinement
-def check_prompt(captured: str | None, parsed_prompt: str, index: int) -> None:
-    """InputError when the attention was captured for another text than the one parsed."""
-    if captured is None:
-        return
-    if strip_prompt_weights(captured).lower() != strip_prompt_weights(parsed_prompt).lower():
-        raise InputError(f"parse: image {index}'s attention was captured for {captured!r} but the parse is of "
-                         f"{parsed_prompt!r}; connect the same text (or the same parse) to both nodes")
-
-
 def check_refinable(attention: AttentionBatch, weights: Mapping[int, float]) -> InternalsAttentionBatch:
     """The attention as InternalsAttentionBatch when it holds self-attention and cross-attention at every factor
     the weights need; otherwise InputError saying which capture setting fixes it."""
@@ -170,7 +160,7 @@ def refined_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.Ten
     height, width = int(image.shape[1]), int(image.shape[2])
     out = []
     for i, item in enumerate(items):
-        check_prompt(attention.prompts[i], item.prompt, i)
+        helpers.check_prompt(attention.prompts[i], item.prompt, i)
         small = refined_token_map(captured, i, item.root_position, weights, iterations, eps, self_factor)
         out.append(generative_map(small, helpers.frame_geometry(height, width, attention.image_hw[0]), mode=mode,
                                   eps=map_eps))
@@ -203,5 +193,5 @@ def cluster_batch(features: Sequence[Sequence[torch.Tensor]], latent_hw: tuple[i
 
 
 __all__ = ["FACTOR_WEIGHTS_EXAMPLE", "InternalsAttentionBatch", "parse_factor_weights", "format_factor_weights",
-           "check_prompt", "check_refinable", "choose_affinity", "refined_token_map", "refined_maps",
+           "check_refinable", "choose_affinity", "refined_token_map", "refined_maps",
            "cluster_image", "cluster_batch"]

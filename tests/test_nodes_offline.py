@@ -2,31 +2,12 @@
 word's token positions through the SD 1.x tokenizer, image/mask conversions, previews and tables."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from refdiff.errors import InputError
-
-NODES_DIR = Path(__file__).resolve().parents[1] / "nodes"
-
-
-def _load(name: str):
-    """Import nodes/<name>.py as part of a package of its own (the pack's folder is not on sys.path)."""
-    package = "refdiff_pack_nodes"
-    if package not in sys.modules:
-        spec = importlib.util.spec_from_file_location(package, NODES_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(NODES_DIR)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
-
+from pack_nodes import load_node_module as _load
 
 helpers = _load("helpers")
 payloads = _load("payloads")

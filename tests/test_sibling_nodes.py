@@ -3,11 +3,6 @@ DiffSegmenter refinement of a captured payload (planted maps and affinities, han
 error messages, and the feature-cluster proposals of planted features."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,21 +11,7 @@ from refdiff.capture import CrossAttentionMaps
 from refdiff.errors import InputError
 from refdiff.internals import CapturedAffinity
 from refdiff.text import ParsedText
-
-NODES_DIR = Path(__file__).resolve().parents[1] / "nodes"
-
-
-def _load(name: str):
-    """Import nodes/<name>.py as part of a package of its own (the pack's folder is not on sys.path)."""
-    package = "refdiff_pack_nodes"
-    if package not in sys.modules:
-        spec = importlib.util.spec_from_file_location(package, NODES_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(NODES_DIR)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
-
+from pack_nodes import load_node_module as _load
 
 sh = _load("sibling_helpers")
 payloads = _load("payloads")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_nodes_offline import _load
+from pack_nodes import load_node_module as _load
 
 from refdiff.capture import token_map
 from refdiff.errors import InputError
