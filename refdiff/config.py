@@ -32,7 +32,8 @@ class Preset:
     ddim_steps: int = 20  # uniform DDIM schedule over the training steps
     num_train_timesteps: int = 1000
     strength: float = 0.1  # t_enc = int(strength * ddim_steps)
-    use_cfg: bool = True  # classifier-free guidance batch (uncond "" + cond)
+    use_cfg: bool = True  # classifier-free guidance batch (uncond "" + cond); False is a speed option
+    max_steps: int | None = None  # run at most this many of the DDIM steps (speed option: 1); None = all
     guidance_scale: float = 9.0
     prompt_suffix: str = ", "
     # 3. cross-attention capture

@@ -243,7 +243,7 @@ class RefDiff:
         latent = self._latent(prep, key, seed, timings)
         schedule = dict(strength=p.strength, ddim_steps=p.ddim_steps, num_train_timesteps=p.num_train_timesteps,
                         use_cfg=p.use_cfg, guidance_scale=p.guidance_scale, capture_kind=p.capture_kind,
-                        capture_blocks=p.capture_blocks, seed=seed)
+                        capture_blocks=p.capture_blocks, seed=seed, max_steps=p.max_steps)
         base_key = (key, p.image_size, p.resize_filter, p.latent_from, prompt, *sorted(schedule.items()))
         if refine:
             from .refine import diffsegmenter_map

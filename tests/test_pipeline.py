@@ -76,10 +76,16 @@ def test_all_variants_run_with_masks_of_the_image_size(models, image, preset):
 
 def test_seeded_runs_repeat_and_cache_is_reused(models, image):
     model = make(models)
-    a = model(image, "the blue box", variant="G", seed=3)
-    b = model(image, "the blue box", variant="G", seed=3)
+    calls = []
+    hook = models[0].unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        a = model(image, "the blue box", variant="G", seed=3)
+        first = len(calls)
+        b = model(image, "the blue box", variant="G", seed=3)
+    finally:
+        hook.remove()
     np.testing.assert_array_equal(a.attention, b.attention)
-    assert b.timings["unet"] < a.timings["unet"]  # second call: the captured attention came from the cache
+    assert first == 2 and len(calls) == first  # second call: the captured attention came from the cache
     fresh = make(models)(image, "the blue box", variant="G", seed=3)
     np.testing.assert_array_equal(a.attention, fresh.attention)
     other = make(models)(image, "the blue box", variant="G", seed=4)
@@ -131,3 +137,18 @@ def test_refined_map_and_cluster_variants(models, image):
     # the cluster variant scores with the plain map, like full
     np.testing.assert_array_equal(cluster.attention, plain.attention)
     assert model(image, "the red box on the left", variant="diffsegmenter", seed=1).variant == "G-refine"
+
+
+def test_single_conditional_step_speed_option_changes_the_map(models, image):
+    """use_cfg=False, max_steps=1: one UNet call on the conditional prompt only; a different (cheaper) map."""
+    batches = []
+    hook = models[0].unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        full = make(models)(image, "the blue box", variant="G")
+        n_full = list(batches)
+        fast = make(models, use_cfg=False, max_steps=1)(image, "the blue box", variant="G")
+    finally:
+        hook.remove()
+    assert n_full == [2, 2] and batches[len(n_full):] == [1]  # UNet calls and their batch sizes
+    assert fast.mask.shape == full.mask.shape
+    assert not np.allclose(fast.attention, full.attention)
