@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from refdiff import diffusion
-from refdiff.capture import token_map
+from refdiff.capture import downsampled_grid, token_map
 from refdiff.config import Preset, sam_generator_kwargs
 from refdiff.discriminative import discriminative_scores, positional_bias
 from refdiff.image import PreparedImage, prepare_image
+from refdiff.internals import finest_self_attention_factor, self_attention_bytes
 from refdiff.maps import generative_map
+from refdiff.refine import diffsegmenter_map
 from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals, threshold_proposals
 from refdiff.scoring import fuse_scores, generative_scores, rank, select_mask
 from refdiff.text import ParsedText, parse_text, root_token_position
@@ -45,6 +47,7 @@ def stage_infos(sam_types: tuple[str, ...]) -> list[StageInfo]:
         StageInfo("text_encode", "text encode (SD text encoder, uncond + cond)", False),
         StageInfo("unet_capture", "UNet steps with capture (2 DDIM steps, CFG batch)", True),
         StageInfo("maps", "token map + generative map", True),
+        StageInfo("unet_refine", "G-refine: UNet steps with cross- and self-attention capture + refinement", True),
     ]
     rows += [StageInfo(f"sam_{t}", f"SAM automatic masks ({t}) + post-filter", False) for t in sam_types]
     rows += [
@@ -173,6 +176,19 @@ def measure_size(timer: Timer, models: Models, settings: ModeSettings, shared: S
 
     out["unet_capture"], maps = timer.measure("unet_capture", unet)
     out["unet_capture"].extra.update(latent=list(latent.shape), captured_layers=len(maps.layers))
+
+    def refine() -> torch.Tensor:
+        kwargs = {k: v for k, v in capture_kwargs(p).items() if k != "capture_factor"}
+        with reuse_prompt_states(shared.context):
+            return diffsegmenter_map(sd, latent, prompt, position, factor_weights=dict(p.refine_factor_weights),
+                                     max_tokens=p.refine_max_tokens, self_factor=p.refine_self_factor,
+                                     iterations=p.refine_iterations, eps=p.layer_norm_eps, **kwargs)
+
+    out["unet_refine"], _ = timer.measure("unet_refine", refine)
+    grid = downsampled_grid(tuple(latent.shape[-2:]), finest_self_attention_factor(tuple(latent.shape[-2:]),
+                                                                                    p.refine_max_tokens))
+    out["unet_refine"].extra.update(self_attention_grid=list(grid),
+                                    self_attention_mib_per_layer=self_attention_bytes(grid) / 2**20)
 
     def make_map() -> torch.Tensor:
         small = token_map(maps.combined(p.guidance_scale), position, eps=p.layer_norm_eps)

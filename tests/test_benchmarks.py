@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = ["prepare", "vae_encode", "text_encode", "unet_capture", "maps", "sam_vit_b", "sam_vit_h",
+STAGES = ["prepare", "vae_encode", "text_encode", "unet_capture", "maps", "unet_refine", "sam_vit_b", "sam_vit_h",
           "threshold_proposals", "generative_scores", "clip_text", "clip_crop", "clip_masked", "fusion"]
 
 
