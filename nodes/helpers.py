@@ -28,6 +28,17 @@ from .payloads import ParsedItem, match_batch
 
 
 # ------------------------------------------------------------------------------------------------ text
+def check_attention_batch(attention: Any, batch: int) -> None:
+    """InputError unless the captured attention holds one entry per image, on a square (padded) latent."""
+    if len(attention) != batch:
+        raise InputError(f"attention holds {len(attention)} image(s) but image holds {batch}; connect the images "
+                         "the attention was captured from")
+    lh, lw = attention.latent_hw
+    if lh != lw:
+        raise InputError(f"attention: the latent is {lh}x{lw}, not square; encode the output of RefDiffPrepareImage "
+                         "(the padded square) with VAEEncode")
+
+
 def check_prompt(captured: str | None, parsed_prompt: str, index: int) -> None:
     """InputError when the attention was captured for another text than the one parsed."""
     if captured is None:
@@ -432,7 +443,7 @@ def proposal_gallery_view(masks: torch.Tensor, fused: torch.Tensor, generative: 
             "items": items, "more": n - len(items)}
 
 
-__all__ = ["check_prompt", "split_lines", "texts_for_batch", "find_word", "token_strings", "parse_item", "word_positions",
+__all__ = ["check_attention_batch", "check_prompt", "split_lines", "texts_for_batch", "find_word", "token_strings", "parse_item", "word_positions",
            "parse_warnings", "parse_summary", "images_to_rgb", "prepared_squares", "frame_geometry",
            "masks_to_output", "heatmap", "overlay", "score_table", "parse_blocks", "VIEW_THUMB_SIDE",
            "VIEW_MAX_IMAGES", "VIEW_MAX_WORDS", "VIEW_MAX_PROPOSALS", "TokenChoice", "overrides_for_batch",

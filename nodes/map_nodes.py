@@ -23,13 +23,7 @@ def token_choices(attention: AttentionBatch, parse: ParsedBatch, batch: int,
                   token_override: str = "") -> list[helpers.TokenChoice]:
     """The token each image's c is read from: the parse's root, or the word / position ``token_override``
     names (one line for all images or one per image); checks the parse belongs to the captured text."""
-    if len(attention) != batch:
-        raise InputError(f"attention holds {len(attention)} image(s) but image holds {batch}; connect the images "
-                         "the attention was captured from")
-    lh, lw = attention.latent_hw
-    if lh != lw:
-        raise InputError(f"attention: the latent is {lh}x{lw}, not square; encode the output of RefDiffPrepareImage "
-                         "(the padded square) with VAEEncode")
+    helpers.check_attention_batch(attention, batch)
     items = parse.for_batch(batch, "parse")
     overrides = helpers.overrides_for_batch(token_override, batch)
     choices = []

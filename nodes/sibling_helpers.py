@@ -148,13 +148,7 @@ def refined_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.Ten
     if iterations < 0:
         raise InputError(f"iterations must be >= 0, got {iterations}")
     batch = int(image.shape[0])
-    if len(attention) != batch:
-        raise InputError(f"attention holds {len(attention)} image(s) but image holds {batch}; connect the images "
-                         "the attention was captured from")
-    lh, lw = attention.latent_hw
-    if lh != lw:
-        raise InputError(f"attention: the latent is {lh}x{lw}, not square; encode the output of RefDiffPrepareImage "
-                         "(the padded square) with VAEEncode")
+    helpers.check_attention_batch(attention, batch)
     captured = check_refinable(attention, weights)
     items = parse.for_batch(batch, "parse")
     height, width = int(image.shape[1]), int(image.shape[2])
