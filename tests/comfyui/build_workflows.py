@@ -119,17 +119,22 @@ def ref_diff() -> Graph:
     return g
 
 
-def ref_diff_g() -> Graph:
+def threshold_graph(make_c, name: str) -> Graph:
+    """Threshold proposals of c scored by s_G alone (Ref-Diff/G); ``make_c`` builds the chain giving c."""
     g = Graph()
     ckpt, image = sd_front(g)
     parse = parse_node(g, g.out(ckpt, 1))
-    c = generative_chain(g, ckpt, image, parse)
+    c = make_c(g, ckpt, image, parse)
     proposals = g.add("RefDiffThresholdProposals", "Threshold proposals (Eq. 8)", c=g.out(c), thresholds="preset",
                       preset="official")
     s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
                 preset="official")
-    outputs(g, select_node(g, proposals, image, s_g, None), "ref-diff-G")
+    outputs(g, select_node(g, proposals, image, s_g, None), name)
     return g
+
+
+def ref_diff_g() -> Graph:
+    return threshold_graph(generative_chain, "ref-diff-G")
 
 
 def ref_diff_gs() -> Graph:
@@ -204,16 +209,7 @@ def refine_chain(g: Graph, ckpt: str, image: str, parse: str) -> str:
 
 
 def ref_diff_g_refine() -> Graph:
-    g = Graph()
-    ckpt, image = sd_front(g)
-    parse = parse_node(g, g.out(ckpt, 1))
-    c = refine_chain(g, ckpt, image, parse)
-    proposals = g.add("RefDiffThresholdProposals", "Threshold proposals (Eq. 8)", c=g.out(c), thresholds="preset",
-                      preset="official")
-    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
-                preset="official")
-    outputs(g, select_node(g, proposals, image, s_g, None), "ref-diff-G-refine")
-    return g
+    return threshold_graph(refine_chain, "ref-diff-G-refine")
 
 
 def ref_diff_clusters() -> Graph:
