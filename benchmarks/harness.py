@@ -74,6 +74,15 @@ class Timer:
     warmup: int = 1
     rss_interval_s: float = 0.002
     log: Callable[[str], None] | None = None
+    slow_repeats: int | None = None  # repeats of the slow measurements (SAM, end to end); None: ``repeats``
+    slow_warmup: int | None = None  # warm-up runs of the slow measurements; None: ``warmup``
+
+    def counts(self, slow: bool = False) -> tuple[int, int]:
+        """(repeats, warmup) of a measurement; ``slow`` ones (minutes each on a CPU) may use fewer."""
+        if not slow:
+            return self.repeats, self.warmup
+        return (self.repeats if self.slow_repeats is None else self.slow_repeats,
+                self.warmup if self.slow_warmup is None else self.slow_warmup)
 
     def _run_once(self, fn: Callable[..., Any], setup: Callable[[], Any] | None) -> tuple[float, MemoryReading, Any]:
         """One run: untimed setup and gc, then the timed call inside a memory monitor."""
@@ -98,11 +107,13 @@ class Timer:
         self.log(f"  {m.name}: median {m.median:.4f} s over {len(m.times)} run(s), peak +{delta:,.0f} MB RSS{extra}")
 
     def measure(self, name: str, fn: Callable[..., Any], setup: Callable[[], Any] | None = None,
-                repeats: int | None = None, warmup: int | None = None) -> tuple[Measurement, Any]:
+                repeats: int | None = None, warmup: int | None = None, slow: bool = False
+                ) -> tuple[Measurement, Any]:
         """Run ``fn`` warm-up + repeats times (``setup()`` untimed before each; its result is passed to
         ``fn`` when a setup is given). Returns the Measurement and the last run's output."""
-        repeats = self.repeats if repeats is None else repeats
-        warmup = self.warmup if warmup is None else warmup
+        default_repeats, default_warmup = self.counts(slow)
+        repeats = default_repeats if repeats is None else repeats
+        warmup = default_warmup if warmup is None else warmup
         m = Measurement(name, [], [], [])
         out: Any = None
         for run in range(warmup + repeats):
@@ -115,17 +126,18 @@ class Timer:
         self._log(m)
         return m, out
 
-    def measure_interleaved(self, fns: dict[str, Callable[[], Any]]
+    def measure_interleaved(self, fns: dict[str, Callable[[], Any]], slow: bool = False
                             ) -> tuple[dict[str, Measurement], dict[str, Any]]:
         """Measure several alternatives in turn (A, B, C, A, B, C, ...), so that a drift in the machine's load
         hits all of them alike; use it for ratios of alternatives. Warm-up rounds come first. Returns the
         Measurements and each alternative's last output."""
+        repeats, warmup = self.counts(slow)
         out = {name: Measurement(name, [], [], []) for name in fns}
         last: dict[str, Any] = {}
-        for run in range(self.warmup + self.repeats):
+        for run in range(warmup + repeats):
             for name, fn in fns.items():
                 elapsed, reading, last[name] = self._run_once(fn, None)
-                if run < self.warmup:
+                if run < warmup:
                     out[name].warmup_times.append(elapsed)
                 else:
                     out[name].times.append(elapsed)

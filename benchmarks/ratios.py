@@ -5,7 +5,9 @@
 (b) capture: UNet step with capture / without, and peak memory of our capture vs a naive fp32 capture;
 (c) CLIP scoring of N proposals relative to one, masked branch (one pass) and crop branch (batched);
 (d) K sentences on one image with one RefDiff / K separate cold runs;
-(e) SAM automatic masks at the preset's settings vs faster settings, with the number of proposals.
+(e) SAM automatic masks at the preset's settings vs faster settings, with the number of proposals;
+(f) one batch of SAM's automatic mask generation, segment_anything's generator vs refdiff.amg's, time and memory;
+(g) the UNet stage at the preset's settings vs the speed options use_cfg=False and max_steps=1.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from refdiff import proposals as refdiff_proposals
 from refdiff.capture import AttentionStore, LayerSelector
 from refdiff.config import sam_generator_kwargs
-from refdiff.diffusion import capture_processors, injection_schedule, noise_latent
+from refdiff.diffusion import capture_processors, injection_schedule, noise_latent, run_capture
 from refdiff.discriminative import (as_float_image, crop_inputs, mask_attention_bias, masks_to_grid,
                                    pad_square_resize)
 from refdiff.pipeline import RefDiff
@@ -28,8 +31,8 @@ from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposa
 from .harness import Measurement, Timer, synchronize
 from .memory import available_memory_bytes
 from .naive_capture import NaiveStore, naive_capture, naive_peak_estimate_bytes
-from .stages import Shared, SizeInputs
-from .workload import SEED, SENTENCES, ModeSettings, Models, synthetic_proposals
+from .stages import Shared, SizeInputs, capture_kwargs, reuse_prompt_states
+from .workload import SEED, SENTENCES, ModeSettings, Models, synthetic_image, synthetic_proposals
 
 NAIVE_MEMORY_FRACTION = 0.7  # run the naive capture only when its estimated peak fits in this share of free memory
 
@@ -242,7 +245,7 @@ def overhead(timer: Timer, models: Models, settings: ModeSettings, shared: Share
     try:
         with fixed_sam_proposals(shared.proposals, clock) as sam_runs:
             e2e, result = timer.measure("end_to_end", end_to_end,
-                                        setup=lambda: fresh_refdiff(models, settings, size))
+                                        setup=lambda: fresh_refdiff(models, settings, size), slow=True)
     finally:
         clock.close()
     measured = per_run[len(e2e.warmup_times):]
@@ -287,35 +290,42 @@ def clip_scaling(timer: Timer, models: Models, settings: ModeSettings, shared: S
 
 # ------------------------------------------------------------------------------------------------ (d)
 def sentences_reuse(timer: Timer, models: Models, settings: ModeSettings, shared: Shared, size: int,
-                    warm: bool = True) -> dict[str, Any]:
-    """(d) K sentences on one image: one RefDiff for all K vs K cold runs (each sentence on a fresh RefDiff).
+                    cold: Measurement | None = None) -> dict[str, Any]:
+    """(d) K sentences on one image: one RefDiff for all K vs K cold runs.
 
-    ``warm``: the models already ran end to end at this S (the overhead ratio's warm-up); else one warm-up
-    run is made first (and not counted)."""
+    One RefDiff runs the K_max sentences in turn; the time after the first K of them is the K-sentence time
+    (so the K = 1, 3, 7 rows come from the same runs). A cold run is one sentence on a fresh RefDiff: ``cold``
+    (the end-to-end measurement of the overhead ratio at this S) or, without it, measured here; K separate
+    runs take K times as long."""
     k_max = max(settings.sentence_counts)
     sentences = SENTENCES[:k_max]
-    cold: list[Measurement] = []
-    together: dict[int, Measurement] = {}
-    with fixed_sam_proposals(shared.proposals) as sam_runs:
-        if not warm:
-            for _ in range(timer.warmup):
-                fresh_refdiff(models, settings, size)(shared.rgb, sentences[0], variant="full", seed=SEED)
-        for i, sentence in enumerate(sentences):
-            m, _ = timer.measure(f"cold_sentence_{i + 1}",
-                                 lambda model, s=sentence: model(shared.rgb, s, variant="full", seed=SEED),
-                                 setup=lambda: fresh_refdiff(models, settings, size), warmup=0)
-            cold.append(m)
-        for k in settings.sentence_counts:
-            def run_all(model: RefDiff, k: int = k) -> None:
-                for s in sentences[:k]:
-                    model(shared.rgb, s, variant="full", seed=SEED)
+    marks: list[list[float]] = []
 
-            before = len(sam_runs)
-            together[k], _ = timer.measure(f"one_refdiff_{k}_sentences", run_all,
-                                           setup=lambda: fresh_refdiff(models, settings, size), warmup=0)
-            together[k].extra["sam_runs"] = len(sam_runs) - before  # 1 per measured run when the cache works
-    ratios = {k: together[k].median / sum(m.median for m in cold[:k]) for k in settings.sentence_counts}
-    return {"size": size, "sentences": list(sentences), "cold": cold, "together": together, "ratios": ratios}
+    def run_all(model: RefDiff) -> None:
+        start, times = time.perf_counter(), []
+        for s in sentences:
+            model(shared.rgb, s, variant="full", seed=SEED)
+            synchronize(timer.device)
+            times.append(time.perf_counter() - start)
+        marks.append(times)
+
+    with fixed_sam_proposals(shared.proposals) as sam_runs:
+        if cold is None:
+            cold, _ = timer.measure("cold_run", lambda model: model(shared.rgb, sentences[0], variant="full", seed=SEED),
+                                    setup=lambda: fresh_refdiff(models, settings, size), slow=True)
+        before = len(sam_runs)
+        together, _ = timer.measure(f"one_refdiff_{k_max}_sentences", run_all,
+                                    setup=lambda: fresh_refdiff(models, settings, size), warmup=0, slow=True)
+        together.extra["sam_runs"] = len(sam_runs) - before  # one per measured run when the SAM cache works
+    measured = marks[-len(together.times):]
+    rows = {}
+    for k in settings.sentence_counts:
+        first_k = statistics.median(run[k - 1] for run in measured)
+        rows[k] = {"together_s": first_k, "cold_sum_s": k * cold.median, "ratio": first_k / (k * cold.median),
+                   "sam_runs": together.extra["sam_runs"] / len(measured)}
+    return {"size": size, "sentences": list(sentences), "cold": cold, "together": together,
+            "per_sentence_s": [statistics.median(run[i] - (run[i - 1] if i else 0.0) for run in measured)
+                               for i in range(k_max)], "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------ (e)
@@ -335,7 +345,7 @@ def sam_settings(timer: Timer, models: Models, settings: ModeSettings, shared: S
 
         name = f"sam_{overrides['points_per_side']}_{overrides['points_per_batch']}"
         fns[name], labels[name] = amg, (label, overrides)
-    runs, counts = timer.measure_interleaved(fns)
+    runs, counts = timer.measure_interleaved(fns, slow=True)
     rows = [{"label": labels[name][0], "settings": labels[name][1], "measurement": runs[name],
              "raw": counts[name][0], "kept": counts[name][1]} for name in fns]
     base = rows[0]["measurement"].median
@@ -344,5 +354,74 @@ def sam_settings(timer: Timer, models: Models, settings: ModeSettings, shared: S
     return {"sam_type": settings.sam_type, "rows": rows}
 
 
+# ------------------------------------------------------------------------------------------------ (f)
+def amg_batch(timer: Timer, models: Models, settings: ModeSettings, shared: Shared) -> dict[str, Any]:
+    """(f) One batch of automatic mask generation (mask decoder + post-processing of points_per_batch points x 3
+    candidates), segment_anything's SamAutomaticMaskGenerator vs refdiff.amg.MemoryBoundedMaskGenerator, on the
+    benchmark image and a photo-sized one, at the preset's IoU threshold and with no filter (every candidate
+    upsampled: the worst case). The image embedding is computed before, untimed (it is the same code in both)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from refdiff.amg import DEFAULT_CHUNK_MB, MemoryBoundedMaskGenerator
+
+    p = settings.preset(settings.sizes[0])
+    sam_type = settings.sam_types[0]
+    sam = models.sams[sam_type]
+    batch = p.sam_points_per_batch
+    images = {"benchmark image": shared.rgb, "photo": synthetic_image(*settings.photo_hw)}
+    rows = []
+    for image_label, rgb in images.items():
+        h, w = rgb.shape[:2]
+        stock = SamAutomaticMaskGenerator(sam, points_per_batch=batch, output_mode="binary_mask")
+        stock.predictor.set_image(rgb)
+        synchronize(timer.device)
+        points = stock.point_grids[0][:batch] * np.array([w, h])[None]
+        fns: dict[str, Callable[[], Any]] = {}
+        for filt, iou in (("preset IoU filter", p.sam_pred_iou_thresh), ("no IoU filter", 0.0)):
+            for impl in ("segment_anything", "refdiff.amg"):
+                gen = stock if impl == "segment_anything" and iou == p.sam_pred_iou_thresh else (
+                    SamAutomaticMaskGenerator(sam, points_per_batch=batch) if impl == "segment_anything"
+                    else MemoryBoundedMaskGenerator(sam, points_per_batch=batch, chunk_mb=DEFAULT_CHUNK_MB))
+                gen.predictor = stock.predictor  # one image embedding for all four
+                gen.pred_iou_thresh, gen.stability_score_thresh = iou, (p.sam_stability_score_thresh if iou else 0.0)
+
+                def one_batch(gen: Any = gen) -> int:
+                    data = gen._process_batch(points, (h, w), [0, 0, w, h], (h, w))
+                    return len(data["rles"]) if "rles" in data._stats else 0
+
+                fns[f"{impl} | {filt}"] = one_batch
+        runs, kept = timer.measure_interleaved(fns)
+        for filt in ("preset IoU filter", "no IoU filter"):
+            a, b = runs[f"segment_anything | {filt}"], runs[f"refdiff.amg | {filt}"]
+            rows.append({"image": f"{image_label} {w} x {h}", "filter": filt, "stock": a, "ours": b,
+                         "kept_stock": kept[f"segment_anything | {filt}"], "kept_ours": kept[f"refdiff.amg | {filt}"],
+                         "time_ratio": b.median / a.median})
+        del stock, fns
+    return {"sam_type": sam_type, "points": batch, "candidates": 3 * batch, "chunk_mb": DEFAULT_CHUNK_MB,
+            "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ (g)
+def speed_options(timer: Timer, models: Models, settings: ModeSettings, shared: Shared,
+                  inputs: SizeInputs) -> dict[str, Any]:
+    """(g) The UNet stage (steps with capture, text states reused) at the preset's settings and with the speed
+    options: use_cfg=False (conditional branch only), max_steps=1 (one DDIM step), both."""
+    options = {"preset (2 guided steps, CFG batch 2)": {}, "use_cfg=False": {"use_cfg": False},
+               "max_steps=1": {"max_steps": 1}, "use_cfg=False, max_steps=1": {"use_cfg": False, "max_steps": 1}}
+    fns: dict[str, Callable[[], Any]] = {}
+    for label, overrides in options.items():
+        kwargs = {**capture_kwargs(inputs.preset), **overrides}
+
+        def unet(kwargs: dict[str, Any] = kwargs) -> int:
+            with reuse_prompt_states(shared.context):
+                return len(run_capture(models.sd, inputs.latent, inputs.prompt, **kwargs).layers)
+
+        fns[label] = unet
+    runs, _ = timer.measure_interleaved(fns)
+    base = runs[next(iter(options))].median
+    return {"size": inputs.size, "rows": [{"label": label, "measurement": runs[label],
+                                           "ratio": runs[label].median / base} for label in options]}
+
+
 __all__ = ["ForwardClock", "watch_forwards", "fixed_sam_proposals", "fresh_refdiff", "capture_cost", "clip_forwards", "overhead",
-           "clip_scaling", "sentences_reuse", "sam_settings"]
+           "clip_scaling", "sentences_reuse", "sam_settings", "amg_batch", "speed_options"]

@@ -69,7 +69,7 @@ def stage_table(results: dict[str, Any], cuda: bool) -> list[str]:
 
 
 def ratio_tables(results: dict[str, Any], cuda: bool) -> list[str]:
-    """Tables (a)-(e)."""
+    """Tables (a)-(g)."""
     r = results["ratios"]
     mem = "VRAM" if cuda else "RSS"
     key = "vram_delta_mb" if cuda else "rss_delta_mb"
@@ -111,14 +111,15 @@ def ratio_tables(results: dict[str, Any], cuda: bool) -> list[str]:
         out.append("")
     if "sentences" in r:
         d = r["sentences"]
+        cold = d["cold"]
         out += [f"### (d) K sentences on one image (S = {d['size']}): one RefDiff / K cold runs", "",
-                "| K | one RefDiff (s) | K cold runs (s) | ratio | SAM runs per one-RefDiff run |",
+                f"One cold run (one sentence on a fresh RefDiff): {_f(cold['median_s'])} s. Each sentence after "
+                f"the first on the same RefDiff: " + ", ".join(_f(t) for t in d["per_sentence_s"][1:]) + " s.", "",
+                "| K | one RefDiff, first K sentences (s) | K cold runs (s) | ratio | SAM runs per one-RefDiff run |",
                 "|---|---|---|---|---|"]
         for k, row in d["rows"].items():
-            together = row["together"]
-            sam_runs = together.get("extra", {}).get("sam_runs", 0) / max(1, len(together["times_s"]))
             out.append(f"| {k} | {_f(row['together_s'])} | {_f(row['cold_sum_s'])} | {_f(row['ratio'])} | "
-                       f"{sam_runs:g} |")
+                       f"{row['sam_runs']:g} |")
         out.append("")
     if "sam_settings" in r:
         e = r["sam_settings"]
@@ -128,6 +129,29 @@ def ratio_tables(results: dict[str, Any], cuda: bool) -> list[str]:
         for row in e["rows"]:
             out.append(f"| {row['label']} | {_f(row['measurement']['median_s'])} | {_f(row['ratio'])} | "
                        f"{row['raw']} | {row['kept']} |")
+        out.append("")
+    if "amg_batch" in r:
+        f = r["amg_batch"]
+        out += [f"### (f) One AMG batch ({f['sam_type']}, {f['points']} points = {f['candidates']} candidates): "
+                f"segment_anything's generator vs refdiff.amg (chunks of {f['chunk_mb']} MB)", "",
+                f"| image | filter | segment_anything (s) | refdiff.amg (s) | time ratio | peak Δ{mem} "
+                f"segment_anything (MB) | peak Δ{mem} refdiff.amg (MB) | memory ratio | masks kept (both) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for row in f["rows"]:
+            a, b = row["stock"][key], row["ours"][key]
+            rel = _f(b / a, 3) if a and b is not None and a >= 1 else "n/a"
+            kept = str(row["kept_ours"]) if row["kept_ours"] == row["kept_stock"] else (
+                f"{row['kept_stock']} vs {row['kept_ours']}")
+            out.append(f"| {row['image']} | {row['filter']} | {_f(row['stock']['median_s'])} | "
+                       f"{_f(row['ours']['median_s'])} | {_f(row['time_ratio'])} | {_mb(a)} | {_mb(b)} | {rel} | "
+                       f"{kept} |")
+        out.append("")
+    if "speed_options" in r:
+        g = r["speed_options"]
+        out += [f"### (g) Speed options of the UNet stage (S = {g['size']}): steps with capture", "",
+                "| settings | time (s) | ratio to preset |", "|---|---|---|"]
+        for row in g["rows"]:
+            out.append(f"| {row['label']} | {_f(row['measurement']['median_s'])} | {_f(row['ratio'])} |")
         out.append("")
     return out
 
@@ -140,7 +164,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"{meta['torch_threads']} torch thread(s)", "",
              f"Image {meta['image_hw'][1]} x {meta['image_hw'][0]} px, sentence \"{meta['sentence']}\", "
              f"{meta['proposals']} proposals downstream of SAM, median of {meta['repeats']} run(s) after "
-             f"{meta['warmup']} warm-up run(s); torch {meta['torch']}; process peak RSS "
+             f"{meta['warmup']} warm-up run(s) ({meta.get('slow_repeats', meta['repeats'])} after "
+             f"{meta.get('slow_warmup', meta['warmup'])} for SAM and end-to-end runs); torch {meta['torch']}; process peak RSS "
              f"{_mb(meta.get('process_peak_rss_mb'))} MB; run took {_f(meta.get('wall_s'), 0)} s.", "",
              "### Stages", ""]
     lines += stage_table(results, cuda)

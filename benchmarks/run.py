@@ -37,7 +37,7 @@ from benchmarks.stages import run_stages, stage_infos
 from benchmarks.workload import (MODES, SEED, SENTENCE, ModeSettings, build_models, synthetic_image,
                                  synthetic_proposals)
 
-RATIOS = ("overhead", "capture", "clip", "sentences", "sam")
+RATIOS = ("overhead", "capture", "clip", "sentences", "sam", "amg", "speed")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image sizes S (default: 512 1024 in full mode, 64 128 in short mode)")
     parser.add_argument("--repeats", type=int, default=None, help="measured runs per stage (median reported)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per stage, excluded (default 1)")
+    parser.add_argument("--slow-repeats", type=int, default=None,
+                        help="measured runs of the slow measurements: SAM rows, end-to-end runs, (d), (e) "
+                             "(default: --repeats)")
+    parser.add_argument("--slow-warmup", type=int, default=None,
+                        help="warm-up runs of the slow measurements (default: --warmup)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice, recorded in the output)")
     parser.add_argument("--ratios", nargs="+", choices=RATIOS, default=list(RATIOS),
@@ -118,6 +123,8 @@ class Options:
     warmup: int
     ratios: set[str]
     sentence_size: int
+    slow_repeats: int
+    slow_warmup: int
 
 
 def resolve(args: argparse.Namespace) -> Options:
@@ -136,11 +143,14 @@ def resolve(args: argparse.Namespace) -> Options:
         raise SystemExit(f"--sizes must be positive multiples of 8, got {list(sizes)}")
     repeats = mode.repeats if args.repeats is None else args.repeats
     warmup = mode.warmup if args.warmup is None else args.warmup
-    if repeats < 1 or warmup < 0:
-        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    slow_repeats = repeats if args.slow_repeats is None else args.slow_repeats
+    slow_warmup = warmup if args.slow_warmup is None else args.slow_warmup
+    if repeats < 1 or warmup < 0 or slow_repeats < 1 or slow_warmup < 0:
+        raise SystemExit("--repeats and --slow-repeats must be >= 1, --warmup and --slow-warmup >= 0")
     sentence_size = args.sentence_size or (max(sizes) if args.mode == "full" else min(sizes))
     return Options(mode=mode, device=device, dtype=DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")],
-                   sizes=sizes, repeats=repeats, warmup=warmup, ratios=set(args.ratios), sentence_size=sentence_size)
+                   sizes=sizes, repeats=repeats, warmup=warmup, ratios=set(args.ratios), sentence_size=sentence_size,
+                   slow_repeats=slow_repeats, slow_warmup=slow_warmup)
 
 
 def stage_rows(opts: Options, once: dict[str, Any], per_size: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,14 +192,18 @@ def measure_ratios(opts: Options, timer: Timer, models: Any, shared: Any, inputs
     if "sentences" in wanted:
         size = opts.sentence_size
         log(f"(d) K sentences at S = {size}")
-        d = R.sentences_reuse(timer, models, mode, shared, size, warm="overhead" in wanted and size in opts.sizes)
-        ratios["sentences"] = {"size": size, "sentences": d["sentences"], "cold": d["cold"], "rows": {
-            k: {"together": d["together"][k], "together_s": d["together"][k].median,
-                "cold_sum_s": sum(m.median for m in d["cold"][:k]), "ratio": d["ratios"][k]}
-            for k in mode.sentence_counts}}
+        cold = ratios.get("overhead", {}).get(size, {}).get("end_to_end")
+        ratios["sentences"] = R.sentences_reuse(timer, models, mode, shared, size, cold=cold)
     if "sam" in wanted:
         log("(e) SAM settings")
         ratios["sam_settings"] = R.sam_settings(timer, models, mode, shared)
+    if "amg" in wanted:
+        log("(f) one AMG batch: segment_anything vs refdiff.amg")
+        ratios["amg_batch"] = R.amg_batch(timer, models, mode, shared)
+    if "speed" in wanted:
+        size = min(opts.sizes)
+        log(f"(g) speed options of the UNet stage at S = {size}")
+        ratios["speed_options"] = R.speed_options(timer, models, mode, shared, inputs[size])
     return ratios
 
 
@@ -203,7 +217,8 @@ def describe(opts: Options, args: argparse.Namespace, models: Any, shared: Any, 
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")},
         "python": platform.python_version(), "platform": platform.platform(), "versions": _versions(),
         "git_commit": _git_commit(), "started": started, "sizes": list(opts.sizes), "repeats": opts.repeats,
-        "warmup": opts.warmup, "image_hw": [h, w], "sentence": SENTENCE, "proposals": int(shared.proposals.shape[0]),
+        "warmup": opts.warmup, "slow_repeats": opts.slow_repeats, "slow_warmup": opts.slow_warmup,
+        "image_hw": [h, w], "sentence": SENTENCE, "proposals": int(shared.proposals.shape[0]),
         "seed": SEED, "sam_type_pipeline": opts.mode.sam_type, "sam_counts_stage": shared.sam_counts,
         "models": models.description, "model_build_s": models.build_s, "rss_interval_ms": args.rss_interval_ms,
         "process_peak_rss_mb": max(lifetime_peak_rss_mb(), MemoryMonitor.process_peak_mb),
@@ -230,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     gc.freeze()  # models and libraries move to the permanent generation: per-run gc.collect() stays cheap
     timer = Timer(device=opts.device, repeats=opts.repeats, warmup=opts.warmup,
-                  rss_interval_s=args.rss_interval_ms / 1000.0, log=log)
+                  rss_interval_s=args.rss_interval_ms / 1000.0, log=log, slow_repeats=opts.slow_repeats,
+                  slow_warmup=opts.slow_warmup)
     once, per_size, shared, inputs = run_stages(timer, models, opts.mode, opts.sizes, rgb, SENTENCE, proposals, log)
     rows = stage_rows(opts, once, per_size)
     ratios = measure_ratios(opts, timer, models, shared, inputs, once, per_size, log)

@@ -135,7 +135,7 @@ def measure_shared(timer: Timer, models: Models, settings: ModeSettings, rgb: np
             return raw, kept
 
         key = f"sam_{sam_type}"
-        out[key], (raw, kept) = timer.measure(key, amg)
+        out[key], (raw, kept) = timer.measure(key, amg, slow=True)
         counts[sam_type] = {"raw": int(raw.shape[0]), "kept": int(kept.shape[0])}
         out[key].extra.update(proposals_raw=int(raw.shape[0]), proposals_kept=int(kept.shape[0]))
 

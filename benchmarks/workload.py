@@ -42,6 +42,7 @@ class ModeSettings:
     repeats: int
     warmup: int
     tiny: bool  # tiny random models instead of full-size ones
+    photo_hw: tuple[int, int] = (2000, 3000)  # (H, W) of the photo-sized image of the AMG-batch ratio (6 MP)
     sam_types: tuple[str, ...] = ("vit_b", "vit_h")
     sam_type: str = "vit_h"  # the SAM of the pipeline runs (the presets' choice)
 
@@ -66,7 +67,8 @@ FULL = ModeSettings(name="full", sizes=(512, 1024), image_hw=(480, 640), proposa
                     sam_points_per_batch=64, sam_min_area=10000, repeats=3, warmup=1, tiny=False)
 SHORT = ModeSettings(name="short", sizes=(64, 128), image_hw=(60, 80), proposals=10,
                      clip_counts=(1, 10, 50, 100), sentence_counts=(1, 3, 7), sam_points=4,
-                     sam_points_per_batch=16, sam_min_area=0, repeats=1, warmup=1, tiny=True)
+                     sam_points_per_batch=16, sam_min_area=0, repeats=1, warmup=1, tiny=True,
+                     photo_hw=(300, 400))
 MODES: dict[str, ModeSettings] = {"full": FULL, "short": SHORT}
 
 

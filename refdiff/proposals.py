@@ -52,17 +52,14 @@ def threshold_proposals(c: torch.Tensor, thresholds: Sequence[float] = DEFAULT_T
 def make_mask_generator(sam: "Sam", points_per_side: int = 32, points_per_batch: int = 64,
                         pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                         box_nms_thresh: float = 0.7, crop_n_layers: int = 0, min_mask_region_area: int = 0,
-                        **extra: Any) -> "SamAutomaticMaskGenerator":
+                        chunk_mb: float = 512, **extra: Any) -> "SamAutomaticMaskGenerator":
     """A SamAutomaticMaskGenerator with SAM's AMG defaults (docs/METHOD.md section 6), returning binary masks.
 
-    ``extra`` goes to the generator unchanged (e.g. crop_overlap_ratio); ``config.sam_generator_kwargs``
-    gives the named arguments of a preset.
+    It is ``refdiff.amg.MemoryBoundedMaskGenerator``: the stock generator's records, with at most ``chunk_mb``
+    megabytes of candidate masks upsampled at once. ``extra`` goes to the generator unchanged (e.g.
+    crop_overlap_ratio); ``config.sam_generator_kwargs`` gives the named arguments of a preset.
     """
-    try:
-        from segment_anything import SamAutomaticMaskGenerator
-    except ImportError as exc:
-        raise DependencyError("SAM proposals need the 'segment-anything' package: pip install segment-anything") \
-            from exc
+    from .amg import MemoryBoundedMaskGenerator
     mode = extra.pop("output_mode", "binary_mask")
     if mode != "binary_mask":
         raise InputError(f"output_mode must be 'binary_mask' (proposals are dense masks), got {mode!r}")
@@ -72,8 +69,8 @@ def make_mask_generator(sam: "Sam", points_per_side: int = 32, points_per_batch:
         except ImportError as exc:
             raise DependencyError("min_mask_region_area > 0 needs OpenCV: pip install opencv-python-headless, "
                                   "or set sam_min_mask_region_area to 0") from exc
-    return SamAutomaticMaskGenerator(
-        sam, points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+    return MemoryBoundedMaskGenerator(
+        sam, chunk_mb=chunk_mb, points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
         stability_score_thresh=stability_score_thresh, box_nms_thresh=box_nms_thresh,
         crop_n_layers=crop_n_layers, min_mask_region_area=min_mask_region_area, output_mode="binary_mask",
         **extra)
