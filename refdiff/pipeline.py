@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 
+from . import offload as _offload
 from .config import VARIANTS, Preset, Variant, get_preset, get_variant, sam_generator_kwargs
 from .errors import InputError
 from .image import PreparedImage, image_key, load_image, prepare_image
@@ -63,14 +65,22 @@ class _LRU:
 
 
 class _Lazy:
-    """A model loaded on first use, so a variant that needs no diffusion never loads Stable Diffusion."""
+    """A model loaded on first use, so a variant that needs no diffusion never loads Stable Diffusion.
+
+    ``finish`` (optional) runs once on the model before its first use, e.g. to place it for offloading."""
 
     def __init__(self, value: Any = None, loader: Callable[[], Any] | None = None) -> None:
         self._value, self._loader = value, loader
+        self.finish: Callable[[Any], Any] | None = None
 
     @property
     def available(self) -> bool:
         return self._value is not None or self._loader is not None
+
+    def settle(self) -> None:
+        """Run ``finish`` now on a model that is already here (loaders wait for first use)."""
+        if self._value is not None:
+            self.get("")
 
     def get(self, what: str) -> Any:
         if self._value is None:
@@ -78,7 +88,17 @@ class _Lazy:
                 raise InputError(f"this RefDiff has no {what} model; pass one to RefDiff(...) or from_pretrained(...)")
             self._value = self._loader()
             self._loader = None
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            self._value = finish(self._value)
         return self._value
+
+
+def _compute_device(device: str | torch.device | None) -> torch.device:
+    """The device models compute on when offloading: the given one, else cuda if available, else cpu."""
+    from .sd import resolve_device
+
+    return resolve_device(device)
 
 
 class RefDiff:
@@ -86,13 +106,31 @@ class RefDiff:
 
     def __init__(self, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                  nlp: Any = None, cache_size: int = 8, progress: ProgressFn | None = None,
+                 offload: bool = False, device: str | torch.device | None = None,
                  **preset_overrides: Any) -> None:
         """sd: ``SDComponents``; sam: a segment-anything ``Sam``; clip: a ``ClipScorer`` (each optional, or a
-        zero-argument loader). Preset fields may be overridden by keyword (e.g. ``image_size=512``)."""
+        zero-argument loader). Preset fields may be overridden by keyword (e.g. ``image_size=512``).
+
+        ``offload=True`` keeps every model on the CPU and moves each one to ``device`` (default: cuda if
+        available, else cpu) only while its stage runs: peak GPU memory is one stage's model instead of all of
+        them (6-8 GB GPUs), at the price of a host-to-device copy of that model per stage that is not cached.
+        Results are the same as without offloading on the same device. Without offload the models compute
+        where they are, and ``device`` must be left unset."""
         self.preset = get_preset(preset).with_(**preset_overrides) if preset_overrides else get_preset(preset)
         self._sd = sd if isinstance(sd, _Lazy) else _Lazy(sd)
         self._sam = sam if isinstance(sam, _Lazy) else _Lazy(sam)
         self._clip = clip if isinstance(clip, _Lazy) else _Lazy(clip)
+        self.offload = bool(offload)
+        self._offload_to = _offload.OFFLOAD_DEVICE
+        if not self.offload and device is not None:
+            raise InputError(f"device={device!r} names the compute device of offload=True; without offload the "
+                             "models compute where they are (load them there, or use from_pretrained(device=...))")
+        self.device: torch.device | None = _compute_device(device) if self.offload else None
+        if self.offload:  # models given ready are parked now; loaded ones when they load
+            self._sd.finish = lambda m: _offload.offload_sd(m, self.device, self._offload_to)
+            self._sam.finish = self._clip.finish = self._park
+            for lazy in (self._sd, self._sam, self._clip):
+                lazy.settle()
         self._nlp = nlp
         self._progress = progress
         self._generator = None
@@ -106,20 +144,26 @@ class RefDiff:
     @classmethod
     def from_pretrained(cls, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                        sd_config: str | None = None, **kwargs: Any) -> "RefDiff":
+                        sd_config: str | None = None, offload: bool = False, **kwargs: Any) -> "RefDiff":
         """Build from weights: ``sd`` a diffusers folder, hub id or single .safetensors/.ckpt file; ``sam`` a SAM
         .pth checkpoint; ``clip`` an open_clip "MODEL/TAG" or a local file. None means the published weights
         (SD 1.5, SAM vit_h, CLIP ViT-B/16 openai), downloaded by the libraries' own caches. Models load on
         first use. ``sd_config`` names the configuration of a single-file checkpoint (sd1, sd2, sd2-v or a
-        diffusers-layout folder) when it cannot be detected."""
+        diffusers-layout folder) when it cannot be detected. ``offload=True`` loads the models on the CPU and
+        moves each to ``device`` only for its stage (see ``RefDiff``); dtype defaults follow ``device``."""
         from .clip import load_clip
         from .sam import load_sam
-        from .sd import load_sd
+        from .sd import load_sd, resolve_dtype
 
-        return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=device, dtype=dtype, config=sd_config)),
-                   sam=_Lazy(loader=lambda: load_sam(sam, device=device)),
-                   clip=_Lazy(loader=lambda: load_clip(clip, device=device, dtype=dtype)),
-                   preset=preset, **kwargs)
+        compute = _compute_device(device) if offload else None
+        if compute is not None:  # load on the CPU, in the compute device's default dtype
+            sd_dtype, load_to = resolve_dtype(dtype, compute), _offload.OFFLOAD_DEVICE
+        else:
+            sd_dtype, load_to = dtype, device
+        return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=load_to, dtype=sd_dtype, config=sd_config)),
+                   sam=_Lazy(loader=lambda: load_sam(sam, device=load_to)),
+                   clip=_Lazy(loader=lambda: load_clip(clip, device=load_to, dtype=dtype)),
+                   preset=preset, offload=offload, device=compute, **kwargs)
 
     # -- models ---------------------------------------------------------------------------------------------
     @property
@@ -133,6 +177,28 @@ class RefDiff:
     @property
     def clip(self) -> Any:
         return self._clip.get("CLIP (clip)")
+
+    def _park(self, model: Any) -> Any:
+        """Put a model on the offload device before its first use (offload mode)."""
+        _offload.move_to(model, self._offload_to)
+        _offload.release_cache(self.device)
+        return model
+
+    def _using(self, *models: Any) -> AbstractContextManager:
+        """The models on the compute device for a block (offload mode); a no-op otherwise."""
+        if not self.offload:
+            return nullcontext()
+        return _offload.all_on_device(models, self.device, self._offload_to)
+
+    def _using_sd(self, *parts: str) -> AbstractContextManager:
+        """Parts of Stable Diffusion (unet, vae, text_encoder) on the compute device for a block (offload mode)."""
+        return _offload.sd_on_device(self.sd, parts, self._offload_to) if self.offload else nullcontext()
+
+    def _on_demand(self, model: Any) -> AbstractContextManager[Callable[[], None]]:
+        """A block in which ``need()`` brings the model to the compute device (once); back at the block's end."""
+        if not self.offload:
+            return nullcontext(lambda: None)
+        return _offload.OnDemand(model, self.device, self._offload_to)
 
     def _mask_generator(self) -> Any:
         """SAM's automatic mask generator at the preset's settings (rebuilt if they change)."""
@@ -219,9 +285,13 @@ class RefDiff:
         from .diffusion import encode_image
 
         p, sd = self.preset, self.sd
+
+        def encode() -> torch.Tensor:
+            with self._using_sd("vae"):
+                return encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed)
+
         return self._timed(timings, "vae", lambda: self._latents.get(
-            (key, p.image_size, p.resize_filter, p.latent_from, seed),
-            lambda: encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed)))
+            (key, p.image_size, p.resize_filter, p.latent_from, seed), encode))
 
     def _generative_map(self, rgb: np.ndarray, key: str, parsed: ParsedText, seed: int,
                         timings: dict[str, float], refine: bool = False) -> tuple[torch.Tensor, int]:
@@ -248,16 +318,22 @@ class RefDiff:
         if refine:
             from .refine import diffsegmenter_map
 
+            def refined() -> torch.Tensor:
+                with self._using_sd("unet", "text_encoder"):
+                    return diffsegmenter_map(sd, latent, prompt, position, factor_weights=dict(p.refine_factor_weights),
+                                             max_tokens=p.refine_max_tokens, self_factor=p.refine_self_factor,
+                                             iterations=p.refine_iterations, eps=p.layer_norm_eps, **schedule)
+
             small = self._timed(timings, "unet_refine", lambda: self._attention.get(
                 ("refine", *base_key, position, p.layer_norm_eps, p.refine_iterations, p.refine_max_tokens,
-                 p.refine_factor_weights, p.refine_self_factor),
-                lambda: diffsegmenter_map(sd, latent, prompt, position, factor_weights=dict(p.refine_factor_weights),
-                                          max_tokens=p.refine_max_tokens, self_factor=p.refine_self_factor,
-                                          iterations=p.refine_iterations, eps=p.layer_norm_eps, **schedule)))
+                 p.refine_factor_weights, p.refine_self_factor), refined))
         else:
+            def capture() -> Any:
+                with self._using_sd("unet", "text_encoder"):
+                    return run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)
+
             captured = self._timed(timings, "unet", lambda: self._attention.get(
-                ("capture", *base_key, p.capture_factor),
-                lambda: run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)))
+                ("capture", *base_key, p.capture_factor), capture))
             small = token_map(captured.combined(p.guidance_scale), position, eps=p.layer_norm_eps)
         c = self._timed(timings, "map", lambda: generative_map(small, prep, mode=p.map_resize, eps=p.map_eps))
         return c, position
@@ -273,18 +349,28 @@ class RefDiff:
         cache_key = ("cluster", key, p.image_size, p.resize_filter, p.latent_from, seed, p.cluster_k,
                      p.cluster_feature_factor, p.cluster_factor, p.cluster_timestep, p.cluster_normalize,
                      p.cluster_split, p.cluster_min_area)
-        return self._sam_masks.get(cache_key, lambda: feature_cluster_proposals(
-            self.sd, latent, "", prep, feature_factor=p.cluster_feature_factor, timestep=p.cluster_timestep,
-            n_clusters=p.cluster_k, cluster_factor=p.cluster_factor, normalize=p.cluster_normalize,
-            split_components=p.cluster_split, min_area=p.cluster_min_area, seed=seed))
+
+        def cluster() -> torch.Tensor:
+            with self._using_sd("unet", "text_encoder"):
+                return feature_cluster_proposals(
+                    self.sd, latent, "", prep, feature_factor=p.cluster_feature_factor, timestep=p.cluster_timestep,
+                    n_clusters=p.cluster_k, cluster_factor=p.cluster_factor, normalize=p.cluster_normalize,
+                    split_components=p.cluster_split, min_area=p.cluster_min_area, seed=seed)
+
+        return self._sam_masks.get(cache_key, cluster)
 
     def _sam_proposals(self, rgb: np.ndarray, key: str) -> torch.Tensor:
         """SAM automatic masks (cached per image), then the preset's post-filter."""
         from .proposals import filter_proposals, sam_proposals
 
         p = self.preset
-        raw = self._sam_masks.get((key, tuple(sorted(sam_generator_kwargs(p).items()))),
-                                  lambda: sam_proposals(self._mask_generator(), rgb))
+
+        def generate() -> torch.Tensor:
+            generator = self._mask_generator()
+            with self._using(self.sam):  # the generator's predictor reads its device from the SAM model
+                return sam_proposals(generator, rgb)
+
+        raw = self._sam_masks.get((key, tuple(sorted(sam_generator_kwargs(p).items()))), generate)
         masks, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
         return masks
 
@@ -298,16 +384,29 @@ class RefDiff:
 
         return generative_scores(c, masks, eps=self.preset.score_eps)
 
-    def _text_features(self, texts: tuple[str, ...]) -> torch.Tensor:
-        return self._clip_text.get(texts, lambda: self.clip.encode_text(list(texts)))
+    def _text_features(self, texts: tuple[str, ...], need: Callable[[], None] | None = None) -> torch.Tensor:
+        """CLIP text features of ``texts`` (cached); ``need`` brings CLIP to the compute device on a miss."""
+        def encode() -> torch.Tensor:
+            if need is None:
+                with self._using(self.clip):
+                    return self.clip.encode_text(list(texts))
+            need()
+            return self.clip.encode_text(list(texts))
+
+        return self._clip_text.get(texts, encode)
 
     def _discriminative(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor,
                         v: Variant) -> torch.Tensor:
         """Eq. 6, 7, 10: CLIP crop and masked-attention features of the proposals against the text."""
+        with self._on_demand(self.clip) as need:  # CLIP visits the compute device only on a cache miss
+            return self._discriminative_on(rgb, key, parsed, masks, v, need)
+
+    def _discriminative_on(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor, v: Variant,
+                           need: Callable[[], None]) -> torch.Tensor:
         from .discriminative import discriminative_scores, positional_bias
 
         p, clip = self.preset, self.clip
-        r_sent, r_root = self._text_features((parsed.text, parsed.root)).unbind(0)
+        r_sent, r_root = self._text_features((parsed.text, parsed.root), need).unbind(0)
         h, w = rgb.shape[:2]
         bias = positional_bias(parsed.directions, h, w, extent=p.bias_extent) if parsed.directions else None
         image = torch.from_numpy(rgb)
@@ -317,7 +416,12 @@ class RefDiff:
             b = bias if with_bias else None
             k = (key, masks_key, branch, layer, parsed.directions if with_bias else (), p.bias_extent)
             fn = clip.crop_features if branch == "crop" else clip.masked_features
-            return self._clip_image.get(k, lambda: fn(image, masks, b, layer=layer))
+
+            def compute() -> torch.Tensor:
+                need()
+                return fn(image, masks, b, layer=layer)
+
+            return self._clip_image.get(k, compute)
 
         if v.sam_clip:  # baseline: plain CLIP (final layer) on the crops, no positional bias, sentence feature
             crop = features("crop", False, "final")

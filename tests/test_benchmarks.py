@@ -105,11 +105,31 @@ def test_every_ratio_is_present_and_finite(short_run):
     d = r["sentences"]["rows"]
     assert sorted(int(k) for k in d) == [1, 3, 7]
     assert all(_finite(row["ratio"]) and row["ratio"] > 0 for row in d.values())
-    assert len(r["sentences"]["cold"]) == 7 and len(set(r["sentences"]["sentences"])) == 7
+    cold = r["sentences"]["cold"]["median_s"]
+    assert cold == r["overhead"]["64"]["end_to_end"]["median_s"]  # the cold run of (a) at the same S is reused
+    assert all(row["cold_sum_s"] == pytest.approx(int(k) * cold) for k, row in d.items())
+    # the first K sentences of one run: cumulative, so K = 7 took longer than K = 3, and SAM ran once per run
+    assert d["1"]["together_s"] < d["3"]["together_s"] < d["7"]["together_s"]
+    assert all(row["sam_runs"] == 1 for row in d.values())
+    assert len(r["sentences"]["per_sentence_s"]) == 7 and len(set(r["sentences"]["sentences"])) == 7
     e = r["sam_settings"]["rows"]
     assert len(e) == 4 and e[0]["ratio"] == 1.0 and e[0]["label"].startswith("preset")
     assert all(_finite(row["ratio"]) and row["raw"] >= row["kept"] >= 0 for row in e)
-    for heading in ("(a) Overhead", "(b) Capture cost", "(c) CLIP scoring", "(d) K sentences", "(e) SAM"):
+    f = r["amg_batch"]
+    assert f["candidates"] == 3 * f["points"] == 48
+    assert [(row["image"], row["filter"]) for row in f["rows"]] == [
+        ("benchmark image 80 x 60", "preset IoU filter"), ("benchmark image 80 x 60", "no IoU filter"),
+        ("photo 400 x 300", "preset IoU filter"), ("photo 400 x 300", "no IoU filter")]
+    for row in f["rows"]:
+        assert row["kept_stock"] == row["kept_ours"]  # both generators keep the same masks
+        assert _finite(row["time_ratio"]) and _finite(row["stock"]["rss_delta_mb"])
+    assert f["rows"][1]["kept_ours"] == 48  # no filter: every candidate of the batch survives
+    g = r["speed_options"]
+    assert g["size"] == 64 and [row["label"] for row in g["rows"]][1:] == [
+        "use_cfg=False", "max_steps=1", "use_cfg=False, max_steps=1"]
+    assert g["rows"][0]["ratio"] == 1.0 and all(_finite(row["ratio"]) for row in g["rows"])
+    for heading in ("(a) Overhead", "(b) Capture cost", "(c) CLIP scoring", "(d) K sentences", "(e) SAM",
+                    "(f) One AMG batch", "(g) Speed options"):
         assert heading in table
     assert "nan" not in table.lower() and "None" not in table
 
@@ -171,3 +191,18 @@ def test_interleaved_measurement_alternates_and_keeps_warmup_apart():
     assert order == ["a", "b", "a", "b", "a", "b"]
     assert last == {"a": "A", "b": None}
     assert all(len(m.warmup_times) == 1 and len(m.times) == 2 for m in runs.values())
+
+
+def test_slow_measurements_use_their_own_counts():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness import Timer
+
+    calls = []
+    timer = Timer(device=torch.device("cpu"), repeats=3, warmup=1, slow_repeats=1, slow_warmup=0)
+    m, _ = timer.measure("slow", lambda: calls.append(1), slow=True)
+    assert len(calls) == 1 and len(m.times) == 1 and not m.warmup_times
+    runs, _ = timer.measure_interleaved({"a": lambda: calls.append("a")}, slow=True)
+    assert calls.count("a") == 1
+    m, _ = timer.measure("fast", lambda: calls.append(2))
+    assert calls.count(2) == 4 and len(m.times) == 3  # the others keep repeats + warm-up
+    assert Timer(device=torch.device("cpu"), repeats=2, warmup=1).counts(slow=True) == (2, 1)  # default: same

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..cli import HelpFormatter, add_method_arguments, add_model_arguments
+from ..cli import HelpFormatter, add_method_arguments, add_model_arguments, add_offload_argument
 from ..errors import InputError, RefDiffError
 from .datasets import DATASETS, SPLIT_BYS, EvalSet, load_dataset
 from .records import check_manifest, rank_file, read_manifest, write_manifest
@@ -63,6 +63,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_method_arguments(parser)  # --preset, --seed, --image-size: as `refdiff segment`
     add_model_arguments(parser)  # --sd, --sd-config, --sam, --clip, --device, --dtype: as `refdiff segment`
+    add_offload_argument(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any preset field, e.g. --set sam_points_per_side=16 (repeatable; the "
                              "value is read as JSON when it parses)")
@@ -129,7 +130,8 @@ def load_model(args: argparse.Namespace, overrides: dict[str, Any]) -> VariantSe
 
     return RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
                                    device=rank_device(args.device), dtype=args.dtype,
-                                   sd_config=getattr(args, "sd_config", None), **overrides)
+                                   sd_config=getattr(args, "sd_config", None),
+                                   offload=getattr(args, "offload", False), **overrides)
 
 
 def _print_summary(out_dir: Path) -> None:
