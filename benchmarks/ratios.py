@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,12 +27,12 @@ from refdiff.diffusion import capture_processors, injection_schedule, noise_late
 from refdiff.discriminative import (as_float_image, crop_inputs, mask_attention_bias, masks_to_grid,
                                    pad_square_resize)
 from refdiff.pipeline import RefDiff
-from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals
+from refdiff.proposals import make_mask_generator
 
 from .harness import Measurement, Timer, synchronize
 from .memory import available_memory_bytes
 from .naive_capture import NaiveStore, naive_capture, naive_peak_estimate_bytes
-from .stages import Shared, SizeInputs, capture_kwargs, reuse_prompt_states
+from .stages import Shared, SizeInputs, capture_kwargs, reuse_prompt_states, sam_and_filter
 from .workload import SEED, SENTENCES, ModeSettings, Models, synthetic_image, synthetic_proposals
 
 NAIVE_MEMORY_FRACTION = 0.7  # run the naive capture only when its estimated peak fits in this share of free memory
@@ -339,8 +340,7 @@ def sam_settings(timer: Timer, models: Models, settings: ModeSettings, shared: S
         generator = make_mask_generator(sam, **{**sam_generator_kwargs(p), **overrides})
 
         def amg(generator: Any = generator) -> tuple[int, int]:
-            raw = sam_proposals(generator, shared.rgb)
-            kept, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
+            raw, kept = sam_and_filter(generator, shared.rgb, p)
             return int(raw.shape[0]), int(kept.shape[0])
 
         name = f"sam_{overrides['points_per_side']}_{overrides['points_per_batch']}"
@@ -372,17 +372,17 @@ def amg_batch(timer: Timer, models: Models, settings: ModeSettings, shared: Shar
     rows = []
     for image_label, rgb in images.items():
         h, w = rgb.shape[:2]
-        stock = SamAutomaticMaskGenerator(sam, points_per_batch=batch, output_mode="binary_mask")
-        stock.predictor.set_image(rgb)
+        grid_owner = SamAutomaticMaskGenerator(sam, points_per_batch=batch)
+        predictor = grid_owner.predictor
+        predictor.set_image(rgb)
         synchronize(timer.device)
-        points = stock.point_grids[0][:batch] * np.array([w, h])[None]
+        points = grid_owner.point_grids[0][:batch] * np.array([w, h])[None]
         fns: dict[str, Callable[[], Any]] = {}
         for filt, iou in (("preset IoU filter", p.sam_pred_iou_thresh), ("no IoU filter", 0.0)):
-            for impl in ("segment_anything", "refdiff.amg"):
-                gen = stock if impl == "segment_anything" and iou == p.sam_pred_iou_thresh else (
-                    SamAutomaticMaskGenerator(sam, points_per_batch=batch) if impl == "segment_anything"
-                    else MemoryBoundedMaskGenerator(sam, points_per_batch=batch, chunk_mb=DEFAULT_CHUNK_MB))
-                gen.predictor = stock.predictor  # one image embedding for all four
+            for impl, make in (("segment_anything", SamAutomaticMaskGenerator),
+                               ("refdiff.amg", partial(MemoryBoundedMaskGenerator, chunk_mb=DEFAULT_CHUNK_MB))):
+                gen = make(sam, points_per_batch=batch)
+                gen.predictor = predictor  # one image embedding for all four
                 gen.pred_iou_thresh, gen.stability_score_thresh = iou, (p.sam_stability_score_thresh if iou else 0.0)
 
                 def one_batch(gen: Any = gen) -> int:
@@ -396,7 +396,7 @@ def amg_batch(timer: Timer, models: Models, settings: ModeSettings, shared: Shar
             rows.append({"image": f"{image_label} {w} x {h}", "filter": filt, "stock": a, "ours": b,
                          "kept_stock": kept[f"segment_anything | {filt}"], "kept_ours": kept[f"refdiff.amg | {filt}"],
                          "time_ratio": b.median / a.median})
-        del stock, fns
+        del grid_owner, predictor, fns
     return {"sam_type": sam_type, "points": batch, "candidates": 3 * batch, "chunk_mb": DEFAULT_CHUNK_MB,
             "rows": rows}
 

@@ -113,6 +113,13 @@ def capture_kwargs(p: Preset) -> dict[str, Any]:
                 capture_factor=p.capture_factor, capture_blocks=p.capture_blocks, seed=SEED)
 
 
+def sam_and_filter(generator: Any, rgb: np.ndarray, p: Preset) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM automatic masks of ``rgb`` and the preset's post-filter: (raw masks, kept masks)."""
+    raw = sam_proposals(generator, rgb)
+    kept, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
+    return raw, kept
+
+
 def measure_shared(timer: Timer, models: Models, settings: ModeSettings, rgb: np.ndarray, text: str,
                    proposals: torch.Tensor) -> tuple[dict[str, Measurement], Shared]:
     """The S-independent stages: SD text encoder, SAM per model type, CLIP text / crop / masked."""
@@ -128,14 +135,8 @@ def measure_shared(timer: Timer, models: Models, settings: ModeSettings, rgb: np
     counts: dict[str, dict[str, int]] = {}
     for sam_type, sam in models.sams.items():
         generator = make_mask_generator(sam, **sam_generator_kwargs(p))
-
-        def amg(generator: Any = generator) -> tuple[torch.Tensor, torch.Tensor]:
-            raw = sam_proposals(generator, rgb)
-            kept, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
-            return raw, kept
-
         key = f"sam_{sam_type}"
-        out[key], (raw, kept) = timer.measure(key, amg, slow=True)
+        out[key], (raw, kept) = timer.measure(key, lambda g=generator: sam_and_filter(g, rgb, p), slow=True)
         counts[sam_type] = {"raw": int(raw.shape[0]), "kept": int(kept.shape[0])}
         out[key].extra.update(proposals_raw=int(raw.shape[0]), proposals_kept=int(kept.shape[0]))
 
@@ -231,5 +232,5 @@ def run_stages(timer: Timer, models: Models, settings: ModeSettings, sizes: tupl
     return once, per_size, shared, inputs
 
 
-__all__ = ["StageInfo", "stage_infos", "Shared", "SizeInputs", "reuse_prompt_states", "capture_kwargs",
+__all__ = ["StageInfo", "stage_infos", "Shared", "SizeInputs", "reuse_prompt_states", "capture_kwargs", "sam_and_filter",
            "measure_shared", "measure_size", "run_stages"]

@@ -19,6 +19,7 @@ import torch
 from .capture import (AttentionStore, CrossAttentionMaps, LayerSelector, attention_output, downsampled_grid,
                       head_averaged_attention, query_grid)
 from .errors import InputError
+from .offload import module_device
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
@@ -290,10 +291,6 @@ def capture_processors(unet: Any, selector: LayerSelector, store: AttentionStore
         hook.remove()
 
 
-def _module_device(module: Any) -> torch.device:
-    return next(module.parameters()).device
-
-
 def encode_prompts(sd: SDComponents, text: str, use_cfg: bool = True) -> torch.Tensor:
     """Text-encoder hidden states [1 or 2, 77, D] ([uncond "", cond] with CFG) on the UNet's device/dtype."""
     texts = ["", text] if use_cfg else [text]
@@ -304,7 +301,7 @@ def encode_prompts(sd: SDComponents, text: str, use_cfg: bool = True) -> torch.T
     ids = sd.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True,
                        return_tensors="pt").input_ids
     with torch.no_grad():
-        hidden = sd.text_encoder(ids.to(_module_device(sd.text_encoder)))[0]
+        hidden = sd.text_encoder(ids.to(module_device(sd.text_encoder)))[0]
     return hidden.to(device=sd.device, dtype=sd.dtype)
 
 
