@@ -50,7 +50,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """True when a string names a file rather than an open_clip MODEL/TAG pair."""
     return (Path(source).suffix.lower() in WEIGHT_SUFFIXES or source.count("/") != 1 or "\\" in source
             or source.startswith((".", "~")))
@@ -232,7 +232,7 @@ def load_clip(source: str | Path | None = None, device: torch.device | str | Non
     elif path.is_dir():
         raise ModelLoadError(f"CLIP source {path} is a folder; pass the weight file inside it "
                              f"(one of {', '.join(WEIGHT_SUFFIXES)})")
-    elif isinstance(source, Path) or _looks_like_path(text):
+    elif isinstance(source, Path) or looks_like_path(text):
         raise ModelLoadError(f"CLIP weight file {path} not found; pass an existing {'/'.join(WEIGHT_SUFFIXES)} "
                              f"file or an open_clip MODEL/TAG such as {DEFAULT_CLIP!r}")
     else:
@@ -241,5 +241,5 @@ def load_clip(source: str | Path | None = None, device: torch.device | str | Non
     return scorer.to(device=device, dtype=_resolve_dtype(dtype))
 
 
-__all__ = ["load_clip", "ClipScorer", "DEFAULT_CLIP", "DEFAULT_CLIP_MODEL", "DEFAULT_CLIP_TAG",
+__all__ = ["load_clip", "looks_like_path", "ClipScorer", "DEFAULT_CLIP", "DEFAULT_CLIP_MODEL", "DEFAULT_CLIP_TAG",
            "WEIGHT_SUFFIXES"]

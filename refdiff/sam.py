@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
+from .downloads import SAM_DIR_ENV
 from .errors import DependencyError, InputError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -170,15 +171,20 @@ def infer_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def sam_cache_dir() -> Path:
-    """Where load_sam(None) keeps downloaded checkpoints: $REFDIFF_SAM_DIR, else torch hub's checkpoints."""
-    env = os.environ.get("REFDIFF_SAM_DIR")
-    return Path(env) if env else Path(torch.hub.get_dir()) / "checkpoints"
+    """Where load_sam(None) keeps downloaded checkpoints: $REFDIFF_SAM_DIR, else torch hub's checkpoints folder
+    (downloads.SAM_DOWNLOAD_NOTE, the wording of the help and the docs)."""
+    env = os.environ.get(SAM_DIR_ENV)
+    return Path(env).expanduser() if env else Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def checkpoint_urls(model_type: str | None = None) -> str:
+    """'vit_h: URL' for the official checkpoint of ``model_type``, or for every type when None."""
+    types = [model_type] if model_type else sorted(SAM_CHECKPOINT_URLS)
+    return ", ".join(f"{t}: {SAM_CHECKPOINT_URLS[t]}" for t in types)
 
 
 def _where_to_get(model_type: str | None) -> str:
-    types = [model_type] if model_type else sorted(SAM_CHECKPOINT_URLS)
-    urls = ", ".join(f"{t}: {SAM_CHECKPOINT_URLS[t]}" for t in types)
-    return (f"download it from {urls} (ComfyUI users: put it in ComfyUI/models/sams; "
+    return (f"download it from {checkpoint_urls(model_type)} (ComfyUI users: put it in ComfyUI/models/sams; "
             f"refdiff downloads to {sam_cache_dir()} when no checkpoint is given)")
 
 
@@ -270,4 +276,4 @@ def load_sam(checkpoint: str | Path | None = None, model_type: str | None = None
 
 __all__ = ["SAM_CHECKPOINT_URLS", "SAM_CHECKPOINT_FILES", "SAM_CONFIGS", "SamConfig", "load_sam", "build_sam",
            "sam_config_from_state_dict", "infer_model_type", "official_model_type", "canonical_model_type",
-           "model_type_from_name", "sam_cache_dir"]
+           "model_type_from_name", "sam_cache_dir", "checkpoint_urls"]
