@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from refdiff.cli.eval import add_eval_arguments, run_eval
 from refdiff.errors import InputError
-from refdiff.evaluation import (add_eval_arguments, load_dataset, load_refer, mask_iou, run_eval,
-                                safe_load_pickle, summarize_ious, target_mask)
+from refdiff.evaluation import (dataset_overrides, load_dataset, load_refer, mask_iou, safe_load_pickle,
+                                summarize_ious, target_mask)
 from refdiff.evaluation.datasets import coco_segmentation_to_mask, load_phrasecut
 from refdiff.evaluation.records import read_records, result_files
 
@@ -301,12 +302,15 @@ def test_main_cli_mounts_eval_and_passes_model_options(data: Path, tmp_path: Pat
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.set_device", lambda index: seen.setdefault("set_device", index))
-    out = tmp_path / "res"
+    out, sd_folder, sam = tmp_path / "res", tmp_path / "sd-folder", tmp_path / "sam.pth"
+    sd_folder.mkdir()
+    (sd_folder / "model_index.json").write_text("{}")
+    sam.write_bytes(b"")  # named files must exist; the fake loader never reads them
     argv = ["eval", "--dataset", "refcoco", "--split", "testA", "--data-root", str(data), "-o", str(out),
-            "--no-progress", "--sd", "sd-folder", "--sam", "sam.pth", "--clip", "ViT-B-16/openai", "--dtype", "fp16",
+            "--no-progress", "--sd", str(sd_folder), "--sam", str(sam), "--clip", "ViT-B-16/openai", "--dtype", "fp16",
             "--preset", "paper", "--image-size", "512", "--set", "sam_min_area=5", "--set", "thresholds=[0.3,0.6]"]
     assert main(argv) == 0
-    assert seen == {"sd": "sd-folder", "sam": "sam.pth", "clip": "ViT-B-16/openai", "preset": "paper",
+    assert seen == {"sd": str(sd_folder), "sam": str(sam), "clip": "ViT-B-16/openai", "preset": "paper",
                     "device": "cuda:1", "dtype": "fp16", "sd_config": None, "offload": False, "image_size": 512,
                     "sam_min_area": 5,
                     "thresholds": (0.3, 0.6), "set_device": 1}
@@ -314,6 +318,47 @@ def test_main_cli_mounts_eval_and_passes_model_options(data: Path, tmp_path: Pat
     assert manifest["overrides"] == {"image_size": 512, "sam_min_area": 5, "thresholds": [0.3, 0.6]}
     assert main(["eval", "--merge", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["variants"]["full"]["mIoU"] == pytest.approx(50.0)
+
+
+@pytest.fixture()
+def loud_loaders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model loader fails the test if called: an error must come before any model loads."""
+    import refdiff.clip
+    import refdiff.sam
+    import refdiff.sd
+
+    def loud(name: str):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{name} called before the bad input was reported")
+        return fail
+
+    for module, name in ((refdiff.sd, "load_sd"), (refdiff.sam, "load_sam"), (refdiff.clip, "load_clip")):
+        monkeypatch.setattr(module, name, loud(name))
+
+
+@pytest.mark.parametrize("case", ["sam", "sd", "clip", "data-root", "set"])
+def test_eval_checks_named_files_before_any_model_loads_or_result_is_written(case, data: Path, tmp_path: Path,
+                                                                             loud_loaders, capsys) -> None:
+    """A missing --sam used to surface only when the first sentence reached SAM (after SD ran), and then as an
+    error line for every sentence; now the run stops before the models load and before -o is written."""
+    from refdiff.cli import main
+
+    out = tmp_path / "res"
+    root, extra, expected = {
+        "sam": (data, ["--sam", str(tmp_path / "sam_vit_h.pth")],
+                [f"--sam {tmp_path / 'sam_vit_h.pth'}: no such file", "sam_vit_h_4b8939.pth", "leave --sam out"]),
+        "sd": (data, ["--sd", str(tmp_path / "sd.ckpt")], [f"--sd {tmp_path / 'sd.ckpt'}: no such file or folder"]),
+        "clip": (data, ["--clip", str(tmp_path / "c.bin")], [f"--clip {tmp_path / 'c.bin'}: no such file"]),
+        "data-root": (tmp_path / "nowhere", [], [f"--data-root {tmp_path / 'nowhere'} is not a folder",
+                                                 "refcoco/refs(unc).p"]),
+        "set": (data, ["--set", "sam_min_aera=0"], ["no preset field 'sam_min_aera'; did you mean sam_min_area"]),
+    }[case]
+    argv = ["eval", "--dataset", "refcoco", "--split", "val", "--data-root", str(root), "-o", str(out),
+            "--no-progress", "--device", "cpu", *extra]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("refdiff eval: error: ") and all(e in err for e in expected), err
+    assert not out.exists()
 
 
 def test_missing_required_options_and_bad_split(data: Path, tmp_path: Path, capsys) -> None:
@@ -343,7 +388,7 @@ def test_torchrun_environment_two_processes_merge_on_rank0(data: Path, tmp_path:
     one, dist_out = tmp_path / "one", tmp_path / "dist"
     assert run_eval(eval_args(data, one, "--variants", "full,G"), model=PlantedModel()) == 0
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from evaluation_data import PlantedModel; "
-            "from test_evaluation import eval_args; from refdiff.evaluation import run_eval; from pathlib import Path; "
+            "from test_evaluation import eval_args; from refdiff.cli.eval import run_eval; from pathlib import Path; "
             "sys.exit(run_eval(eval_args(Path(sys.argv[2]), Path(sys.argv[3]), '--variants', 'full,G'), "
             "model=PlantedModel()))")
     port = str(_free_port())
@@ -399,8 +444,6 @@ def test_end_to_end_tiny_pipeline(data: Path, tmp_path: Path) -> None:
 
 
 def test_official_preset_turns_the_area_filter_off_on_refcocog() -> None:
-    from refdiff.evaluation.cli import dataset_overrides
-
     assert dataset_overrides("refcocog", "official", {}) == {"sam_min_area": 0}
     assert dataset_overrides("refcoco", "official", {}) == {}
     assert dataset_overrides("refcocog", "paper", {}) == {}

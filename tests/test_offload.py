@@ -258,6 +258,7 @@ def test_cli_offload_flag_reaches_from_pretrained(tmp_path, monkeypatch, capsys)
         raise RefDiffError("stop after building")
 
     monkeypatch.setattr(RefDiff, "from_pretrained", classmethod(fake_from_pretrained))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked before loading
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
     args = ["segment", str(img), "the dog", "-o", str(tmp_path / "m.png"), "--device", "cuda"]
@@ -268,7 +269,7 @@ def test_cli_offload_flag_reaches_from_pretrained(tmp_path, monkeypatch, capsys)
 def test_eval_offload_flag_reaches_from_pretrained(monkeypatch):
     import argparse
 
-    from refdiff.evaluation import cli as eval_cli
+    from refdiff.cli import eval as eval_cli
 
     parser = argparse.ArgumentParser()
     eval_cli.add_eval_arguments(parser)

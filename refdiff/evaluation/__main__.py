@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import sys
 
-from .cli import main
+
+def main() -> int:
+    """Run `refdiff eval` from the command-line package (imported here only, so the library never needs it)."""
+    from ..cli.eval import main as eval_main
+
+    return eval_main()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ and the ground truth of every ref, decoded lazily at the image's original size.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -326,6 +327,14 @@ def load_dataset(dataset: str, data_root: str | Path, split: str, *, split_by: s
     return load_refer(data_root, dataset, split, split_by=split_by, image_dir=image_dir, text=text)
 
 
+def dataset_overrides(dataset: str | None, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Preset settings the released code changes per dataset: the official SAM area filter is off (0) on
+    RefCOCOg, whose referred objects are often small. An explicit override of sam_min_area wins."""
+    if dataset == "refcocog" and preset == "official" and "sam_min_area" not in overrides:
+        return {"sam_min_area": 0}
+    return {}
+
+
 def load_image_rgb(path: Path) -> np.ndarray:
     """Read an image as uint8 RGB [H, W, 3] in its stored pixel order (no EXIF rotation, as COCO annotates)."""
     try:
@@ -339,4 +348,5 @@ def load_image_rgb(path: Path) -> np.ndarray:
 
 __all__ = ["Target", "Sentence", "ImageItem", "EvalSet", "DATASETS", "REFER_DATASETS", "DEFAULT_SPLIT_BY",
            "EVAL_SPLITS", "coco_segmentation_to_mask", "polygons_to_mask", "target_mask", "valid_splits",
-           "check_split", "find_image_dir", "load_refer", "load_phrasecut", "load_dataset", "load_image_rgb"]
+           "check_split", "find_image_dir", "load_refer", "load_phrasecut", "load_dataset", "dataset_overrides",
+           "load_image_rgb"]

@@ -1,4 +1,5 @@
-"""``refdiff eval``: evaluate Ref-Diff variants on RefCOCO/RefCOCO+/RefCOCOg (or PhraseCut) and tabulate.
+"""``refdiff eval``: the command line of the benchmark evaluation (refdiff.evaluation) on RefCOCO/RefCOCO+/
+RefCOCOg or PhraseCut: options, sharding from torchrun's environment, the run and its table.
 
 Also runnable as ``python -m refdiff.evaluation`` and under ``torchrun`` (one shard per process, merged by
 rank 0 at the end).
@@ -6,7 +7,6 @@ rank 0 at the end).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from datetime import timedelta
@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..cli import HelpFormatter, add_method_arguments, add_model_arguments, add_offload_argument
 from ..errors import InputError, RefDiffError
-from .datasets import DATASETS, SPLIT_BYS, EvalSet, load_dataset
-from .records import check_manifest, rank_file, read_manifest, write_manifest
-from .report import format_table, paper_layout, summarize_folder, write_results
-from .runner import VariantSegmenter, canonical_variants, evaluate
+from ..evaluation.datasets import DATASETS, SPLIT_BYS, EvalSet, dataset_overrides, load_dataset
+from ..evaluation.records import check_manifest, rank_file, read_manifest, write_manifest
+from ..evaluation.report import format_table, paper_layout, summarize_folder, write_results
+from ..evaluation.runner import VariantSegmenter, canonical_variants, evaluate
+from .options import HelpFormatter, add_shared_arguments, check_model_options, preset_overrides, report_error
+
+PROG = "refdiff eval"
 
 PICKLE_NOTE = ("The refs(*).p files are Python pickles. They are read only from the --data-root you name, with "
                "a restricted unpickler that accepts plain lists, dicts, strings and numbers and refuses "
@@ -61,27 +63,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--table", type=Path, nargs="+", default=None, metavar="RESULTS_DIR",
                      help="print the paper-layout mIoU and oIoU tables of several results folders")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_method_arguments(parser)  # --preset, --seed, --image-size: as `refdiff segment`
-    add_model_arguments(parser)  # --sd, --sd-config, --sam, --clip, --device, --dtype: as `refdiff segment`
-    add_offload_argument(parser)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any preset field, e.g. --set sam_points_per_side=16 (repeatable; the "
-                             "value is read as JSON when it parses)")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """FIELD=VALUE strings to a dict; VALUE is read as JSON when it parses (lists become tuples)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set image_size=512")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        out[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return out
+    add_shared_arguments(parser)  # --preset ... --set, the models, --device, --offload: as `refdiff segment`
 
 
 def shard_of(args: argparse.Namespace) -> tuple[int, int, bool]:
@@ -119,19 +101,18 @@ def build_manifest(args: argparse.Namespace, evalset: EvalSet, variants: list[st
     return {"dataset": evalset.dataset, "split": evalset.split, "split_by": evalset.split_by,
             "text": "phrase" if evalset.dataset == "phrasecut" else args.text, "preset": args.preset,
             "overrides": overrides, "seed": args.seed, "sd": model_path(args.sd), "sam": model_path(args.sam),
-            "clip": model_path(args.clip), "sd_config": model_path(getattr(args, "sd_config", None)),
+            "clip": model_path(args.clip), "sd_config": model_path(args.sd_config),
             "dtype": args.dtype, "variants": variants,
             "n_sentences": evalset.n_sentences, "limit": args.limit, "refdiff_version": __version__}
 
 
-def load_model(args: argparse.Namespace, overrides: dict[str, Any]) -> VariantSegmenter:
-    """RefDiff.from_pretrained with the command line's model options."""
+def load_model(args: argparse.Namespace, overrides: dict[str, Any], device: str | None = None) -> VariantSegmenter:
+    """RefDiff.from_pretrained with the command line's model options, on ``device`` (default: --device)."""
     from ..pipeline import RefDiff
 
     return RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
-                                   device=rank_device(args.device), dtype=args.dtype,
-                                   sd_config=getattr(args, "sd_config", None),
-                                   offload=getattr(args, "offload", False), **overrides)
+                                   device=args.device if device is None else device, dtype=args.dtype,
+                                   sd_config=args.sd_config, offload=args.offload, **overrides)
 
 
 def _print_summary(out_dir: Path) -> None:
@@ -139,14 +120,6 @@ def _print_summary(out_dir: Path) -> None:
     json_path, md_path = write_results(out_dir, summary)
     print(format_table(summary))
     print(f"wrote {json_path} and {md_path}")
-
-
-def dataset_overrides(dataset: str | None, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Preset settings the released code changes per dataset: the official SAM area filter is off (0) on
-    RefCOCOg, whose referred objects are often small. An explicit --set sam_min_area=... wins."""
-    if dataset == "refcocog" and preset == "official" and "sam_min_area" not in overrides:
-        return {"sam_min_area": 0}
-    return {}
 
 
 def _run(args: argparse.Namespace, model: VariantSegmenter | None) -> int:
@@ -164,11 +137,13 @@ def _run(args: argparse.Namespace, model: VariantSegmenter | None) -> int:
     if missing:
         raise InputError(f"refdiff eval needs {', '.join(missing)} (or --merge RESULTS_DIR / --table DIRS)")
     variants = canonical_variants([v for v in args.variants.split(",") if v.strip()])
-    overrides = parse_overrides(args.overrides)
-    if getattr(args, "image_size", None) is not None:
-        overrides.setdefault("image_size", args.image_size)
+    overrides = preset_overrides(args)
     overrides.update(dataset_overrides(args.dataset, args.preset, overrides))
     rank, world, distributed = shard_of(args)
+    device = None
+    if model is None:  # the models load lazily: check their files before the first sentence needs them
+        device = rank_device(args.device)
+        check_model_options(args, device)
     evalset = load_dataset(args.dataset, args.data_root, args.split, split_by=args.split_by,
                            image_dir=args.image_dir, text=args.text).limited(args.limit)
     out_dir: Path = args.output
@@ -183,7 +158,7 @@ def _run(args: argparse.Namespace, model: VariantSegmenter | None) -> int:
     if distributed:
         _init_distributed()
     if model is None:
-        model = load_model(args, overrides)
+        model = load_model(args, overrides, device)
     report = evaluate(model, evalset, variants, out_dir, seed=args.seed, rank=rank, world_size=world,
                       resume=args.resume, progress=not args.no_progress and (rank == 0 or not distributed))
     print(f"shard {rank}/{world}: {report.n_results} result and {report.n_errors} error line(s) written to "
@@ -218,8 +193,7 @@ def run_eval(args: argparse.Namespace, model: VariantSegmenter | None = None) ->
     try:
         return _run(args, model)
     except RefDiffError as exc:
-        print(f"refdiff eval: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(PROG, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,4 +204,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_eval(parser.parse_args(argv))
 
 
-__all__ = ["add_eval_arguments", "run_eval", "dataset_overrides", "main", "parse_overrides", "shard_of", "rank_device", "PICKLE_NOTE"]
+__all__ = ["add_eval_arguments", "run_eval", "main", "shard_of", "rank_device", "load_model", "build_manifest",
+           "PICKLE_NOTE"]

@@ -1,0 +1,115 @@
+"""``refdiff segment``: the mask of the object a referring expression names in one image."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import VARIANT_HELP, VARIANTS
+from ..errors import InputError, RefDiffError
+from .options import add_shared_arguments, check_model_options, preset_overrides, report_error
+
+PROG = "refdiff segment"
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `refdiff segment`."""
+    parser.add_argument("image", help="input image file (any format Pillow reads; grayscale/RGBA/16-bit converted)")
+    parser.add_argument("text", help='referring expression, e.g. "the black horse jumping on the left"')
+    parser.add_argument("-o", "--output", required=True, help="where to write the mask (PNG, white = selected)")
+    parser.add_argument("--variant", default="full", type=str.lower, choices=sorted(VARIANTS),
+                        help=VARIANT_HELP + " (case-insensitive)")
+    parser.add_argument("--overlay", metavar="OUT.png", default=None, help="also write the image with the mask overlaid")
+    parser.add_argument("--json", metavar="SCORES.json", default=None,
+                        help="also write root token, direction, every proposal's scores, the choice and timings")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_shared_arguments(parser)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the run on an output path that could not be written at its end (a folder, an unknown
+    image extension)."""
+    from PIL import Image
+
+    Image.init()
+    for option, path in (("-o/--output", args.output), ("--overlay", args.overlay), ("--json", args.json)):
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise InputError(f"{option} {path}: is a folder; give a file name such as "
+                             f"{'scores.json' if option == '--json' else 'mask.png'}")
+        if option == "--json":
+            continue
+        ext = Path(path).suffix.lower()
+        if Image.registered_extensions().get(ext) not in Image.SAVE:
+            raise InputError(f"{option} {path}: cannot write an image with the extension {ext or '(none)'!r}; "
+                             "end the name with .png")
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
+            opacity: float = 0.5) -> np.ndarray:
+    """The image with the mask tinted in ``color``."""
+    out = rgb.astype(np.float32)
+    tint = np.asarray(color, dtype=np.float32)
+    out[mask] = (1 - opacity) * out[mask] + opacity * tint
+    return out.round().astype(np.uint8)
+
+
+def result_summary(result: Any, text: str, seconds: float) -> dict[str, Any]:
+    """A JSON-ready summary of a Result (everything but the pixel arrays)."""
+    return {
+        "text": text, "variant": result.variant, "preset": result.preset, "root_token": result.root_token,
+        "root_position": result.root_position, "direction": list(result.direction), "chosen": result.index,
+        "top_k": result.top_k, "proposal_areas": [int(m.sum()) for m in result.proposals],
+        "scores": {k: (None if v is None else [float(x) for x in v]) for k, v in result.scores.items()},
+        "mask_area": int(result.mask.sum()), "seconds": seconds, "timings": result.timings,
+    }
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """Run `refdiff segment` with parsed arguments; returns the exit status (2 on a bad input or file)."""
+    try:
+        return _segment(args)
+    except RefDiffError as exc:
+        return report_error(PROG, exc)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from ..image import load_image
+    from ..pipeline import RefDiff
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    overrides = preset_overrides(args)
+    rgb = load_image(args.image, name=f"image {args.image!r}")
+    check_model_options(args)
+    check_outputs(args)
+    model = RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
+                                    device=args.device, dtype=args.dtype, sd_config=args.sd_config,
+                                    offload=args.offload, progress=lambda stage: say(f"  {stage} ..."), **overrides)
+    start = time.perf_counter()
+    result = model(rgb, args.text, variant=args.variant, seed=args.seed)
+    seconds = time.perf_counter() - start
+    for path in (args.output, args.overlay, args.json):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.mask.astype(np.uint8) * 255).save(args.output)
+    if args.overlay:
+        Image.fromarray(overlay(rgb, result.mask)).save(args.overlay)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result_summary(result, args.text, seconds), indent=2))
+    n = len(result.proposals)
+    say(f"root token: {result.root_token!r}  direction: {', '.join(result.direction) or 'none'}  "
+        f"proposals: {n}  chosen: {result.index}  ({seconds:.1f} s)")
+    if result.index < 0:
+        say("no proposal qualified: the mask is empty")
+    return 0
+
+
+__all__ = ["add_segment_arguments", "run_segment", "check_outputs", "overlay", "result_summary"]
