@@ -142,11 +142,16 @@ def _print_summary(out_dir: Path) -> None:
 
 
 def dataset_overrides(dataset: str | None, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Preset settings the released code changes per dataset: the official SAM area filter is off (0) on
-    RefCOCOg, whose referred objects are often small. An explicit --set sam_min_area=... wins."""
+    """Preset settings of the released code that the evaluation reproduces: the SAM area filter in absolute
+    pixels (sam_min_area_reference=None, as the paper's tables were made), and off (0) for the official
+    preset on RefCOCOg, whose referred objects are often small. An explicit --set of either field wins
+    (e.g. --set sam_min_area_reference=307200 for a threshold relative to the image area)."""
+    out: dict[str, Any] = {}
+    if "sam_min_area_reference" not in overrides:
+        out["sam_min_area_reference"] = None
     if dataset == "refcocog" and preset == "official" and "sam_min_area" not in overrides:
-        return {"sam_min_area": 0}
-    return {}
+        out["sam_min_area"] = 0
+    return out
 
 
 def _run(args: argparse.Namespace, model: VariantSegmenter | None) -> int:
