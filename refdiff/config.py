@@ -56,7 +56,10 @@ class Preset:
     sam_crop_n_layers: int = 0
     sam_min_mask_region_area: int = 0
     sam_keep_largest: int | None = 10  # keep only the N largest SAM masks (None: all)
-    sam_min_area: int = 10000  # drop masks of area <= this many pixels (0: keep all)
+    sam_min_area: int = 10000  # drop masks of area <= this many pixels at the reference area (0: keep all)
+    # The image area at which sam_min_area holds as given; the threshold scales with the image area (10000 px
+    # is ~3% of a 640 x 480 COCO image, at any size). None: sam_min_area in absolute pixels (the released code).
+    sam_min_area_reference: int | None = 640 * 480
     # 7. generative matching
     score_eps: float = 1e-6
     # 8. discriminative matching

@@ -16,3 +16,7 @@ class ModelLoadError(RefDiffError, OSError):
 
 class DependencyError(RefDiffError, ImportError):
     """An optional dependency needed for a feature is not installed; the message names the package."""
+
+
+class RefDiffWarning(UserWarning):
+    """A run went ahead but its result may mean little (e.g. a text naming no object); the message says why."""

@@ -1,5 +1,5 @@
 """The generative map c (docs/METHOD.md section 5, Eq. 5): the root token's attention map, resized to the padded
-square, cropped back to the original frame and min-max normalised.
+square, clipped to the map's own range, cropped back to the original frame and min-max normalised.
 """
 from __future__ import annotations
 
@@ -40,10 +40,22 @@ def _check_mode(mode: str) -> None:
         raise InputError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
+def clip_to_range(resized: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Clip a resized map to [min, max] of the map it was resized from.
+
+    Lanczos rings: next to a sharp edge it overshoots the source's maximum (and undershoots its minimum), and
+    after min-max normalisation that overshoot would become the map's peak, a sliver along the edge that the
+    top thresholds of Eq. 8 select. The released code resizes through uint8, which clips at the map's range.
+    Bilinear never leaves the range, so the clip changes nothing there.
+    """
+    return resized.clamp(min=source.min().item(), max=source.max().item())
+
+
 def resize_map(m: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
     """Resize a float map [h, w] to [height, width]: torch bilinear (align_corners=False) or PIL Lanczos.
 
-    Lanczos runs on a float32 ("F") PIL image, so values are not rounded to 8 bits.
+    Lanczos runs on a float32 ("F") PIL image, so values are not rounded to 8 bits; its ringing is clipped
+    to the source map's range (``clip_to_range``).
     """
     _check_map(m, "map")
     _check_mode(mode)
@@ -55,7 +67,7 @@ def resize_map(m: torch.Tensor, height: int, width: int, mode: str = "bilinear")
     else:
         image = Image.fromarray(np.ascontiguousarray(src.numpy(), dtype=np.float32))  # 2-D float32: mode "F"
         out = torch.from_numpy(np.array(image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32))
-    return out.to(m.device)
+    return clip_to_range(out, src).to(m.device)
 
 
 def _lanczos(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +112,8 @@ def _resize_weights(in_size: int, out_size: int, start: int, count: int, mode: s
 
 def generative_map(token_map: torch.Tensor, prep: "PreparedImage", mode: str = "lanczos",
                    eps: float = 1e-8) -> torch.Tensor:
-    """Eq. 5: the square token map resized to the padded square, cropped to the frame, min-max normalised.
+    """Eq. 5: the square token map resized to the padded square, clipped to the token map's range
+    (``clip_to_range``: no Lanczos overshoot), cropped to the frame, min-max normalised.
 
     Returns float32 [H, W] in [0, 1] at the original image's size. Normalising after the crop makes the
     in-frame map span [0, 1], so the thresholds of Eq. 8 and the scores of Eq. 9 do not depend on how much
@@ -122,8 +135,8 @@ def generative_map(token_map: torch.Tensor, prep: "PreparedImage", mode: str = "
     h, w = src.shape
     wy = _resize_weights(h, side, y0, height, mode)
     wx = _resize_weights(w, side, x0, width, mode)
-    frame = (wy @ src @ wx.T).to(torch.float32)
+    frame = clip_to_range((wy @ src @ wx.T).to(torch.float32), src)
     return minmax_normalize(frame, eps=eps).to(token_map.device)
 
 
-__all__ = ["minmax_normalize", "resize_map", "generative_map", "RESIZE_MODES"]
+__all__ = ["minmax_normalize", "clip_to_range", "resize_map", "generative_map", "RESIZE_MODES"]

@@ -18,9 +18,9 @@ import torch
 
 from . import offload as _offload
 from .config import VARIANTS, Preset, Variant, get_preset, get_variant, sam_generator_kwargs
-from .errors import InputError
+from .errors import InputError, RefDiffWarning
 from .image import PreparedImage, image_key, load_image, prepare_image
-from .text import ParsedText, parse_text, root_token_position, truncation_warning
+from .text import NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position, truncation_warning
 
 ProgressFn = Callable[[str], None]
 
@@ -41,6 +41,7 @@ class Result:
     variant: str
     preset: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (cache hits cost ~0)
+    warnings: list[str] = field(default_factory=list)  # why the result may mean little (also warned)
 
 
 class _LRU:
@@ -106,7 +107,7 @@ class RefDiff:
 
     def __init__(self, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                  nlp: Any = None, cache_size: int = 8, progress: ProgressFn | None = None,
-                 offload: bool = False, device: str | torch.device | None = None,
+                 offload: bool = False, device: str | torch.device | None = None, no_noun: str = "warn",
                  **preset_overrides: Any) -> None:
         """sd: ``SDComponents``; sam: a segment-anything ``Sam``; clip: a ``ClipScorer`` (each optional, or a
         zero-argument loader). Preset fields may be overridden by keyword (e.g. ``image_size=512``).
@@ -115,7 +116,14 @@ class RefDiff:
         available, else cpu) only while its stage runs: peak GPU memory is one stage's model instead of all of
         them (6-8 GB GPUs), at the price of a host-to-device copy of that model per stage that is not cached.
         Results are the same as without offloading on the same device. Without offload the models compute
-        where they are, and ``device`` must be left unset."""
+        where they are, and ``device`` must be left unset.
+
+        ``no_noun`` is what to do with a text whose root word names no object ("on the left"): "warn" (keep
+        the preset's root, warn, and note it in ``Result.warnings``) or "error" (raise InputError); see
+        ``refdiff.text.check_root``."""
+        if no_noun not in NO_NOUN_POLICIES:
+            raise InputError(f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {no_noun!r}")
+        self.no_noun = no_noun
         self.preset = get_preset(preset).with_(**preset_overrides) if preset_overrides else get_preset(preset)
         self._sd = sd if isinstance(sd, _Lazy) else _Lazy(sd)
         self._sam = sam if isinstance(sam, _Lazy) else _Lazy(sam)
@@ -229,6 +237,8 @@ class RefDiff:
             raise InputError("variants is empty; choose at least one of " + ", ".join(VARIANTS))
         rgb = load_image(image)
         parsed = self._parse(text)
+        root_note = check_root(parsed, self.no_noun)  # raises under "error" when the text names no object
+        notes = [root_note] if root_note else []
         key = image_key(rgb)
         timings: dict[str, float] = {}
         maps: dict[bool, tuple[torch.Tensor, int]] = {}  # refined? -> (generative map c, root position)
@@ -238,9 +248,9 @@ class RefDiff:
                 maps[refine] = self._generative_map(rgb, key, parsed, seed, timings, refine=refine)
             return maps[refine]
 
-        sam_masks = None
+        sam_masks, sam_note = None, None
         if any(v.proposals == "sam" for v in chosen):
-            sam_masks = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
+            sam_masks, sam_note = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
         results = {}
         for v in chosen:
             c, root_position = generative(v.refine) if v.needs_diffusion else (None, None)
@@ -256,6 +266,7 @@ class RefDiff:
             if v.discriminative and masks.shape[0]:
                 s_d = self._timed(timings, f"clip_{v.name}", lambda: self._discriminative(rgb, key, parsed, masks, v))
             results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings))
+            results[v.name].warnings = notes + ([sam_note] if sam_note and v.proposals == "sam" else [])
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------
@@ -359,9 +370,10 @@ class RefDiff:
 
         return self._sam_masks.get(cache_key, cluster)
 
-    def _sam_proposals(self, rgb: np.ndarray, key: str) -> torch.Tensor:
-        """SAM automatic masks (cached per image), then the preset's post-filter."""
-        from .proposals import filter_proposals, sam_proposals
+    def _sam_proposals(self, rgb: np.ndarray, key: str) -> tuple[torch.Tensor, str | None]:
+        """SAM automatic masks (cached per image), then the preset's post-filter at the image's size; with the
+        filter's message (also warned) when it removed every mask."""
+        from .proposals import sam_post_filter, sam_proposals
 
         p = self.preset
 
@@ -371,8 +383,11 @@ class RefDiff:
                 return sam_proposals(generator, rgb)
 
         raw = self._sam_masks.get((key, tuple(sorted(sam_generator_kwargs(p).items()))), generate)
-        masks, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
-        return masks
+        masks, _, note = sam_post_filter(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area,
+                                         min_area_reference=p.sam_min_area_reference)
+        if note:
+            warnings.warn(note, RefDiffWarning, stacklevel=2)
+        return masks, note
 
     def _threshold(self, c: torch.Tensor) -> torch.Tensor:
         from .proposals import threshold_proposals

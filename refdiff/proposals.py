@@ -92,10 +92,11 @@ def sam_proposals(generator: "SamAutomaticMaskGenerator", image: np.ndarray) -> 
 
 
 def filter_proposals(masks: torch.Tensor, keep_largest: int | None = 10,
-                     min_area: int = 10000) -> tuple[torch.Tensor, torch.Tensor]:
+                     min_area: float = 10000) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``official`` post-filter: keep the ``keep_largest`` largest masks (None: all), then drop those of
     area <= ``min_area`` px (0 drops only empty masks). Returns (kept masks, their indices into ``masks``), in
-    input order; the result may be empty. Area ties at the cut keep the lower index."""
+    input order; the result may be empty. Area ties at the cut keep the lower index. ``sam_post_filter``
+    applies it at an image's size."""
     _check_masks(masks)
     if keep_largest is not None and keep_largest < 0:
         raise InputError(f"keep_largest must be >= 0 or None, got {keep_largest}")
@@ -109,4 +110,63 @@ def filter_proposals(masks: torch.Tensor, keep_largest: int | None = 10,
     return masks[keep.to(masks.device)], keep
 
 
-__all__ = ["threshold_proposals", "dedupe_masks", "make_mask_generator", "sam_proposals", "filter_proposals"]
+def effective_min_area(min_area: float, height: int, width: int, reference: int | None = 640 * 480) -> float:
+    """The area threshold of the post-filter for a height x width image: ``min_area`` x (height x width) /
+    ``reference``, so it is the same fraction of the picture at any size; ``reference`` None keeps ``min_area``
+    in absolute pixels (the released code)."""
+    if min_area < 0:
+        raise InputError(f"min_area must be >= 0, got {min_area}")
+    if height < 1 or width < 1:
+        raise InputError(f"image size must be positive, got {width} x {height}")
+    if reference is None:
+        return float(min_area)
+    if isinstance(reference, bool) or not isinstance(reference, (int, float)) or reference <= 0:
+        raise InputError(f"sam_min_area_reference must be a positive image area in pixels (e.g. {640 * 480} for "
+                         f"640 x 480) or None for absolute pixels, got {reference!r}")
+    return float(min_area) * (height * width) / float(reference)
+
+
+def _px(value: float) -> str:
+    """An area for a message: whole pixels as integers, otherwise one decimal."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def filtered_out_message(n_masks: int, largest_area: int, height: int, width: int, keep_largest: int | None,
+                         min_area: float, reference: int | None, threshold: float) -> str:
+    """What to tell the user when the post-filter removed all ``n_masks`` proposals of a width x height image."""
+    which = f"all {n_masks} masks" if n_masks > 1 else "the only mask"
+    head = f"the SAM post-filter removed {which} of this {width} x {height} image, so the mask is empty"
+    if keep_largest == 0:
+        return f"{head}: sam_keep_largest=0 keeps none; raise sam_keep_largest (None keeps all)"
+    if reference is None:
+        rule = f"sam_min_area={_px(min_area)} in absolute pixels, as sam_min_area_reference=None"
+        scaled = effective_min_area(min_area, height, width, 640 * 480)
+        fix = (f"set sam_min_area_reference={640 * 480} to scale the threshold with the image area "
+               f"({_px(scaled)} px here), or lower sam_min_area (0 keeps every mask)")
+    else:
+        rule = (f"sam_min_area={_px(min_area)} at the reference area sam_min_area_reference={reference} px, "
+                f"scaled to this image's {height * width} px")
+        fix = "lower sam_min_area (0 keeps every mask), or set sam_min_area_reference=None for absolute pixels"
+    return (f"{head}: the largest has {largest_area} px, not above the area threshold of {_px(threshold)} px "
+            f"({rule}); {fix}")
+
+
+def sam_post_filter(masks: torch.Tensor, keep_largest: int | None = 10, min_area: float = 10000,
+                    min_area_reference: int | None = 640 * 480) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """The ``official`` post-filter at the masks' image size (threshold ``effective_min_area``).
+
+    Returns (kept masks, their indices, a message when it removed every mask, else None): an empty result is
+    never silent."""
+    _check_masks(masks)
+    n, height, width = masks.shape
+    threshold = effective_min_area(min_area, height, width, min_area_reference)
+    kept, keep = filter_proposals(masks, keep_largest=keep_largest, min_area=threshold)
+    if n == 0 or kept.shape[0]:
+        return kept, keep, None
+    largest = int(masks.flatten(1).sum(dim=1).max())
+    return kept, keep, filtered_out_message(n, largest, height, width, keep_largest, min_area,
+                                            min_area_reference, threshold)
+
+
+__all__ = ["threshold_proposals", "dedupe_masks", "make_mask_generator", "sam_proposals", "filter_proposals",
+           "effective_min_area", "sam_post_filter", "filtered_out_message"]

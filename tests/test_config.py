@@ -13,6 +13,7 @@ def test_official_preset_matches_the_released_code():
     assert p.capture_kind == "logits" and p.capture_factor == 4 and p.use_cfg
     assert p.root_rule == "root_or_subj" and p.map_resize == "lanczos"
     assert (p.sam_keep_largest, p.sam_min_area) == (10, 10000)
+    assert p.sam_min_area_reference == 640 * 480  # 10000 px is ~3 % of a COCO-sized image, at any image size
     assert p.clip_layer == "final" and p.bias_branch == "crop"
     assert (p.crop_weight, p.mask_weight, p.crop_root_weight, p.mask_root_weight) == (0.7, 0.3, 0.0, 0.5)
     assert p.normalize_text  # cos(., 0.5 r_sent + 0.5 r_root)

@@ -312,10 +312,11 @@ def test_main_cli_mounts_eval_and_passes_model_options(data: Path, tmp_path: Pat
     assert main(argv) == 0
     assert seen == {"sd": str(sd_folder), "sam": str(sam), "clip": "ViT-B-16/openai", "preset": "paper",
                     "device": "cuda:1", "dtype": "fp16", "sd_config": None, "offload": False, "image_size": 512,
-                    "sam_min_area": 5,
+                    "sam_min_area": 5, "sam_min_area_reference": None,
                     "thresholds": (0.3, 0.6), "set_device": 1}
     manifest = json.loads((out / "run.json").read_text())
-    assert manifest["overrides"] == {"image_size": 512, "sam_min_area": 5, "thresholds": [0.3, 0.6]}
+    assert manifest["overrides"] == {"image_size": 512, "sam_min_area": 5, "sam_min_area_reference": None,
+                                     "thresholds": [0.3, 0.6]}
     assert main(["eval", "--merge", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["variants"]["full"]["mIoU"] == pytest.approx(50.0)
 
@@ -444,7 +445,9 @@ def test_end_to_end_tiny_pipeline(data: Path, tmp_path: Path) -> None:
 
 
 def test_official_preset_turns_the_area_filter_off_on_refcocog() -> None:
-    assert dataset_overrides("refcocog", "official", {}) == {"sam_min_area": 0}
-    assert dataset_overrides("refcoco", "official", {}) == {}
-    assert dataset_overrides("refcocog", "paper", {}) == {}
-    assert dataset_overrides("refcocog", "official", {"sam_min_area": 500}) == {}
+    absolute = {"sam_min_area_reference": None}  # the released code's filter is in pixels, at any image size
+    assert dataset_overrides("refcocog", "official", {}) == {**absolute, "sam_min_area": 0}
+    assert dataset_overrides("refcoco", "official", {}) == absolute
+    assert dataset_overrides("refcocog", "paper", {}) == absolute
+    assert dataset_overrides("refcocog", "official", {"sam_min_area": 500}) == absolute
+    assert dataset_overrides("refcoco", "official", {"sam_min_area_reference": 307200}) == {}  # --set wins

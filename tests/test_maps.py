@@ -10,7 +10,9 @@ from PIL import Image
 
 from refdiff.errors import InputError
 from refdiff.image import PreparedImage, pad_to_square
-from refdiff.maps import generative_map, minmax_normalize, resize_map
+from refdiff.maps import clip_to_range, generative_map, minmax_normalize, resize_map
+from refdiff.proposals import threshold_proposals
+from refdiff.scoring import generative_scores
 
 
 def _prep(width: int, height: int) -> PreparedImage:
@@ -39,11 +41,46 @@ def test_resize_lanczos_is_pil_float_without_rounding() -> None:
     m = torch.linspace(0.0, 1e-3, 35).reshape(5, 7)  # far below one 8-bit step
     out = resize_map(m, 23, 17, mode="lanczos")
     ref = np.asarray(Image.fromarray(m.numpy()).resize((17, 23), Image.Resampling.LANCZOS))
+    ref = np.clip(ref, 0.0, np.float32(1e-3))  # PIL's float output, its ringing clipped to the map's range
     assert out.shape == (23, 17) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=0)
     assert len(torch.unique(out)) > 100  # not quantised
     flat = resize_map(torch.full((4, 4), 0.123456), 10, 9, mode="lanczos")
     torch.testing.assert_close(flat, torch.full((10, 9), 0.123456))
+
+
+def test_lanczos_overshoot_is_clipped_to_the_maps_range() -> None:
+    # a sharp step: PIL's float Lanczos rings to about 1.1 beside the edge and -0.1 before it
+    step = torch.zeros(8, 8)
+    step[:, 4:] = 1.0
+    ringing = np.asarray(Image.fromarray(step.numpy()).resize((64, 64), Image.Resampling.LANCZOS))
+    assert ringing.max() > 1.05 and ringing.min() < -0.05  # the overshoot the clip must remove
+    out = resize_map(step, 64, 64, mode="lanczos")
+    assert out.min().item() == 0.0 and out.max().item() == 1.0
+    np.testing.assert_array_equal(out.numpy(), np.clip(ringing, 0.0, 1.0))
+    shifted = resize_map(step * 3.0 + 2.0, 64, 64, mode="lanczos")  # the map's own range, not [0, 1]
+    assert shifted.min().item() == 2.0 and shifted.max().item() == 5.0
+    assert torch.equal(clip_to_range(torch.tensor([-1.0, 0.5, 9.0]), torch.tensor([0.0, 2.0])),
+                       torch.tensor([0.0, 0.5, 2.0]))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "lanczos"])
+def test_sharp_plateau_is_selected_under_both_resize_modes(mode: str) -> None:
+    # Planted answer: a flat, sharp-edged plateau of attention. Eq. 5 -> Eq. 8 -> Eq. 9 -> argmax must pick
+    # the plateau, not a sliver of Lanczos overshoot along its edge (IoU ~0.01 without the clip).
+    width, height = 256, 192
+    prep = _prep(width, height)  # side 256, offset (0, 32)
+    x0, y0 = prep.offset
+    token = torch.zeros(32, 32)
+    token[10:20, 8:22] = 1.0
+    cell = prep.side // 32
+    plateau = torch.zeros(height, width, dtype=torch.bool)
+    plateau[10 * cell - y0:20 * cell - y0, 8 * cell - x0:22 * cell - x0] = True
+    c = generative_map(token, prep, mode=mode)
+    masks = threshold_proposals(c)
+    best = masks[int(generative_scores(c, masks).argmax())]
+    iou = (best & plateau).sum().item() / (best | plateau).sum().item()
+    assert iou >= 0.5, f"{mode}: IoU {iou:.3f} with the plateau"
 
 
 def test_resize_rejects_bad_input() -> None:

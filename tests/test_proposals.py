@@ -8,8 +8,8 @@ import torch
 
 from refdiff.config import DEFAULT_THRESHOLDS, OFFICIAL, sam_generator_kwargs
 from refdiff.errors import InputError
-from refdiff.proposals import dedupe_masks, filter_proposals, make_mask_generator, sam_proposals, \
-    threshold_proposals
+from refdiff.proposals import dedupe_masks, effective_min_area, filter_proposals, make_mask_generator, \
+    sam_post_filter, sam_proposals, threshold_proposals
 
 
 def test_threshold_proposals_drop_empty_and_duplicates_keep_order() -> None:
@@ -82,6 +82,75 @@ def test_filter_proposals_bad_input() -> None:
         filter_proposals(torch.zeros(2, 3, 3))
     with pytest.raises(InputError, match="keep_largest"):
         filter_proposals(torch.zeros(2, 3, 3, dtype=torch.bool), keep_largest=-1)
+
+
+def _boxes(height: int, width: int, areas: list[tuple[int, int]]) -> torch.Tensor:
+    """Planted masks of a height x width image: one (h, w) box per entry, at the top-left corner."""
+    masks = torch.zeros(len(areas), height, width, dtype=torch.bool)
+    for i, (h, w) in enumerate(areas):
+        masks[i, :h, :w] = True
+    return masks
+
+
+def test_effective_min_area_scales_with_the_image_area() -> None:
+    assert effective_min_area(10000, 480, 640, 640 * 480) == 10000.0  # COCO size: as given
+    assert effective_min_area(10000, 97, 131, 640 * 480) == pytest.approx(10000 * 12707 / 307200)  # ~413.6 px
+    assert effective_min_area(10000, 3000, 4000, 640 * 480) == pytest.approx(390625.0)  # 12 MP: still ~3 %
+    assert effective_min_area(10000, 97, 131, None) == 10000.0  # absolute pixels (released code)
+    assert effective_min_area(0, 97, 131, 640 * 480) == 0.0
+    with pytest.raises(InputError, match="sam_min_area_reference must be a positive"):
+        effective_min_area(10000, 97, 131, 0)
+    with pytest.raises(InputError, match="min_area must be >= 0"):
+        effective_min_area(-1, 97, 131, None)
+
+
+def test_small_image_keeps_its_plausible_proposals_with_the_relative_rule() -> None:
+    # a 131 x 97 image (12707 px): the object boxes cover 24 %, 12 % and 4 % of it, a speck 0.4 %
+    masks = _boxes(97, 131, [(60, 50), (40, 38), (20, 25), (5, 10)])
+    kept, idx, note = sam_post_filter(masks, keep_largest=10, min_area=10000, min_area_reference=640 * 480)
+    assert idx.tolist() == [0, 1, 2] and torch.equal(kept, masks[:3]) and note is None  # threshold ~413.6 px
+    # the same masks under the released rule: 10000 px is 79 % of this image, so every proposal goes
+    kept, idx, note = sam_post_filter(masks, keep_largest=10, min_area=10000, min_area_reference=None)
+    assert kept.shape == (0, 97, 131) and idx.numel() == 0
+    assert note == ("the SAM post-filter removed all 4 masks of this 131 x 97 image, so the mask is empty: the "
+                    "largest has 3000 px, not above the area threshold of 10000 px (sam_min_area=10000 in "
+                    "absolute pixels, as sam_min_area_reference=None); set sam_min_area_reference=307200 to "
+                    "scale the threshold with the image area (413.6 px here), or lower sam_min_area (0 keeps "
+                    "every mask)")
+
+
+def test_absolute_rule_is_the_released_filter_exactly() -> None:
+    areas = [9000, 10000, 10001, 12000, 9999, 15000, 20000, 30000, 40000, 50000, 60000, 70000, 80000]
+    masks = _masks_with_areas(areas, width=300)  # a 300 x 300 image: the relative rule would cut at ~2930 px
+    kept, idx, note = sam_post_filter(masks, keep_largest=10, min_area=10000, min_area_reference=None)
+    released_kept, released_idx = filter_proposals(masks, keep_largest=10, min_area=10000)
+    assert idx.tolist() == released_idx.tolist() == [2, 3, 5, 6, 7, 8, 9, 10, 11, 12] and note is None
+    assert torch.equal(kept, released_kept)
+    edge = _masks_with_areas([10000, 10001], width=110)  # 12100 px image; the cut stays at 10000 px
+    assert sam_post_filter(edge, 10, 10000, None)[1].tolist() == [1]
+    # at 640 x 480 the relative rule is the same cut
+    big = torch.zeros(2, 480, 640, dtype=torch.bool)
+    big[0].view(-1)[:10000] = True
+    big[1].view(-1)[:10001] = True
+    assert sam_post_filter(big, 10, 10000, 640 * 480)[1].tolist() == [1]
+
+
+def test_post_filter_says_when_it_removes_everything() -> None:
+    masks = _boxes(97, 131, [(10, 10), (3, 4)])
+    kept, _, note = sam_post_filter(masks, keep_largest=10, min_area=10000, min_area_reference=640 * 480)
+    assert kept.shape[0] == 0
+    assert note == ("the SAM post-filter removed all 2 masks of this 131 x 97 image, so the mask is empty: the "
+                    "largest has 100 px, not above the area threshold of 413.6 px (sam_min_area=10000 at the "
+                    "reference area sam_min_area_reference=307200 px, scaled to this image's 12707 px); lower "
+                    "sam_min_area (0 keeps every mask), or set sam_min_area_reference=None for absolute pixels")
+    _, _, none_kept = sam_post_filter(masks, keep_largest=0, min_area=0, min_area_reference=None)
+    assert none_kept == ("the SAM post-filter removed all 2 masks of this 131 x 97 image, so the mask is empty: "
+                         "sam_keep_largest=0 keeps none; raise sam_keep_largest (None keeps all)")
+    one = sam_post_filter(masks[:1], 10, 10000, None)[2]
+    assert one.startswith("the SAM post-filter removed the only mask of this 131 x 97 image")
+    # nothing to remove, or something kept: no message
+    assert sam_post_filter(torch.zeros(0, 97, 131, dtype=torch.bool), 10, 10000, None)[2] is None
+    assert sam_post_filter(masks, 10, 50, None)[2] is None
 
 
 class _FakeGenerator:

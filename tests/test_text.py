@@ -1,12 +1,14 @@
 """Parsing the referring expression: root word, direction clues, BPE positions by character offsets."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from open_clip.tokenizer import SimpleTokenizer
 
 from refdiff import text as rt
-from refdiff.errors import DependencyError, InputError
-from refdiff.text import (ParsedText, count_tokens, find_directions, parse_text, root_token_position,
+from refdiff.errors import DependencyError, InputError, RefDiffWarning
+from refdiff.text import (ParsedText, check_root, count_tokens, find_directions, parse_text, root_token_position,
                           strip_prompt_weights, token_spans, truncation_warning, word_token_positions)
 from refdiff.tokenizer import clip_tokenizer
 
@@ -33,7 +35,9 @@ def test_root_rules_on_the_reference_sentence(nlp) -> None:
     official = parse_text("the black horse jumping on the left", nlp=nlp)
     paper = parse_text("the black horse jumping on the left", root_rule="root", nlp=nlp)
     assert official.root == "horse" and official.root_span == (10, 15)
-    assert paper.root == "jumping" and paper.root_span == (16, 23)
+    # the paper (Sec. 3.2, Fig. 1) names 'horse': spaCy's ROOT is the verb 'jumping', whose subject is the noun
+    assert paper.root == "horse" and paper.root_span == (10, 15)
+    assert official.root_is_noun and paper.root_is_noun and official.warning is None
     assert official.directions == paper.directions == ("left",)
     assert official.words[0] == ("the", 0, 3) and official.words[-1] == ("left", 31, 35)
     assert len(official.words) == 7
@@ -56,6 +60,73 @@ def test_default_pipeline_loads_and_is_cached() -> None:
 def test_text_without_noun_still_gets_a_root(nlp) -> None:
     p = parse_text("red", nlp=nlp)
     assert p.root == "red" and p.root_span == (0, 3)
+    assert not p.root_is_noun and p.nouns == () and "'red' names no object" in p.warning
+
+
+@pytest.mark.parametrize("text,official,paper", [
+    ("the black horse jumping on the left", "horse", "horse"),  # ROOT verb -> its nominal subject
+    ("left zebra", "left", "zebra"),  # ROOT verb 'left' -> its object; official: the first ROOT
+    ("is the dog", "is", "dog"),  # ROOT auxiliary -> its subject
+    ("two dogs playing", "dogs", "dogs"),
+    ("the man on the left", "man", "man"),  # ROOT already a noun
+    ("on the left", "on", "on"),  # the ROOT governs no noun: it stays
+])
+def test_paper_root_is_the_head_noun(nlp, text: str, official: str, paper: str) -> None:
+    assert parse_text(text, nlp=nlp).root == official
+    assert parse_text(text, root_rule="root", nlp=nlp).root == paper
+
+
+@pytest.mark.parametrize("text,root,nouns", [
+    ("on the left", "on", ()),
+    ("left", "left", ()),
+    ("the one on the right", "one", ()),  # "one" stands for an object without naming it
+    ("bottom left", "bottom", ()),  # a direction word is no object
+    ("left. the dog sitting", "left", ("dog",)),  # a noun exists, but the root is not it
+])
+def test_root_that_names_no_object_is_flagged(nlp, text: str, root: str, nouns: tuple[str, ...]) -> None:
+    p = parse_text(text, nlp=nlp)
+    assert (p.root, p.root_is_noun, p.nouns) == (root, False, nouns)
+    assert p.warning.startswith(f"text {text!r}") and repr(root) in p.warning
+
+
+@pytest.mark.parametrize("text", ["the man on the left", "top left cake", "right zebra", "a dog"])
+def test_root_that_is_a_noun_needs_no_check(nlp, text: str) -> None:
+    p = parse_text(text, nlp=nlp)
+    assert p.root_is_noun and p.warning is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_root(p, "error") is None and check_root(p, "warn") is None
+
+
+def test_no_noun_error_policy_names_the_text_and_the_fix(nlp) -> None:
+    p = parse_text("on the left", nlp=nlp)
+    with pytest.raises(InputError) as err:
+        check_root(p, "error")
+    assert str(err.value) == ("text 'on the left' names no object for the attention map to follow: add the "
+                              "object's noun, e.g. 'the dog on the left'")
+
+
+def test_no_noun_warn_policy_keeps_the_root_and_warns(nlp) -> None:
+    p = parse_text("the one on the right", nlp=nlp)
+    with pytest.warns(RefDiffWarning, match="names no object") as caught:
+        note = check_root(p, "warn")
+    assert note == p.warning == str(caught[0].message)
+    assert p.root == "one"  # the preset's token is kept (RefCOCO's "left" must run as the paper ran it)
+    assert note == ("text 'the one on the right' names no object for the attention map to follow: the map "
+                    "follows the word 'one' and the mask may mean nothing; add the object's noun, e.g. "
+                    "'the dog on the left'")
+
+
+def test_noun_that_is_not_the_root_is_warned_under_both_policies(nlp) -> None:
+    p = parse_text("left. the dog sitting", nlp=nlp)
+    for policy in ("warn", "error"):
+        with pytest.warns(RefDiffWarning, match="root word 'left'"):
+            assert "'dog'" in check_root(p, policy)
+
+
+def test_unknown_no_noun_policy_raises(nlp) -> None:
+    with pytest.raises(InputError, match="no_noun must be one of"):
+        check_root(parse_text("a dog", nlp=nlp), "ignore")
 
 
 def test_several_sentences_use_first_root_or_subject(nlp) -> None:
@@ -134,6 +205,29 @@ def test_parse_text_reports_directions(nlp) -> None:
     assert parse_text("top left corner", nlp=nlp).directions == ("top", "left")
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("the man who left the room", ()),  # the verb "leave"
+    ("a man who has left", ()),
+    ("the man left the room", ()),
+    ("guy who left his bag on the right", ("right",)),
+    ("the cup on top of the table", ()),  # resting on another object, not the top of the frame
+    ("book on the top of the shelf", ()),
+    ("the cat on top of the car on the left", ("left",)),
+    # ordinary phrases keep their clues, also where spaCy tags 'left' as a verb
+    ("the man on the left", ("left",)),
+    ("top left cake", ("top", "left")),
+    ("right zebra", ("right",)),
+    ("left zebra", ("left",)),
+    ("woman left", ("left",)),
+    ("man left of the tree", ("left",)),
+    ("the man on top", ("top",)),
+    ("top-left corner", ("top", "left")),
+])
+def test_parse_text_keeps_only_clues_that_place_the_target(nlp, text: str, expected: tuple[str, ...]) -> None:
+    assert parse_text(text, nlp=nlp).directions == expected
+    assert parse_text(text, root_rule="root", nlp=nlp).directions == expected
+
+
 # ------------------------------------------------------------------------------------ token positions
 def test_token_spans_match_the_tokenizer(tok) -> None:
     text = "  The  hat\tthat is on the LEFT, zebras! "
@@ -194,8 +288,10 @@ def test_root_position_is_last_piece_of_horse(tok, nlp) -> None:
     pos = root_token_position(p, tok)
     assert pos == 3 and _piece(tok, p.text + ", ", pos) == "horse</w>"
     paper = parse_text("the black horse jumping on the left", root_rule="root", nlp=nlp)
-    pos = root_token_position(paper, tok)
-    assert pos == 4 and _piece(tok, paper.text + ", ", pos) == "jumping</w>"
+    assert root_token_position(paper, tok) == 3  # the paper's root is 'horse' too (Fig. 1)
+    verb = ParsedText(text=p.text, root="jumping", root_span=(16, 23), directions=(), words=())
+    pos = root_token_position(verb, tok)
+    assert pos == 4 and _piece(tok, p.text + ", ", pos) == "jumping</w>"
 
 
 def test_hat_is_not_found_inside_that(tok, nlp) -> None:

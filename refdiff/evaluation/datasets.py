@@ -328,11 +328,16 @@ def load_dataset(dataset: str, data_root: str | Path, split: str, *, split_by: s
 
 
 def dataset_overrides(dataset: str | None, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Preset settings the released code changes per dataset: the official SAM area filter is off (0) on
-    RefCOCOg, whose referred objects are often small. An explicit override of sam_min_area wins."""
+    """Preset settings of the released code that the evaluation reproduces: the SAM area filter in absolute
+    pixels (sam_min_area_reference=None, as the paper's tables were made), and off (0) for the official
+    preset on RefCOCOg, whose referred objects are often small. An explicit override of either field wins
+    (e.g. --set sam_min_area_reference=307200 for a threshold relative to the image area)."""
+    out: dict[str, Any] = {}
+    if "sam_min_area_reference" not in overrides:
+        out["sam_min_area_reference"] = None
     if dataset == "refcocog" and preset == "official" and "sam_min_area" not in overrides:
-        return {"sam_min_area": 0}
-    return {}
+        out["sam_min_area"] = 0
+    return out
 
 
 def load_image_rgb(path: Path) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""What a run says about itself: Result.warnings and RefDiffWarning for a text that names no object and for a
+SAM post-filter that removes every proposal (tiny random models, planted SAM masks)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from refdiff.errors import InputError, RefDiffWarning
+from refdiff.pipeline import RefDiff
+
+FAST = dict(image_size=64, sam_points_per_side=4, sam_points_per_batch=16, sam_pred_iou_thresh=0.0,
+            sam_stability_score_thresh=0.0, sam_min_area=0)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from refdiff.testing.clip import tiny_clip
+    from refdiff.testing.sam import tiny_sam
+    from refdiff.testing.sd import tiny_sd
+
+    torch.manual_seed(0)
+    return tiny_sd(), tiny_sam(), tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    rgb = np.zeros((45, 67, 3), dtype=np.uint8)
+    rgb[5:30, 4:25] = (200, 30, 30)
+    rgb[10:40, 40:60] = (30, 30, 200)
+    return rgb + rng.integers(0, 20, rgb.shape, dtype=np.uint8)
+
+
+def make(models, preset="official", **overrides):
+    sd, sam, clip = models
+    return RefDiff(sd=sd, sam=sam, clip=clip, preset=preset, **{**FAST, **overrides})
+
+
+def test_filter_that_removes_everything_says_so(models, image):
+    model = make(models, sam_min_area=10**9)  # every SAM mask is filtered out
+    with pytest.warns(RefDiffWarning, match="the SAM post-filter removed"):
+        r = model(image, "the blue box", variant="full")
+    assert r.proposals.shape == (0, 45, 67) and not r.mask.any()
+    assert len(r.warnings) == 1 and "sam_min_area=1000000000" in r.warnings[0]  # the empty mask is explained
+    assert make(models)(image, "the blue box", variant="full").warnings == []
+
+
+def test_text_naming_no_object_warns_by_default_and_can_be_refused(models, image):
+    with pytest.warns(RefDiffWarning, match="names no object"):
+        results = make(models).segment_variants(image, "on the left", ["G", "DS"])
+    for r in results.values():  # the preset's root is kept, and every result carries the note
+        assert r.root_token == "on" and r.direction == ("left",) and r.mask.shape == (45, 67)
+        assert r.warnings == ["text 'on the left' names no object for the attention map to follow: the map "
+                              "follows the word 'on' and the mask may mean nothing; add the object's noun, e.g. "
+                              "'the dog on the left'"]
+    strict = make(models, no_noun="error")
+    with pytest.raises(InputError, match="text 'on the left' names no object .* add the object's noun"):
+        strict(image, "on the left", variant="DS")
+    assert strict(image, "the box on the left", variant="DS").warnings == []
+    with pytest.raises(InputError, match="no_noun must be one of"):
+        make(models, no_noun="silent")
+
+
+def test_sam_area_filter_follows_the_image_size(models, monkeypatch):
+    """A 131 x 97 image with planted SAM masks: the official 10000 px scaled to the image keeps the objects."""
+    import refdiff.proposals as proposals
+
+    rgb = np.random.default_rng(2).integers(0, 255, (97, 131, 3), dtype=np.uint8)
+    planted = torch.zeros(3, 97, 131, dtype=torch.bool)
+    planted[0, :60, :50] = True  # 3000 px
+    planted[1, 50:90, 60:98] = True  # 1520 px
+    planted[2, :5, 120:] = True  # 55 px: below ~413.6 px
+    monkeypatch.setattr(proposals, "sam_proposals", lambda generator, image: planted.clone())
+    official = dict(sam_min_area=10000, sam_keep_largest=10)
+    relative = make(models, **official)(rgb, "the box", variant="DS")  # default: sam_min_area_reference=307200
+    assert relative.warnings == [] and (relative.proposals == planted[:2].numpy()).all()
+    assert relative.index in (0, 1)
+    with pytest.warns(RefDiffWarning, match="removed all 3 masks of this 131 x 97 image"):
+        absolute = make(models, sam_min_area_reference=None, **official)(rgb, "the box", variant="DS")
+    assert absolute.proposals.shape == (0, 97, 131) and absolute.index == -1 and not absolute.mask.any()
+    assert len(absolute.warnings) == 1 and "sam_min_area_reference=307200" in absolute.warnings[0]
