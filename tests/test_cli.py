@@ -250,3 +250,23 @@ def test_overlay_tints_only_the_mask():
     mask = np.array([[True, False], [False, False]])
     out = overlay(rgb, mask, color=(200, 0, 0), opacity=0.5)
     assert out[0, 0].tolist() == [100, 0, 0] and out[1, 1].tolist() == [0, 0, 0]
+
+
+def test_segment_refuses_a_text_with_no_object_before_models_load(tmp_path, image, loud_loaders, capsys):
+    code = cli.main(["segment", str(image), "on the left", "-o", str(tmp_path / "m.png")])
+    assert code == 2
+    err = flat(capsys.readouterr().err)
+    assert "text 'on the left' names no object" in err and "add the object's noun" in err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_segment_no_noun_warn_runs_and_prints_the_warning_once(tmp_path, image, monkeypatch, capsys):
+    seen: dict = {}
+    monkeypatch.setattr(RefDiff, "from_pretrained", tiny_from_pretrained(seen))
+    code = cli.main(["segment", str(image), "on the left", "-o", str(tmp_path / "m.png"), "--no-noun", "warn",
+                     "--image-size", "64", "--variant", "G"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert seen["kwargs"]["no_noun"] == "warn"
+    assert err.count("names no object") == 1 and "refdiff segment: warning: text 'on the left'" in err
+    assert (tmp_path / "m.png").exists()

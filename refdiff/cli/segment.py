@@ -5,13 +5,14 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import VARIANT_HELP, VARIANTS
-from ..errors import InputError, RefDiffError
+from ..errors import InputError, RefDiffError, RefDiffWarning
 from .options import add_shared_arguments, check_model_options, preset_overrides, report_error
 
 PROG = "refdiff segment"
@@ -27,7 +28,10 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", metavar="OUT.png", default=None, help="also write the image with the mask overlaid")
     parser.add_argument("--json", metavar="SCORES.json", default=None,
                         help="also write root token, direction, every proposal's scores, the choice and timings")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--no-noun", default="error", choices=["error", "warn"], dest="no_noun",
+                        help="a text that names no object ('on the left'): 'error' (default) stops before any model "
+                             "loads and says what to add; 'warn' runs on the preset's root word with a warning")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     add_shared_arguments(parser)
 
 
@@ -49,6 +53,17 @@ def check_outputs(args: argparse.Namespace) -> None:
         if Image.registered_extensions().get(ext) not in Image.SAVE:
             raise InputError(f"{option} {path}: cannot write an image with the extension {ext or '(none)'!r}; "
                              "end the name with .png")
+
+
+def check_text(text: str, preset: str, overrides: dict[str, Any], no_noun: str) -> None:
+    """Parse the expression with the preset's root rule and apply the no-noun policy before any model loads."""
+    from ..config import get_preset
+    from ..text import check_root, parse_text
+
+    rule = overrides.get("root_rule", get_preset(preset).root_rule)
+    with warnings.catch_warnings():  # the run itself warns once; here only the error matters
+        warnings.simplefilter("ignore")
+        check_root(parse_text(text, root_rule=rule), no_noun)
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
@@ -88,13 +103,16 @@ def _segment(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     overrides = preset_overrides(args)
     rgb = load_image(args.image, name=f"image {args.image!r}")
+    check_text(args.text, args.preset, overrides, args.no_noun)
     check_model_options(args)
     check_outputs(args)
     model = RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
                                     device=args.device, dtype=args.dtype, sd_config=args.sd_config,
-                                    offload=args.offload, progress=lambda stage: say(f"  {stage} ..."), **overrides)
+                                    offload=args.offload, no_noun=args.no_noun, progress=lambda stage: say(f"  {stage} ..."), **overrides)
     start = time.perf_counter()
-    result = model(rgb, args.text, variant=args.variant, seed=args.seed)
+    with warnings.catch_warnings():  # printed once below, as the user should read them
+        warnings.simplefilter("ignore", RefDiffWarning)
+        result = model(rgb, args.text, variant=args.variant, seed=args.seed)
     seconds = time.perf_counter() - start
     for path in (args.output, args.overlay, args.json):
         if path is not None:
@@ -107,9 +125,11 @@ def _segment(args: argparse.Namespace) -> int:
     n = len(result.proposals)
     say(f"root token: {result.root_token!r}  direction: {', '.join(result.direction) or 'none'}  "
         f"proposals: {n}  chosen: {result.index}  ({seconds:.1f} s)")
+    for note in result.warnings:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
     if result.index < 0:
         say("no proposal qualified: the mask is empty")
     return 0
 
 
-__all__ = ["add_segment_arguments", "run_segment", "check_outputs", "overlay", "result_summary"]
+__all__ = ["add_segment_arguments", "run_segment", "check_outputs", "check_text", "overlay", "result_summary"]
