@@ -38,7 +38,8 @@ def fusion_weights(preset: Preset, both: bool, gen_weight: float | None = None,
 def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
                 gen_weight: float, disc_weight: float, top_k: int = 5, pin_index: int = -1) -> Selection:
     """s = gen_weight s_G + disc_weight s_D per proposal; the best (or the pinned) proposal of each image: one
-    refdiff.scoring.fuse_and_select call per image (the weights given here are used as they are).
+    refdiff.scoring.fuse_and_select call per image (the given weights when both scores are connected; one
+    score alone is used as it is).
 
     An image without proposals gets an empty mask of its size, never the whole image.
     """
