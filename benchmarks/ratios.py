@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from refdiff import proposals as refdiff_proposals
-from refdiff.capture import AttentionStore, LayerSelector
+from refdiff.capture import LayerSelector
 from refdiff.config import sam_generator_kwargs
-from refdiff.diffusion import capture_processors, injection_schedule, noise_latent, run_capture
+from refdiff.diffusion import capture_processors, run_capture
 from refdiff.discriminative import (as_float_image, crop_inputs, mask_attention_bias, masks_to_grid,
                                    pad_square_resize)
 from refdiff.pipeline import RefDiff
 from refdiff.proposals import make_mask_generator
+from refdiff.schedule import injection_noise, injection_plan, noise_latent
+from refdiff.stores import AttentionStore
 
 from .harness import Measurement, Timer, synchronize
 from .memory import available_memory_bytes
@@ -125,13 +127,12 @@ def fresh_refdiff(models: Models, settings: ModeSettings, size: int) -> RefDiff:
 def _step_inputs(models: Models, shared: Shared, inputs: SizeInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The first UNet call of run_capture: noised latent (CFG batch), timestep, number of steps."""
     sd, p = models.sd, inputs.preset
-    noise_t, steps = injection_schedule(p.strength, p.ddim_steps, p.num_train_timesteps)
-    gen = torch.Generator().manual_seed(SEED)
-    noise = torch.randn(inputs.latent.shape, generator=gen, dtype=torch.float32)
-    x = noise_latent(inputs.latent.float().cpu(), float(sd.alphas_cumprod[noise_t]), noise)
+    plan = injection_plan(p.strength, p.ddim_steps, p.num_train_timesteps)
+    noise = injection_noise(inputs.latent.shape, SEED)
+    x = noise_latent(inputs.latent.float().cpu(), float(sd.alphas_cumprod[plan.noise_timestep]), noise)
     x_in = torch.cat([x, x]) if p.use_cfg else x
-    return x_in.to(device=sd.device, dtype=sd.dtype), torch.full((x_in.shape[0],), steps[0], dtype=torch.long,
-                                                                 device=sd.device), len(steps)
+    return x_in.to(device=sd.device, dtype=sd.dtype), torch.full((x_in.shape[0],), plan.steps[0][0],
+                                                                 dtype=torch.long, device=sd.device), len(plan.steps)
 
 
 def _processor_census(unet: Any) -> dict[str, int]:

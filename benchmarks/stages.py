@@ -15,15 +15,14 @@ import numpy as np
 import torch
 
 from refdiff import diffusion
-from refdiff.capture import downsampled_grid, token_map
+from refdiff.capture import downsampled_grid, finest_self_attention_factor, self_attention_bytes, token_map
 from refdiff.config import Preset, sam_generator_kwargs
-from refdiff.discriminative import discriminative_scores, positional_bias
+from refdiff.discriminative import positional_bias, proposal_scores
 from refdiff.image import PreparedImage, prepare_image
-from refdiff.internals import finest_self_attention_factor, self_attention_bytes
 from refdiff.maps import generative_map
 from refdiff.refine import diffsegmenter_map
 from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals, threshold_proposals
-from refdiff.scoring import fuse_scores, generative_scores, rank, select_mask
+from refdiff.scoring import Choice, fuse_and_select, generative_scores
 from refdiff.text import ParsedText, parse_text, root_token_position
 
 from .harness import Measurement, Timer
@@ -203,16 +202,14 @@ def measure_size(timer: Timer, models: Models, settings: ModeSettings, shared: S
     out["generative_scores"], s_g = timer.measure(
         "generative_scores", lambda: generative_scores(c, proposals, eps=p.score_eps))
 
-    r_sent, r_root = shared.text_feats.unbind(0)
-    h, w = rgb.shape[:2]
+    branches = {"crop": shared.crop_feats, "masked": shared.masked_feats}
 
-    def fuse() -> tuple[torch.Tensor, torch.Tensor]:
-        s_d = discriminative_scores(shared.crop_feats, shared.masked_feats, r_sent, r_root,
-                                    crop_weight=p.crop_weight, mask_weight=p.mask_weight,
-                                    crop_root_weight=p.crop_root_weight, mask_root_weight=p.mask_root_weight,
-                                    normalize_text=p.normalize_text)
-        fused = fuse_scores(s_g, s_d, gen_weight=p.gen_weight, disc_weight=p.disc_weight)
-        return rank(fused, p.top_k), select_mask(proposals, fused, h, w)
+    def fuse() -> Choice:
+        # s_D from the features measured above (the hooks hand them back), then fusion and selection
+        s_d = proposal_scores(models.clip, rgb, proposals, parsed.text, parsed.root, parsed.directions, p,
+                              features=lambda branch, layer, clues, compute: branches[branch],
+                              text_features=lambda texts: shared.text_feats)
+        return fuse_and_select(proposals, s_g, s_d, p)
 
     out["fusion"], _ = timer.measure("fusion", fuse)
     return out, SizeInputs(size=size, preset=p, prompt=prompt, position=position, prep=prep, latent=latent, c=c)

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from refdiff.clip import DEFAULT_CLIP_MODEL, load_clip
 from refdiff.config import Preset
-from refdiff.discriminative import discriminative_scores, positional_bias
+from refdiff.discriminative import proposal_scores
 from refdiff.errors import InputError, ModelLoadError
 
 from . import common, helpers
@@ -57,9 +57,10 @@ def load_clip_model(clip_name: str, model_name: str = DEFAULT_CLIP_MODEL, quick_
 def clip_score_batch(clip: ClipHandle, image: torch.Tensor, proposals: ProposalBatch, parse: ParsedBatch,
                      preset: Preset, mode: str = "ref-diff", use_bias: bool = True,
                      crop_weight: float | None = None, mask_weight: float | None = None) -> ScoreBatch:
-    """s_D of every proposal of every image (Eq. 6, 7, 10), as the preset defines it.
+    """s_D of every proposal of every image (Eq. 6, 7, 10), as the preset defines it: one
+    refdiff.discriminative.proposal_scores call per image.
 
-    ``mode="sam-clip"``: the baseline (crop branch only, no positional bias, sentence feature).
+    ``mode="sam-clip"``: the baseline (crop branch only, final layer, no positional bias, sentence feature).
     ``crop_weight`` / ``mask_weight`` (None: the preset's) weigh the two branches.
     """
     rgbs = helpers.images_to_rgb(image)
@@ -67,35 +68,15 @@ def clip_score_batch(clip: ClipHandle, image: torch.Tensor, proposals: ProposalB
     if len(proposals) != batch:
         raise InputError(f"proposals are for {len(proposals)} image(s) but image holds {batch}")
     items = parse.for_batch(batch, "parse")
-    cw = preset.crop_weight if crop_weight is None else crop_weight
-    mw = preset.mask_weight if mask_weight is None else mask_weight
     scorer = clip.scorer
     out = []
     progress = common.Progress(batch)
     with common.on_compute_device(scorer.model):
         for rgb, item, masks in zip(rgbs, items, proposals.masks):
             common.check_interrupt()
-            if masks.shape[0] == 0:
-                out.append(torch.zeros(0))
-                progress.step()
-                continue
-            r_sent, r_root = scorer.encode_text([item.parsed.text, item.parsed.root]).unbind(0)
-            img = torch.from_numpy(rgb)
-            if mode == "sam-clip":
-                crop = scorer.crop_features(img, masks, None, layer=preset.clip_layer)
-                s = discriminative_scores(crop, None, r_sent, r_root, crop_weight=1.0, mask_weight=0.0,
-                                          crop_root_weight=0.0, mask_root_weight=0.0)
-            else:
-                h, w = rgb.shape[:2]
-                directions = item.parsed.directions if use_bias else ()
-                bias = positional_bias(directions, h, w, extent=preset.bias_extent) if directions else None
-                crop = scorer.crop_features(img, masks, bias if preset.bias_branch == "crop" else None,
-                                            layer=preset.clip_layer)
-                masked = scorer.masked_features(img, masks, bias if preset.bias_branch == "masked" else None,
-                                                layer=preset.clip_layer)
-                s = discriminative_scores(crop, masked, r_sent, r_root, crop_weight=cw, mask_weight=mw,
-                                          crop_root_weight=preset.crop_root_weight,
-                                          mask_root_weight=preset.mask_root_weight)
+            s = proposal_scores(scorer, torch.from_numpy(rgb), masks, item.parsed.text, item.parsed.root,
+                                item.parsed.directions, preset, mode=mode, use_bias=use_bias,
+                                crop_weight=crop_weight, mask_weight=mask_weight)
             out.append(s.float().cpu())
             progress.step()
     return ScoreBatch(out, kind="discriminative", counts=[int(m.shape[0]) for m in proposals.masks])

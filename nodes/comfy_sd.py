@@ -2,17 +2,17 @@
 
 The UNet runs through ComfyUI's public sampling path (``comfy.sample.sample_custom``), so CONDITIONING,
 classifier-free guidance batching, model patches (LoRA, hooks) and memory management behave as in
-KSampler. A custom sampler function performs the DDIM steps of ``refdiff.diffusion`` (same schedule, same
-noising, same update; only the UNet evaluation goes through ComfyUI). Capture hooks are attn2 "replace"
+KSampler. A custom sampler function runs ``refdiff.schedule.ddim_loop`` (the schedule, noising and DDIM
+update every backend shares); only the noise prediction goes through ComfyUI. Capture hooks are attn2 "replace"
 patches installed on a CLONE of the MODEL, on the selected layers only; each computes the attention
 output with ``refdiff.capture.attention_output`` and records ``head_averaged_attention`` beside it.
 
 The UNet's internals used by the sibling methods (docs/SIBLING_METHODS.md) are captured the same way, on a
 clone and only where asked: SELF-attention through attn1 replace patches (head-averaged probabilities,
 chunked over queries, only on grids of at most ``max_tokens`` tokens, stored in a
-``refdiff.internals.SelfAttentionStore``), and features through attn2 replace patches (the query
+``refdiff.stores.SelfAttentionStore``), and features through attn2 replace patches (the query
 projections) or ComfyUI's input/output block patches (whole block outputs), stored in a
-``refdiff.internals.FeatureStore``, so ``refdiff.refine`` and ``refdiff.clusters`` run on them unchanged.
+``refdiff.stores.FeatureStore``, so ``refdiff.refine`` and ``refdiff.clusters`` run on them unchanged.
 These patches compute the layer's output with ComfyUI's own attention function, so the clone's output is
 the unpatched model's, bit for bit.
 """
@@ -32,11 +32,13 @@ import comfy.supported_models as supported_models
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 
-from refdiff.capture import (BLOCKS, COND, UNCOND, AttentionStore, CrossAttentionMaps, LayerSelector,
-                             attention_output, downsampled_grid, head_averaged_attention, normalise_block)
-from refdiff.diffusion import ddim_step, injection_noise, injection_schedule, noise_latent, step_pairs
+from refdiff.capture import (BLOCKS, COND, SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, CrossAttentionMaps,
+                             LayerSelector, attention_output, downsampled_grid, head_averaged_attention,
+                             normalise_block)
 from refdiff.errors import InputError
-from refdiff.internals import SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, FeatureStore, SelfAttentionStore
+from refdiff.schedule import (InjectionPlan, alphas_cumprod_of, ddim_loop, injection_noise, injection_plan,
+                              noise_latent, sigma_of)
+from refdiff.stores import AttentionStore, FeatureStore, SelfAttentionStore, split_branches
 
 from .payloads import Injection
 
@@ -200,12 +202,7 @@ def _checked_grid(layer: Attn2Layer, extra_options: dict) -> tuple[int, int]:
 def kept_branches(x: torch.Tensor, cond_or_uncond: Sequence[int] | None,
                   keep: Sequence[int] = (COND,)) -> list[tuple[int, torch.Tensor]]:
     """(label, chunk) for the CFG chunks of a batch [B, ...] whose label is in ``keep`` (0 cond, 1 uncond)."""
-    labels = [COND] if not cond_or_uncond else [int(c) for c in cond_or_uncond]
-    if any(c not in (COND, UNCOND) for c in labels) or x.shape[0] % len(labels):
-        raise InputError(f"cond_or_uncond {labels} (0 = cond, 1 = uncond) does not split a batch of {x.shape[0]} "
-                         "into equal chunks")
-    n = x.shape[0] // len(labels)
-    return [(label, x[i * n:(i + 1) * n]) for i, label in enumerate(labels) if label in keep]
+    return split_branches(x, cond_or_uncond or None, keep)
 
 
 def make_capture_patch(layer: Attn2Layer, store: AttentionStore, kind: str,
@@ -336,19 +333,18 @@ def add_block_feature_patches(clone: Any, names: Sequence[str], store: FeatureSt
 # ---------------------------------------------------------------------------------------------- schedule
 def make_injection(latent: torch.Tensor, seed: int, strength: float, ddim_steps: int,
                    num_train_timesteps: int = 1000) -> Injection:
-    """The seeded noise and the DDIM timesteps of refdiff.diffusion for a latent batch [B, C, h, w].
+    """The seeded noise and the DDIM timesteps of refdiff.schedule for a latent batch [B, C, h, w].
 
     Each image gets the noise refdiff.diffusion.run_capture draws for ``seed`` (a CPU generator), so an
     image's maps do not depend on its place in the batch.
     """
-    noise_t, step_ts = injection_schedule(strength, ddim_steps, num_train_timesteps)
+    plan = injection_plan(strength, ddim_steps, num_train_timesteps)
     shape = (1,) + tuple(latent.shape[1:])
     noise = injection_noise(shape, seed)
-    prev_ts = [t_prev for _, t_prev in step_pairs(step_ts)]
     return Injection(noise=noise.expand(latent.shape[0], *shape[1:]).contiguous(), seed=int(seed),
                      strength=float(strength), ddim_steps=int(ddim_steps),
-                     num_train_timesteps=int(num_train_timesteps), noise_timestep=int(noise_t),
-                     step_timesteps=[int(t) for t in step_ts], prev_timesteps=[int(t) for t in prev_ts])
+                     num_train_timesteps=int(num_train_timesteps), noise_timestep=plan.noise_timestep,
+                     step_timesteps=plan.step_timesteps, prev_timesteps=plan.prev_timesteps)
 
 
 def alphas_cumprod(model: Any) -> torch.Tensor:
@@ -358,30 +354,32 @@ def alphas_cumprod(model: Any) -> torch.Tensor:
     if sigmas is None or not hasattr(sampling, "log_sigmas"):
         raise InputError(f"model: its sampling ({type(sampling).__name__}) has no discrete DDPM schedule; "
                          "Ref-Diff needs SD 1.x/2.x's discrete timesteps")
-    return 1.0 / (1.0 + sigmas.detach().double().cpu() ** 2)
+    return alphas_cumprod_of(sigmas)
 
 
 def _ddim_sampler(injection: Injection, ac: torch.Tensor, store: AttentionStore,
                   on_step: Callable[[], None]) -> Callable:
-    """A ComfyUI sampler function running refdiff's DDIM steps on the guided model."""
+    """A ComfyUI sampler function running refdiff.schedule.ddim_loop; the noise prediction is the guided
+    model's, called at the step's sigma and turned into epsilon."""
+    plan = InjectionPlan(injection.noise_timestep, tuple(zip(injection.step_timesteps, injection.prev_timesteps)))
 
     def sample(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
         extra_args = extra_args or {}
-        # Eq. 3 on the model's scaled latent, with the injection's noise (x itself is ignored).
-        x_t = noise_latent(model.latent_image.float(), float(ac[injection.noise_timestep]),
-                           model.noise.float())
-        pred_x0 = x_t
-        s_in = x_t.new_ones([x_t.shape[0]])
-        for i, (t, t_prev) in enumerate(zip(injection.step_timesteps, injection.prev_timesteps)):
+
+        def predict(x_t: torch.Tensor, t: int, _step: int) -> torch.Tensor:
+            sigma = sigma_of(float(ac[t]))
+            x_in = x_t * math.sqrt(1.0 + sigma ** 2)  # ComfyUI's EPS input scaling, inverted
+            denoised = model(x_in, sigma * x_in.new_ones([x_in.shape[0]]), **extra_args).float()
+            return (x_in - denoised) / sigma
+
+        def before(i: int) -> None:
             mm.throw_exception_if_processing_interrupted()
             store.step = i
-            sigma = math.sqrt((1.0 - float(ac[t])) / float(ac[t]))
-            x_in = x_t * math.sqrt(1.0 + sigma ** 2)  # ComfyUI's EPS input scaling, inverted
-            denoised = model(x_in, sigma * s_in, **extra_args).float()
-            eps = (x_in - denoised) / sigma
-            x_t, pred_x0 = ddim_step(x_t, eps, float(ac[t]), float(ac[t_prev]), "epsilon")
-            on_step()
+
+        # Eq. 3 on the model's scaled latent, with the injection's noise (x itself is ignored).
+        _, pred_x0 = ddim_loop(model.latent_image, model.noise, ac, plan, predict, "epsilon",
+                               before_step=before, after_step=lambda i: on_step())
         return pred_x0
 
     return sample
@@ -417,8 +415,8 @@ def run_capture(model: Any, latent: torch.Tensor, injection: Injection, positive
     cfg = float(guidance_scale) if use_cfg else 1.0
     if use_cfg and math.isclose(cfg, 1.0):
         clone.model_options["disable_cfg1_optimization"] = True  # keep the unconditional branch captured
-    sigmas = torch.tensor([math.sqrt((1.0 - float(ac[t])) / float(ac[t]))
-                           for t in [injection.noise_timestep] + injection.step_timesteps], dtype=torch.float32)
+    sigmas = torch.tensor([sigma_of(float(ac[t])) for t in [injection.noise_timestep] + injection.step_timesteps],
+                          dtype=torch.float32)
     sampler = comfy.samplers.KSAMPLER(_ddim_sampler(injection, ac, store, on_step))
     noise = injection.noise[:1].to(latent.dtype)
     comfy.sample.sample_custom(clone, noise, cfg, sampler, sigmas, positive,
@@ -434,7 +432,7 @@ def _one_evaluation(alpha_bar: float, on_step: Callable[[], None]) -> Callable:
                callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
         mm.throw_exception_if_processing_interrupted()
         x_t = noise_latent(model.latent_image.float(), alpha_bar, model.noise.float())
-        sigma = math.sqrt((1.0 - alpha_bar) / alpha_bar)
+        sigma = sigma_of(alpha_bar)
         x_in = x_t * math.sqrt(1.0 + sigma ** 2)  # ComfyUI's EPS input scaling, inverted
         denoised = model(x_in, sigma * x_in.new_ones([x_in.shape[0]]), **(extra_args or {})).float()
         on_step()
@@ -465,7 +463,7 @@ def run_features(model: Any, latent: torch.Tensor, noise: torch.Tensor, timestep
     if blocks:
         add_block_feature_patches(clone, blocks, store, (COND,))
     alpha_bar = float(ac[int(timestep)])
-    sigmas = torch.tensor([math.sqrt((1.0 - alpha_bar) / alpha_bar), 0.0], dtype=torch.float32)
+    sigmas = torch.tensor([sigma_of(alpha_bar), 0.0], dtype=torch.float32)
     sampler = comfy.samplers.KSAMPLER(_one_evaluation(alpha_bar, on_step))
     comfy.sample.sample_custom(clone, noise.to(latent.dtype), 1.0, sampler, sigmas, positive, positive, latent,
                                disable_pbar=True, seed=int(seed))

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from refdiff.capture import COND, LayerSelector
+from refdiff.capture import COND, SELF_ATTENTION_MAX_TOKENS, LayerSelector
 from refdiff.errors import InputError
-from refdiff.internals import SELF_ATTENTION_MAX_TOKENS, SelfAttentionStore
+from refdiff.stores import SelfAttentionStore
 from refdiff.text import strip_prompt_weights
 
 from . import comfy_sd, common, helpers

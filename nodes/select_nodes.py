@@ -10,7 +10,8 @@ from comfy_api.latest import io, ui
 
 from refdiff.config import Preset
 from refdiff.errors import InputError
-from refdiff.scoring import fuse_scores, rank, select_mask
+from refdiff.scoring import fuse_and_select
+from refdiff.scoring import fusion_weights as preset_fusion_weights
 
 from . import common, helpers
 from .payloads import ProposalBatch, ScoreBatch
@@ -30,16 +31,15 @@ class Selection:
 def fusion_weights(preset: Preset, both: bool, gen_weight: float | None = None,
                    disc_weight: float | None = None) -> tuple[float, float]:
     """(gen_weight, disc_weight): the preset's (or given) weights when both scores are fused, else 1 and 1."""
-    if not both:
-        return 1.0, 1.0
-    return (preset.gen_weight if gen_weight is None else gen_weight,
-            preset.disc_weight if disc_weight is None else disc_weight)
+    return preset_fusion_weights(preset, both, gen_weight, disc_weight)
 
 
 # ------------------------------------------------------------------------------------------ stage function
 def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
                 gen_weight: float, disc_weight: float, top_k: int = 5, pin_index: int = -1) -> Selection:
-    """s = gen_weight s_G + disc_weight s_D per proposal; the best (or the pinned) proposal of each image.
+    """s = gen_weight s_G + disc_weight s_D per proposal; the best (or the pinned) proposal of each image: one
+    refdiff.scoring.fuse_and_select call per image (the given weights when both scores are connected; one
+    score alone is used as it is).
 
     An image without proposals gets an empty mask of its size, never the whole image.
     """
@@ -53,24 +53,19 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         n, h, w = masks.shape
         s_g = generative.scores[i] if generative is not None else None
         s_d = discriminative.scores[i] if discriminative is not None else None
-        fused = fuse_scores(s_g, s_d, gen_weight, disc_weight) if n else torch.zeros(0)
-        order = [int(j) for j in rank(fused, top_k)] if n else []
-        if pin_index >= 0 and n:
-            if pin_index >= n:
-                raise InputError(f"pin_index {pin_index} is out of range: image {i} has {n} proposals "
-                                 f"(0..{n - 1}); use -1 to select by score")
-            chosen = pin_index
-            mask = masks[pin_index]
-        else:
-            mask = select_mask(masks, fused, h, w)
-            chosen = order[0] if order and not bool(torch.isnan(fused).all()) else -1
-        best.append(mask)
+        try:
+            choice = fuse_and_select(masks, s_g, s_d, top_k=top_k, pin_index=pin_index, gen_weight=gen_weight,
+                                     disc_weight=disc_weight)
+        except InputError as exc:
+            raise InputError(f"image {i}: {exc}") from exc
+        fused, order, chosen = choice.fused, choice.top_k, choice.index
+        best.append(choice.mask)
         empty = torch.zeros(h, w, dtype=torch.bool)
         tops.extend([masks[j] for j in order] + [empty] * (top_k - len(order)))
         indices.append(chosen)
         fused_all.append(fused)
         lines.append(helpers.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
-                                         f"({proposals.source}), weights s_G x {gen_weight:g}, s_D x {disc_weight:g}"))
+                                         f"({proposals.source}), weights s_G x {choice.gen_weight:g}, s_D x {choice.disc_weight:g}"))
     top_batch = helpers.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
     return Selection(helpers.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
 

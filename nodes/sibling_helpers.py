@@ -14,9 +14,9 @@ import torch
 from refdiff.capture import downsampled_grid
 from refdiff.clusters import cluster_features, cluster_proposals
 from refdiff.errors import InputError
-from refdiff.internals import CapturedAffinity
 from refdiff.maps import generative_map
 from refdiff.refine import fuse_cross_attention, fuse_self_attention, factor_token_maps, refine_with_self_attention
+from refdiff.stores import CapturedAffinity
 
 from . import helpers
 from .payloads import AttentionBatch, ParsedBatch, ProposalBatch
@@ -32,7 +32,7 @@ class InternalsAttentionBatch(AttentionBatch):
     ``layer_factors``: captured cross-attention layer name (without "step{i}/") -> downsampling factor;
     ``unet_factors``: every factor at which the UNet has cross-attention in the captured blocks;
     ``self_attention``: per image, the conditional branch's head-averaged self-attention of every captured
-    level (``refdiff.internals.CapturedAffinity``, layers and steps averaged), or None when not captured;
+    level (``refdiff.stores.CapturedAffinity``, layers and steps averaged), or None when not captured;
     ``self_max_tokens``: the grid-size limit it was captured with.
     """
 

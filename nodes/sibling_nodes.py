@@ -10,10 +10,10 @@ from comfy_api.latest import io, ui
 
 from refdiff.capture import COND
 from refdiff.clusters import FREESEG_CLUSTER_FACTOR, FREESEG_CLUSTERS, FREESEG_FEATURE_FACTOR, FREESEG_TIMESTEP
-from refdiff.diffusion import injection_noise
 from refdiff.errors import InputError
 from refdiff.maps import RESIZE_MODES
 from refdiff.refine import DIFFSEGMENTER_ITERATIONS
+from refdiff.schedule import injection_noise
 
 from . import comfy_sd, common
 from .map_nodes import preview_maps

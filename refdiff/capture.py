@@ -1,4 +1,6 @@
-"""Cross-attention capture shared by every backend (docs/METHOD.md section 3, Eq. 4).
+"""Capture math shared by every backend (docs/METHOD.md section 3, Eq. 4): attention output and head-averaged
+maps, layer selection by downsampling factor, the cost of self-attention capture, and the aggregation of
+captured cross-attention into token maps. The stores the hooks fill are in ``stores.py``.
 
 The attention output of a captured layer is computed with PyTorch's fused SDPA, exactly as the default
 processors do; the head-averaged map a = mean_heads softmax(Q K^T / sqrt(d)) (or its pre-softmax logits) is
@@ -16,22 +18,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .schedule import classifier_free_guidance
 
 CAPTURE_KINDS: tuple[str, ...] = ("probs", "logits")
 BLOCKS: tuple[str, ...] = ("down", "mid", "up")
 COND, UNCOND = 0, 1
+SELF_ATTENTION_MAX_TOKENS: int = 4096  # 64 x 64: the finest self-attention grid captured by default
+SELF_ATTENTION_CHUNK: int = 1024  # queries per chunk: temporaries of heads * chunk * Q floats
+_LEVELS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 # ComfyUI names the UNet's parts "input", "middle" and "output"; diffusers "down", "mid" and "up".
 BLOCK_ALIASES: dict[str, str] = {"down": "down", "input": "down", "mid": "mid", "middle": "mid",
                                  "up": "up", "output": "up"}
 
 
-def _check_kind(kind: str) -> str:
+def check_kind(kind: str) -> str:
+    """``kind`` when it is a capture kind ("probs" or "logits"); InputError otherwise."""
     if kind not in CAPTURE_KINDS:
         raise InputError(f"capture_kind must be one of {CAPTURE_KINDS}, got {kind!r}")
     return kind
@@ -65,7 +72,7 @@ def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, heads: int, kind: 
 
     scale defaults to 1/sqrt(dh) as SDPA uses it; queries are processed ``chunk`` at a time.
     """
-    _check_kind(kind)
+    check_kind(kind)
     if chunk < 1:
         raise InputError(f"chunk must be a positive number of queries, got {chunk}")
     qh, kh = _split_heads(q, heads, "q"), _split_heads(k, heads, "k")
@@ -110,6 +117,35 @@ def query_grid(num_queries: int, latent_hw: tuple[int, int] | None = None) -> tu
         if grid == (1, 1) or grid[0] * grid[1] < num_queries:
             raise InputError(f"{num_queries} queries match no downsampling of the latent {tuple(latent_hw)}")
         factor *= 2
+
+
+def self_attention_bytes(grid: int | tuple[int, int], element_size: int = 4, layers: int = 1,
+                         chunks: int = 1) -> int:
+    """Bytes one captured self-attention map needs: Q^2 * element_size per layer and CFG chunk (Q = h * w).
+
+    ``layers`` and ``chunks`` multiply it (a store keeps one [Q, Q] map per layer, or per level when layers are
+    merged, and per kept CFG chunk; steps are summed in place and cost nothing more).
+    """
+    h, w = (int(grid), int(grid)) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    if h < 1 or w < 1 or element_size < 1 or layers < 0 or chunks < 0:
+        raise InputError(f"self_attention_bytes: grid {grid!r}, element_size {element_size}, layers {layers} and "
+                         f"chunks {chunks} must be positive")
+    q = h * w
+    return q * q * int(element_size) * int(layers) * int(chunks)
+
+
+def finest_self_attention_factor(latent_hw: tuple[int, int], max_tokens: int = SELF_ATTENTION_MAX_TOKENS,
+                                 levels: Sequence[int] = _LEVELS) -> int:
+    """The smallest downsampling factor whose query grid has at most ``max_tokens`` tokens.
+
+    At S = 512 (latent 64 x 64) with the default 4096 this is 1; at S = 1024 (latent 128 x 128) it is 2.
+    """
+    for factor in sorted(int(f) for f in levels):
+        h, w = downsampled_grid(latent_hw, factor)
+        if h * w <= max_tokens:
+            return factor
+    raise InputError(f"no UNet level of the latent {tuple(latent_hw)} has at most max_tokens={max_tokens} tokens; "
+                     f"raise max_tokens")
 
 
 def normalise_block(block: str) -> str:
@@ -176,12 +212,12 @@ class CrossAttentionMaps:
 def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor | None, kind: str,
                      guidance_scale: float = 9.0) -> torch.Tensor:
     """Guidance combination of captured maps: u + g (c - u) for logits with an uncond branch, else cond."""
-    _check_kind(kind)
+    check_kind(kind)
     if kind == "probs" or uncond is None:
         return cond
     if uncond.shape != cond.shape:
         raise InputError(f"uncond maps {tuple(uncond.shape)} and cond maps {tuple(cond.shape)} differ in shape")
-    return uncond + guidance_scale * (cond - uncond)
+    return classifier_free_guidance(uncond, cond, guidance_scale)
 
 
 def _check_maps(maps: torch.Tensor) -> None:
@@ -215,113 +251,7 @@ def all_token_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return _minmax_layers(maps.float(), eps).mean(dim=0).permute(2, 0, 1).contiguous()
 
 
-def _resize_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[h, w, T] -> [H, W, T] with bilinear interpolation (identity when the grid already matches)."""
-    if tuple(x.shape[:2]) == tuple(grid):
-        return x
-    y = F.interpolate(x.permute(2, 0, 1)[None], size=grid, mode="bilinear", align_corners=False)
-    return y[0].permute(1, 2, 0)
-
-
-@dataclass
-class _Record:
-    name: str
-    block: str
-    factor: int
-    grid: tuple[int, int]
-    chunks: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # label -> [n, h, w, K] pieces
-
-    def stacked(self, label: int) -> torch.Tensor | None:
-        pieces = self.chunks.get(label)
-        return None if not pieces else torch.cat(pieces, dim=0)
-
-
-class AttentionStore:
-    """Collects head-averaged cross-attention maps of captured layers, per step, on the CPU in float32.
-
-    Each ``add`` splits the batch into its cond/uncond chunks and files them under "step{step}/{name}"; a
-    layer seen again in the same step (e.g. cond and uncond run as separate batches) is merged. A chunk
-    holding several images keeps a leading image dimension [n, h, w, K]; ``maps(image=i)`` picks one.
-    Set ``step`` (or call ``next_step``) between UNet evaluations.
-    """
-
-    def __init__(self, kind: str = "logits", device: torch.device | str = "cpu") -> None:
-        self.kind = _check_kind(kind)
-        self.device = torch.device(device)
-        self.step = 0
-        self._records: dict[str, _Record] = {}
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """Names of the captured entries, in capture order."""
-        return tuple(self._records)
-
-    def next_step(self) -> None:
-        """Advance the step counter used to name entries."""
-        self.step += 1
-
-    def clear(self) -> None:
-        """Forget every captured map and reset the step counter."""
-        self._records.clear()
-        self.step = 0
-
-    def add(self, name: str, block: str, factor: int, grid: tuple[int, int], attn: torch.Tensor,
-            cond_or_uncond: Sequence[int] | None = None) -> None:
-        """Record one layer's head-averaged attention [B, Q, K] (Q = h*w); chunks ordered by cond_or_uncond."""
-        h, w = int(grid[0]), int(grid[1])
-        if attn.ndim != 3 or attn.shape[1] != h * w:
-            raise InputError(f"attention of layer {name} has shape {tuple(attn.shape)}; expected [B, {h * w}, K]"
-                             f" for the grid {h}x{w}")
-        labels = [COND] if cond_or_uncond is None else [int(c) for c in cond_or_uncond]
-        if not labels or any(c not in (COND, UNCOND) for c in labels) or attn.shape[0] % len(labels):
-            raise InputError(f"cond_or_uncond {list(labels)} (0 = cond, 1 = uncond) does not split a batch of "
-                             f"{attn.shape[0]} into equal chunks")
-        n = attn.shape[0] // len(labels)
-        chunks = attn.detach().to(device=self.device, dtype=torch.float32).reshape(len(labels), n, h, w, -1)
-        key = f"step{self.step}/{name}"
-        rec = self._records.get(key)
-        if rec is None:
-            rec = self._records[key] = _Record(key, normalise_block(block), int(factor), (h, w))
-        elif rec.grid != (h, w):
-            raise InputError(f"layer {key} was captured with grids {rec.grid} and {(h, w)} in one step")
-        for label, chunk in zip(labels, chunks):
-            rec.chunks.setdefault(label, []).append(chunk)
-
-    def maps(self, image: int = 0) -> CrossAttentionMaps:
-        """Stack the captured entries of one image into CrossAttentionMaps.
-
-        Entries on smaller grids are resized (bilinear) to the largest grid. If only some entries have an
-        unconditional branch, the others use their conditional map in its place (so u + g (c - u) = c).
-        """
-        if not self._records:
-            raise InputError("no cross-attention layer was captured: check capture_factor / capture_blocks "
-                             "against the UNet and the image size")
-        recs = list(self._records.values())
-        big = max((r.grid for r in recs), key=lambda g: g[0] * g[1])
-
-        def pick(rec: _Record, label: int) -> torch.Tensor | None:
-            x = rec.stacked(label)
-            if x is None:
-                return None
-            if not -x.shape[0] <= image < x.shape[0]:
-                raise InputError(f"image {image} is out of range: layer {rec.name} holds {x.shape[0]} image(s)")
-            return _resize_grid(x[image], big)
-
-        conds = [pick(r, COND) for r in recs]
-        if any(c is None for c in conds):
-            missing = [r.name for r, c in zip(recs, conds) if c is None]
-            raise InputError(f"layers {missing} have no conditional branch: cond_or_uncond must contain 0")
-        unconds = [pick(r, UNCOND) for r in recs]
-        uncond = None
-        if any(u is not None for u in unconds):
-            uncond = torch.stack([c if u is None else u for c, u in zip(conds, unconds)])
-        return CrossAttentionMaps(cond=torch.stack(conds), uncond=uncond, layers=tuple(r.name for r in recs),
-                                  kind=self.kind)
-
-
-__all__ = ["CAPTURE_KINDS", "BLOCKS", "attention_output", "head_averaged_attention", "downsampled_grid",
-           "query_grid", "normalise_block", "LayerSelector", "CrossAttentionMaps", "combine_guidance",
-           "token_map", "all_token_maps", "AttentionStore"]
+__all__ = ["CAPTURE_KINDS", "BLOCKS", "COND", "UNCOND", "SELF_ATTENTION_MAX_TOKENS", "SELF_ATTENTION_CHUNK",
+           "check_kind", "attention_output", "head_averaged_attention", "downsampled_grid", "query_grid",
+           "self_attention_bytes", "finest_self_attention_factor", "normalise_block", "LayerSelector",
+           "CrossAttentionMaps", "combine_guidance", "token_map", "all_token_maps"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .devices import parse_device, parse_dtype
 from .discriminative import ClipScorer
 from .errors import DependencyError, ModelLoadError
 
@@ -27,8 +28,6 @@ DEFAULT_CLIP = f"{DEFAULT_CLIP_MODEL}/{DEFAULT_CLIP_TAG}"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # entries of OpenAI's TorchScript state dict that are not parameters
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def _open_clip() -> Any:
@@ -38,16 +37,6 @@ def _open_clip() -> Any:
     except ImportError as exc:  # pragma: no cover - open_clip is a hard dependency
         raise DependencyError("CLIP scoring needs open_clip: pip install open_clip_torch") from exc
     return open_clip
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """torch dtype from a dtype or a name such as "fp16"; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).strip().lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise ModelLoadError(f"unknown CLIP dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
 
 
 def looks_like_path(source: str) -> bool:
@@ -238,7 +227,7 @@ def load_clip(source: str | Path | None = None, device: torch.device | str | Non
     else:
         model, tokenizer_name = _from_tag(text, quick_gelu, cache_dir)
     scorer = ClipScorer(model.eval(), open_clip.get_tokenizer(tokenizer_name))
-    return scorer.to(device=device, dtype=_resolve_dtype(dtype))
+    return scorer.to(device=parse_device(device), dtype=parse_dtype(dtype))
 
 
 __all__ = ["load_clip", "looks_like_path", "ClipScorer", "DEFAULT_CLIP", "DEFAULT_CLIP_MODEL", "DEFAULT_CLIP_TAG",

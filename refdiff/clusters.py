@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .capture import COND, downsampled_grid
+from .diffusion import capture_block_features, cross_attention_layers, encode_prompts
 from .errors import InputError
-from .internals import capture_block_features
+from .schedule import injection_noise, noise_latent
 
 if TYPE_CHECKING:
     from .image import PreparedImage
@@ -234,8 +235,6 @@ def _drop_small(grid: torch.Tensor, min_cells: int) -> torch.Tensor:
 
 def query_feature_modules(unet: Any, factor: int = FREESEG_FEATURE_FACTOR) -> tuple[str, ...]:
     """Dotted names of the attn2.to_q projections at a downsampling factor: the released FreeSeg-Diff features."""
-    from .diffusion import cross_attention_layers
-
     names = {id(module): name for name, module in unet.named_modules()}
     found = tuple(names[id(layer.module.to_q)] for layer in cross_attention_layers(unet)
                   if layer.factor == int(factor) and id(getattr(layer.module, "to_q", None)) in names)
@@ -253,21 +252,18 @@ def feature_cluster_proposals(sd: Any, latent: torch.Tensor, prompt: str, prep: 
                               min_cells: int = 1, seed: int = 0) -> torch.Tensor:
     """FreeSeg-Diff proposals bool [N, H, W]: one UNet pass on the noised latent, features clustered.
 
-    The latent [1, C, h, w] is noised to ``timestep`` (diffusion.noise_latent, seeded) and the UNet runs
+    The latent [1, C, h, w] is noised to ``timestep`` (schedule.noise_latent, seeded) and the UNet runs
     once, conditioned on ``prompt`` if condition_on_prompt else on "" (as the released code). Features:
     ``blocks`` (dotted module names) or, when None, the attn2 query projections at ``feature_factor``;
     clustered on the grid at ``cluster_factor`` of the latent, then cluster_proposals.
     """
-    from .diffusion import encode_prompts, noise_latent
-
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise InputError(f"latent must have shape [1, C, h, w], got {tuple(latent.shape)}")
     ac = sd.alphas_cumprod
     if not 0 <= int(timestep) < len(ac):
         raise InputError(f"timestep must be within 0..{len(ac) - 1}, got {timestep}")
     names = query_feature_modules(sd.unet, feature_factor) if blocks is None else tuple(blocks)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn(latent.shape, generator=gen, dtype=torch.float32)
+    noise = injection_noise(latent.shape, seed)
     x = noise_latent(latent.float().cpu(), float(ac[int(timestep)]), noise).to(device=sd.device, dtype=sd.dtype)
     context = encode_prompts(sd, prompt if condition_on_prompt else "", use_cfg=False)
     t = torch.full((1,), int(timestep), device=sd.device, dtype=torch.long)

@@ -1,14 +1,25 @@
-"""diffusers backend of the generative stage: VAE encoding, seeded DDIM noising and UNet steps with
-cross-attention capture (docs/METHOD.md sections 2 and 3).
+"""diffusers backend of the generative stage (docs/METHOD.md sections 2 and 3): VAE encoding, the text
+encoder, and the UNet run through ``schedule.ddim_loop`` (Eq. 3) with capture hooks on a diffusers UNet.
 
-The schedule reproduces the released (LDM img2img) code: a uniform DDIM schedule of ``ddim_steps`` steps
-over the training steps (timesteps 1, 51, 101, ... for 20 steps); strength 0.1 gives t_enc = 2, the latent is
-noised with alpha_bar at DDPM t = 101, then the UNet runs DDIM steps at t = 51 and t = 1 (eta = 0), the last
-one stepping to alphas_cumprod[0]. Random numbers come from CPU generators, so CPU and GPU runs share them.
+Captures never change what the UNet computes. Cross-attention (attn2) of the selected layers runs through
+``CaptureAttnProcessor`` (SDPA output as AttnProcessor2_0, head-averaged map recorded beside it); every other
+layer keeps its own processor. Self-attention (attn1) and block features are captured with forward hooks
+only: a pre-hook on each attn1 module recomputes its query/key projections on the side (the module's own
+processor is left in place, so its output is bit-identical whatever processor is installed, and it composes
+with ``capture_processors`` on attn2), and forward hooks on the named blocks copy their outputs. Every hook
+is removed on exit. What they record goes to the stores of ``stores.py``.
+
+Self-attention is O(Q^2) per layer: a 64 x 64 grid (Q = 4096) costs 64 MiB per captured layer and CFG chunk
+in float32, a 128 x 128 grid (the finest level at S = 1024) 1 GiB. Layers whose query grid has more than
+``max_tokens`` tokens are therefore skipped, and probabilities are computed ``chunk`` queries at a time, so
+[heads, Q, Q] is never materialised.
+
+Batch chunks follow ``capture.py``'s convention: label 0 (COND) is the conditional branch, 1 (UNCOND) the
+unconditional one; a diffusers CFG batch [uncond, cond] is ``cond_or_uncond=[1, 0]``.
 """
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,13 +27,15 @@ from typing import Any
 
 import torch
 
-from .capture import (AttentionStore, CrossAttentionMaps, LayerSelector, attention_output, downsampled_grid,
-                      head_averaged_attention, query_grid)
+from .capture import (BLOCKS, COND, SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, CrossAttentionMaps,
+                      LayerSelector, attention_output, downsampled_grid, head_averaged_attention, query_grid)
+from .devices import module_device
 from .errors import InputError
-from .offload import module_device
+from .schedule import (classifier_free_guidance, ddim_loop, injection_noise, injection_plan,
+                       scaled_linear_alphas_cumprod)
+from .stores import AttentionStore, FeatureStore, SelfAttentionStore, check_branches, split_branches
 
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
-
+DEFAULT_FEATURE_BLOCKS: tuple[str, ...] = ("up_blocks.1", "up_blocks.2")
 
 @dataclass
 class SDComponents:
@@ -55,49 +68,6 @@ class SDComponents:
                    device=param.device, dtype=param.dtype)
 
 
-def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
-                                 num_train_timesteps: int = 1000) -> torch.Tensor:
-    """alphas_cumprod [T] of SD's "scaled_linear" betas (linear in sqrt(beta)), float32."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
-
-
-def ddim_timesteps(ddim_steps: int = 20, num_train_timesteps: int = 1000) -> list[int]:
-    """Uniform DDIM timesteps as LDM makes them: range(0, T, T // ddim_steps) + 1 -> [1, 51, ..., 951]."""
-    if not 1 <= int(ddim_steps) <= int(num_train_timesteps):
-        raise InputError(f"ddim_steps must be within 1..num_train_timesteps ({num_train_timesteps}), got {ddim_steps}")
-    stride = int(num_train_timesteps) // int(ddim_steps)
-    return [t + 1 for t in range(0, int(num_train_timesteps), stride)]
-
-
-def injection_schedule(strength: float = 0.1, ddim_steps: int = 20,
-                       num_train_timesteps: int = 1000) -> tuple[int, list[int]]:
-    """(noise_t, step_ts): noise the latent at ddim_timesteps[t_enc], then step at reversed(ddim_timesteps[:t_enc]).
-
-    t_enc = int(strength * ddim_steps); the defaults give (101, [51, 1]) as LDM's img2img script.
-    """
-    ts = ddim_timesteps(ddim_steps, num_train_timesteps)
-    t_enc = int(strength * ddim_steps)
-    if t_enc < 1:
-        raise InputError(f"strength={strength} with ddim_steps={ddim_steps} gives t_enc = int(strength * ddim_steps)"
-                         f" = {t_enc}: raise strength or ddim_steps so that at least one step runs")
-    if t_enc >= len(ts):
-        raise InputError(f"strength={strength} with ddim_steps={ddim_steps} gives t_enc = {t_enc}, beyond the "
-                         f"{len(ts)} DDIM timesteps: use strength < 1")
-    return ts[t_enc], ts[:t_enc][::-1]
-
-
-def step_pairs(step_ts: Sequence[int]) -> list[tuple[int, int]]:
-    """(t, t_prev) of each DDIM step; the last step goes to alphas_cumprod[0], as LDM's ddim_alphas_prev."""
-    return list(zip(step_ts, list(step_ts[1:]) + [0]))
-
-
-def injection_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
-    """The seeded Gaussian noise of Eq. 3, drawn on the CPU so that CPU and GPU runs share it."""
-    return torch.randn(tuple(shape), generator=torch.Generator(device="cpu").manual_seed(int(seed)),
-                       dtype=torch.float32)
-
-
 def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
                   generator: torch.Generator | None = None, scaling_factor: float = 0.18215) -> torch.Tensor:
     """VAE latent of pixels [B, 3, S, S] in [-1, 1]: posterior sample or mean, times scaling_factor, float32.
@@ -123,24 +93,25 @@ def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
     return latent
 
 
-def noise_latent(latent: torch.Tensor, alpha_bar: float, noise: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion (Eq. 3): sqrt(alpha_bar) * latent + sqrt(1 - alpha_bar) * noise."""
-    return math.sqrt(alpha_bar) * latent + math.sqrt(1.0 - alpha_bar) * noise
+def _head_norm(norm: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention.norm_q / norm_k on head views of [B, N, heads*dh], as diffusers applies them."""
+    if norm is None:
+        return x
+    b, n, c = x.shape
+    return norm(x.view(b, n, heads, c // heads).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
 
 
-def ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, alpha_t: float, alpha_prev: float,
-              prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
-    """One deterministic DDIM step (eta = 0): (x_prev, pred_x0) from the model's epsilon or v prediction."""
-    a, ap = float(alpha_t), float(alpha_prev)
-    if prediction_type == "epsilon":
-        eps = model_output
-        pred_x0 = (x_t - math.sqrt(1.0 - a) * eps) / math.sqrt(a)
-    elif prediction_type == "v_prediction":
-        pred_x0 = math.sqrt(a) * x_t - math.sqrt(1.0 - a) * model_output
-        eps = math.sqrt(a) * model_output + math.sqrt(1.0 - a) * x_t
-    else:
-        raise InputError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    return math.sqrt(ap) * pred_x0 + math.sqrt(1.0 - ap) * eps, pred_x0
+def _latent_hook(unet: Any, latent_hw: dict[str, tuple[int, int]]) -> Any:
+    def remember(_module: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
+            latent_hw["hw"] = (int(sample.shape[-2]), int(sample.shape[-1]))
+
+    return unet.register_forward_pre_hook(remember, with_kwargs=True)
+
+
+def _grid_of(num_tokens: int, latent_hw: dict[str, tuple[int, int]]) -> tuple[tuple[int, int], int]:
+    return query_grid(num_tokens, latent_hw.get("hw"))
 
 
 @dataclass(frozen=True)
@@ -247,15 +218,6 @@ class CaptureAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _head_norm(norm: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Apply a per-head norm (Attention.norm_q / norm_k) to [B, N, heads*dh], as diffusers does on head views."""
-    if norm is None:
-        return x
-    b, n, c = x.shape
-    y = norm(x.view(b, n, heads, c // heads).transpose(1, 2))
-    return y.transpose(1, 2).reshape(b, n, c)
-
-
 @contextmanager
 def capture_processors(unet: Any, selector: LayerSelector, store: AttentionStore, kind: str | None = None,
                        cond_or_uncond: Sequence[int] | None = None) -> Iterator[list[str]]:
@@ -272,14 +234,8 @@ def capture_processors(unet: Any, selector: LayerSelector, store: AttentionStore
         raise InputError(f"no cross-attention layer of this UNet matches capture_factor={selector.factor} and "
                          f"capture_blocks={selector.blocks}")
     latent_hw: dict[str, tuple[int, int]] = {}
-
-    def remember_size(_module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
-        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
-            latent_hw["hw"] = (int(sample.shape[-2]), int(sample.shape[-1]))
-
     originals: list[tuple[Any, Any]] = []
-    hook = unet.register_forward_pre_hook(remember_size, with_kwargs=True)
+    hook = _latent_hook(unet, latent_hw)
     try:
         for layer in chosen:
             originals.append((layer.module, layer.module.processor))
@@ -289,6 +245,156 @@ def capture_processors(unet: Any, selector: LayerSelector, store: AttentionStore
         for module, processor in reversed(originals):
             module.set_processor(processor)
         hook.remove()
+
+
+@dataclass(frozen=True)
+class SelfAttentionLayer:
+    """One self-attention (attn1) module of a UNet with its dotted name and block (down/mid/up)."""
+
+    name: str
+    block: str
+    module: Any  # diffusers Attention
+
+
+def _block_of(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head, "")
+
+
+def self_attention_layers(unet: Any) -> list[SelfAttentionLayer]:
+    """Every attn1 module of a diffusers UNet's transformer blocks, in forward order (down, mid, up)."""
+    order = {"down": 0, "mid": 1, "up": 2}
+    found = [SelfAttentionLayer(name, _block_of(name), module) for name, module in unet.named_modules()
+             if name.endswith(".attn1") and _block_of(name)]
+    return sorted(found, key=lambda layer: order[layer.block])  # stable: keeps the order inside a block
+
+
+@contextmanager
+def capture_self_attention(unet: Any, max_tokens: int = SELF_ATTENTION_MAX_TOKENS, factor: int | None = None,
+                           blocks: Sequence[str] = BLOCKS, cond_or_uncond: Sequence[int] | None = None,
+                           keep: Sequence[int] = (COND,), device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32, chunk: int = SELF_ATTENTION_CHUNK,
+                           per_layer: bool = True) -> Iterator[SelfAttentionStore]:
+    """Record head-averaged self-attention probabilities of a diffusers UNet's attn1 layers while inside.
+
+    Only layers with at most ``max_tokens`` queries, at downsampling ``factor`` (None: any) and in ``blocks``
+    are captured, and only the CFG branches in ``keep``. Probabilities are fp32, computed ``chunk`` queries at
+    a time on the UNet's device, then stored on ``device`` in ``dtype`` (summed over steps; per layer, or
+    merged per level with ``per_layer=False``). The UNet's output is unchanged; hooks are removed on exit.
+    """
+    if max_tokens < 1 or chunk < 1:
+        raise InputError(f"max_tokens ({max_tokens}) and chunk ({chunk}) must be positive")
+    selector = LayerSelector(factor, tuple(blocks))
+    check_branches(cond_or_uncond, keep)
+    layers = self_attention_layers(unet)
+    if not layers:
+        raise InputError("this UNet has no self-attention (attn1) layer in its down/mid/up blocks")
+    store = SelfAttentionStore(device=device, dtype=dtype, per_layer=per_layer)
+    latent_hw: dict[str, tuple[int, int]] = {}
+
+    def make_hook(layer: SelfAttentionLayer) -> Any:
+        def hook(attn: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if kwargs.get("encoder_hidden_states") is not None or (len(args) > 1 and args[1] is not None):
+                return  # attn1 used as cross-attention (only_cross_attention models): not self-attention
+            if not isinstance(hidden, torch.Tensor):
+                return
+            if hidden.ndim == 4:
+                hidden = hidden.flatten(2).transpose(1, 2)
+            num = int(hidden.shape[1])
+            if num > max_tokens:
+                return
+            grid, fac = _grid_of(num, latent_hw)
+            if not selector.wants(layer.block, fac):
+                return
+            if kwargs.get("attention_mask") is not None or getattr(attn, "spatial_norm", None) is not None:
+                raise InputError(f"{layer.name}: self-attention capture does not support attention masks or spatial "
+                                 f"norms; leave this layer out (factor / blocks)")
+            with torch.no_grad():
+                x = hidden
+                if getattr(attn, "group_norm", None) is not None:
+                    x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+                for label, part in split_branches(x, cond_or_uncond, keep):
+                    q = _head_norm(getattr(attn, "norm_q", None), attn.to_q(part), attn.heads)
+                    k = _head_norm(getattr(attn, "norm_k", None), attn.to_k(part), attn.heads)
+                    probs = head_averaged_attention(q, k, attn.heads, kind="probs", chunk=chunk)
+                    store.add(layer.name, fac, grid, probs, label)
+
+        return hook
+
+    handles = [_latent_hook(unet, latent_hw)]
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+        yield store
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+def resolve_modules(unet: Any, names: Sequence[str]) -> list[tuple[str, Any]]:
+    """(name, module) for dotted module names of the UNet (e.g. "up_blocks.1"); unknown names raise InputError."""
+    if isinstance(names, str):
+        raise InputError(f"blocks must be a sequence of module names, got the string {names!r}")
+    modules = dict(unet.named_modules())
+    missing = [n for n in names if not n or n not in modules]
+    if missing:
+        blocks = [n for n in modules if re.fullmatch(r"(down_blocks|up_blocks)\.\d+|mid_block", n)]
+        raise InputError(f"unknown UNet module(s) {missing}; this UNet's blocks are {blocks}")
+    if not names:
+        raise InputError("blocks is empty: name at least one UNet module (e.g. 'up_blocks.1')")
+    return [(n, modules[n]) for n in dict.fromkeys(names)]
+
+
+def _as_feature_map(output: Any, latent_hw: dict[str, tuple[int, int]], name: str) -> torch.Tensor:
+    """A module output as [B, C, h, w]: first element of a tuple; token layouts [B, N, C] put on their grid."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "sample") and not isinstance(output, torch.Tensor):
+        output = output.sample
+    if not isinstance(output, torch.Tensor):
+        raise InputError(f"{name} returned {type(output).__name__}, not a tensor: choose another module")
+    if output.ndim == 4:
+        return output
+    if output.ndim == 3:
+        (h, w), _ = _grid_of(int(output.shape[1]), latent_hw)
+        return output.transpose(1, 2).reshape(output.shape[0], output.shape[2], h, w)
+    raise InputError(f"{name} returned a tensor of shape {tuple(output.shape)}; expected [B, C, h, w] or [B, N, C]")
+
+
+@contextmanager
+def capture_block_features(unet: Any, blocks: Sequence[str] = DEFAULT_FEATURE_BLOCKS,
+                           cond_or_uncond: Sequence[int] | None = None, keep: Sequence[int] = (COND,),
+                           device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32) -> Iterator[FeatureStore]:
+    """Record the outputs of named UNet modules (default up_blocks.1 and up_blocks.2) while inside.
+
+    Any dotted module name works: a block returns [B, C, h, w] (down blocks: their first output), a token
+    layout [B, N, C] (e.g. "...attn2.to_q") is put back on its grid. Kept CFG branches only; stored on
+    ``device`` in ``dtype``, summed over steps. The UNet's output is unchanged; hooks are removed on exit.
+    """
+    chosen = resolve_modules(unet, blocks)
+    check_branches(cond_or_uncond, keep)
+    store = FeatureStore(device=device, dtype=dtype)
+    latent_hw: dict[str, tuple[int, int]] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(_module: Any, _args: tuple, output: Any) -> None:
+            with torch.no_grad():
+                fmap = _as_feature_map(output, latent_hw, name)
+                for label, part in split_branches(fmap, cond_or_uncond, keep):
+                    store.add(name, (int(fmap.shape[-2]), int(fmap.shape[-1])), part, label)
+
+        return hook
+
+    handles = [_latent_hook(unet, latent_hw)]
+    try:
+        for name, module in chosen:
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield store
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
 
 
 def encode_prompts(sd: SDComponents, text: str, use_cfg: bool = True) -> torch.Tensor:
@@ -314,13 +420,31 @@ def encode_image(sd: SDComponents, pixels: torch.Tensor, latent_from: str = "sam
     return encode_latent(sd.vae, pixels, latent_from=latent_from, generator=gen, scaling_factor=sd.scaling_factor)
 
 
+def unet_predictor(sd: SDComponents, context: torch.Tensor, use_cfg: bool = True,
+                   guidance_scale: float = 9.0) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+    """The diffusers UNet as ``schedule.ddim_loop``'s ``predict``: one call on the batch [uncond, cond] (with
+    ``use_cfg``; ``context`` from encode_prompts) guided as u + g (c - u), or on the conditional branch alone."""
+
+    def predict(x: torch.Tensor, t: int, _step: int) -> torch.Tensor:
+        x_in = torch.cat([x, x]) if use_cfg else x
+        t_in = torch.full((x_in.shape[0],), int(t), device=sd.device, dtype=torch.long)
+        out = sd.unet(x_in.to(sd.dtype), t_in, encoder_hidden_states=context).sample.float()
+        if not use_cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return classifier_free_guidance(uncond, cond, guidance_scale)
+
+    return predict
+
+
 def run_capture(sd: SDComponents, latent: torch.Tensor, prompt: str, *, strength: float = 0.1,
                 ddim_steps: int = 20, num_train_timesteps: int = 1000, use_cfg: bool = True,
                 guidance_scale: float = 9.0, capture_kind: str = "logits", capture_factor: int = 4,
                 capture_blocks: tuple[str, ...] = ("down", "mid", "up"), seed: int = 0,
                 max_steps: int | None = None, progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], None] | None = None) -> CrossAttentionMaps:
-    """Noise a scaled latent [1, 4, h, w] (Eq. 3) and run the DDIM steps, capturing cross-attention (Eq. 4).
+    """Noise a scaled latent [1, 4, h, w] (Eq. 3) and run the DDIM steps (schedule.ddim_loop with
+    unet_predictor), capturing cross-attention (Eq. 4).
 
     With use_cfg the batch is ["", prompt] (the caller appends the prompt suffix). max_steps caps the number
     of UNet steps (speed option). progress(done, total) is called after each step; should_stop() before each
@@ -328,40 +452,32 @@ def run_capture(sd: SDComponents, latent: torch.Tensor, prompt: str, *, strength
     """
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise InputError(f"latent must have shape [1, C, h, w] (one image at a time), got {tuple(latent.shape)}")
-    if max_steps is not None and max_steps < 1:
-        raise InputError(f"max_steps must be >= 1 or None, got {max_steps}")
     if len(sd.alphas_cumprod) != num_train_timesteps:
         raise InputError(f"num_train_timesteps={num_train_timesteps} but the model's schedule has "
                          f"{len(sd.alphas_cumprod)} steps")
-    noise_t, step_ts = injection_schedule(strength, ddim_steps, num_train_timesteps)
-    steps = step_pairs(step_ts)[:max_steps]
-    ac = sd.alphas_cumprod.double().cpu()
+    plan = injection_plan(strength, ddim_steps, num_train_timesteps, max_steps)
     selector = LayerSelector(capture_factor, tuple(capture_blocks))
     store = AttentionStore(kind=capture_kind)
-
-    noise = injection_noise(latent.shape, seed)
-    x = noise_latent(latent.float(), float(ac[noise_t]), noise.to(latent.device)).to(sd.device)
-    context = encode_prompts(sd, prompt, use_cfg)
+    predict = unet_predictor(sd, encode_prompts(sd, prompt, use_cfg), use_cfg, guidance_scale)
     layout = [1, 0] if use_cfg else [0]
-    total = len(steps)
+    total = len(plan.steps)
+
+    def before(i: int) -> None:
+        if should_stop is not None:
+            should_stop()
+        store.step = i
+
+    def after(i: int) -> None:
+        if progress is not None:
+            progress(i + 1, total)
+
     with torch.no_grad(), capture_processors(sd.unet, selector, store, capture_kind, layout):
-        for i, (t, t_prev) in enumerate(steps):
-            if should_stop is not None:
-                should_stop()
-            store.step = i
-            x_in = torch.cat([x, x]) if use_cfg else x
-            t_in = torch.full((x_in.shape[0],), t, device=sd.device, dtype=torch.long)
-            out = sd.unet(x_in.to(sd.dtype), t_in, encoder_hidden_states=context).sample.float()
-            if use_cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            x, _ = ddim_step(x, out, float(ac[t]), float(ac[t_prev]), sd.prediction_type)
-            if progress is not None:
-                progress(i + 1, total)
+        ddim_loop(latent, injection_noise(latent.shape, seed), sd.alphas_cumprod, plan, predict, sd.prediction_type,
+                  device=sd.device, before_step=before, after_step=after)
     return store.maps()
 
 
-__all__ = ["SDComponents", "PREDICTION_TYPES", "scaled_linear_alphas_cumprod", "ddim_timesteps",
-           "injection_schedule", "encode_latent", "noise_latent", "ddim_step", "CrossAttentionLayer",
-           "cross_attention_layers", "CaptureAttnProcessor", "capture_processors", "encode_prompts",
-           "encode_image", "run_capture"]
+__all__ = ["SDComponents", "DEFAULT_FEATURE_BLOCKS", "encode_latent", "CrossAttentionLayer", "cross_attention_layers",
+           "CaptureAttnProcessor", "capture_processors", "SelfAttentionLayer", "self_attention_layers",
+           "capture_self_attention", "resolve_modules", "capture_block_features", "encode_prompts", "encode_image",
+           "unet_predictor", "run_capture"]

@@ -1,6 +1,7 @@
 """Discriminative matching of Ref-Diff (docs/METHOD.md section 8): positional bias (Eq. 6), the CLIP crop branch,
 the masked-attention branch with one mask token per proposal in a single encoder pass (Eq. 7), text
-features, and the discriminative score s_D (Eq. 10).
+features, the discriminative score s_D (Eq. 10), and ``proposal_scores``, their one assembly per preset (and
+the SAM-CLIP baseline).
 
 Conventions and the choices made where the method leaves room:
 
@@ -22,13 +23,13 @@ Conventions and the choices made where the method leaves room:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ClipLayer
+from .config import ClipLayer, Preset
 from .errors import InputError, ModelLoadError
 
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -465,6 +466,68 @@ def discriminative_scores(crop_feats: torch.Tensor | None, mask_feats: torch.Ten
     return total
 
 
+# --------------------------------------------------------------------------------------------------------
+# the per-preset score of a set of proposals (Eq. 6, 7, 10; the SAM-CLIP baseline)
+# --------------------------------------------------------------------------------------------------------
+SCORE_MODES: tuple[str, ...] = ("ref-diff", "sam-clip")
+SAM_CLIP_LAYER: ClipLayer = "final"  # the baseline is plain CLIP: its final layer, whatever the preset's
+
+# features(branch, layer, clues, compute) -> [N, D]: a caller's cache around compute() (branch "crop" or
+# "masked"; clues: the direction clues of the positional bias that branch sees, () for none)
+FeatureHook = Callable[[str, str, tuple[str, ...], Callable[[], torch.Tensor]], torch.Tensor]
+# text_features((sentence, root)) -> [2, D] L2-normalised text features (r_sent, r_root)
+TextHook = Callable[[tuple[str, str]], torch.Tensor]
+
+
+def proposal_scores(scorer: ClipScorer, image: torch.Tensor | np.ndarray, masks: torch.Tensor, text: str,
+                    root: str, directions: Sequence[str], preset: Preset, mode: str = "ref-diff",
+                    use_bias: bool = True, crop_weight: float | None = None, mask_weight: float | None = None,
+                    features: FeatureHook | None = None, text_features: TextHook | None = None) -> torch.Tensor:
+    """s_D [N] of proposals ``masks`` [N, H, W] of an RGB ``image`` [H, W, 3] against (text, root), as the
+    preset defines it: the one assembly of Eq. 6, 7 and 10 that every caller uses.
+
+    ``mode="ref-diff"``: the positional bias of ``directions`` (unless ``use_bias`` is False) on the preset's
+    ``bias_branch``, both branches at the preset's ``clip_layer``, mixed text features and ``normalize_text``
+    as the preset says, branches weighted by ``crop_weight`` / ``mask_weight`` (None: the preset's).
+    ``mode="sam-clip"``: the baseline: crop branch only, FINAL layer, no positional bias, sentence feature.
+    ``features`` / ``text_features`` let a caller cache (and place CLIP on demand); by default both are computed.
+    """
+    if mode not in SCORE_MODES:
+        raise InputError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
+    if isinstance(directions, str):
+        directions = [directions]
+    height, width = int(image.shape[0]), int(image.shape[1])
+    masks = _check_masks(masks, height, width)
+    if masks.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    encode = text_features or (lambda texts: scorer.encode_text(list(texts)))
+    r_sent, r_root = encode((text, root)).unbind(0)
+    fetch = features or (lambda branch, layer, clues, compute: compute())
+
+    if mode == "sam-clip":
+        crop = fetch("crop", SAM_CLIP_LAYER, (),
+                     lambda: scorer.crop_features(image, masks, None, layer=SAM_CLIP_LAYER))
+        return discriminative_scores(crop, None, r_sent, r_root, crop_weight=1.0, mask_weight=0.0,
+                                     crop_root_weight=0.0, mask_root_weight=0.0)
+
+    clues = tuple(directions) if use_bias else ()
+    bias = positional_bias(clues, height, width, extent=preset.bias_extent) if clues else None
+    layer = preset.clip_layer
+
+    def branch(name: str, encoder: Callable[..., torch.Tensor]) -> torch.Tensor:
+        seen = clues if preset.bias_branch == name else ()
+        return fetch(name, layer, seen, lambda: encoder(image, masks, bias if seen else None, layer=layer))
+
+    crop = branch("crop", scorer.crop_features)
+    masked = branch("masked", scorer.masked_features)
+    return discriminative_scores(crop, masked, r_sent, r_root,
+                                 crop_weight=preset.crop_weight if crop_weight is None else float(crop_weight),
+                                 mask_weight=preset.mask_weight if mask_weight is None else float(mask_weight),
+                                 crop_root_weight=preset.crop_root_weight, mask_root_weight=preset.mask_root_weight,
+                                 normalize_text=preset.normalize_text)
+
+
 __all__ = ["ClipScorer", "ClipLayer", "positional_bias", "canonical_direction", "discriminative_scores",
+           "SCORE_MODES", "SAM_CLIP_LAYER", "FeatureHook", "TextHook", "proposal_scores",
            "crop_inputs", "mask_boxes", "masks_to_grid", "mask_attention_bias", "pad_square_resize",
            "as_float_image", "OPENAI_MEAN", "OPENAI_STD"]

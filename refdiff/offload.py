@@ -4,7 +4,8 @@
 the compute device for a block and back afterwards, even when the block raises. ``offload_sd`` keeps
 ``SDComponents.device`` at the compute device (stage code places its inputs there) while the UNet, VAE and
 text encoder sit on the offload device; ``sd_on_device`` brings the named parts over for one stage.
-Every move goes through ``move_to``, the one place that changes where a model lives.
+Every move goes through ``move_to``, the one place that changes where a model lives; device names are
+resolved by ``refdiff.devices``.
 """
 from __future__ import annotations
 
@@ -14,44 +15,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .devices import as_device, same_device
 from .errors import InputError
 
 SD_PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder")
 OFFLOAD_DEVICE = torch.device("cpu")
-
-
-def as_device(device: str | torch.device) -> torch.device:
-    """A torch.device from a name such as "cuda:0" (InputError naming the value when it is not one)."""
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return torch.device(str(device).strip())
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-
-
-def same_device(a: str | torch.device, b: str | torch.device) -> bool:
-    """Whether two devices are the same place ("cuda" and "cuda:0" count as one when CUDA's current is 0)."""
-    a, b = as_device(a), as_device(b)
-    if a.type != b.type:
-        return False
-    if a.index == b.index:
-        return True
-    current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
-    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-
-
-def module_device(model: Any) -> torch.device | None:
-    """Where a model's weights live: its ``device`` attribute if it has one, else its first parameter or buffer."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(model, torch.nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-        for tensor in model.buffers():
-            return tensor.device
-    return None
 
 
 def move_to(model: Any, device: torch.device) -> None:
@@ -152,5 +120,5 @@ class OnDemand:
             release_cache(self.device)
 
 
-__all__ = ["SD_PARTS", "OFFLOAD_DEVICE", "as_device", "same_device", "module_device", "move_to", "release_cache",
-           "on_device", "all_on_device", "offload_sd", "sd_on_device", "OnDemand"]
+__all__ = ["SD_PARTS", "OFFLOAD_DEVICE", "move_to", "release_cache", "on_device", "all_on_device", "offload_sd",
+           "sd_on_device", "OnDemand"]

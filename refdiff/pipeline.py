@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import offload as _offload
+from .devices import resolve_device
 from .config import VARIANTS, Preset, Variant, get_preset, get_variant, sam_generator_kwargs
 from .errors import InputError, RefDiffWarning
 from .image import PreparedImage, image_key, load_image, prepare_image
@@ -95,13 +96,6 @@ class _Lazy:
         return self._value
 
 
-def _compute_device(device: str | torch.device | None) -> torch.device:
-    """The device models compute on when offloading: the given one, else cuda if available, else cpu."""
-    from .sd import resolve_device
-
-    return resolve_device(device)
-
-
 class RefDiff:
     """Zero-shot referring segmentation: (image, text) -> the mask of the object the text refers to."""
 
@@ -133,7 +127,7 @@ class RefDiff:
         if not self.offload and device is not None:
             raise InputError(f"device={device!r} names the compute device of offload=True; without offload the "
                              "models compute where they are (load them there, or use from_pretrained(device=...))")
-        self.device: torch.device | None = _compute_device(device) if self.offload else None
+        self.device: torch.device | None = resolve_device(device) if self.offload else None
         if self.offload:  # models given ready are parked now; loaded ones when they load
             self._sd.finish = lambda m: _offload.offload_sd(m, self.device, self._offload_to)
             self._sam.finish = self._clip.finish = self._park
@@ -161,9 +155,10 @@ class RefDiff:
         moves each to ``device`` only for its stage (see ``RefDiff``); dtype defaults follow ``device``."""
         from .clip import load_clip
         from .sam import load_sam
-        from .sd import load_sd, resolve_dtype
+        from .devices import resolve_dtype
+        from .sd import load_sd
 
-        compute = _compute_device(device) if offload else None
+        compute = resolve_device(device) if offload else None
         if compute is not None:  # load on the CPU, in the compute device's default dtype
             sd_dtype, load_to = resolve_dtype(dtype, compute), _offload.OFFLOAD_DEVICE
         else:
@@ -418,62 +413,40 @@ class RefDiff:
 
     def _discriminative_on(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor, v: Variant,
                            need: Callable[[], None]) -> torch.Tensor:
-        from .discriminative import discriminative_scores, positional_bias
+        """discriminative.proposal_scores with this instance's caches: CLIP image features per (image, proposals,
+        branch, layer, bias clues), text features per text; ``need`` brings CLIP over on a cache miss."""
+        from .discriminative import proposal_scores
 
-        p, clip = self.preset, self.clip
-        r_sent, r_root = self._text_features((parsed.text, parsed.root), need).unbind(0)
-        h, w = rgb.shape[:2]
-        bias = positional_bias(parsed.directions, h, w, extent=p.bias_extent) if parsed.directions else None
-        image = torch.from_numpy(rgb)
+        p = self.preset
         masks_key = image_key(masks.numpy().view(np.uint8)) if masks.numel() else "empty"
 
-        def features(branch: str, with_bias: bool, layer: str) -> torch.Tensor:
-            b = bias if with_bias else None
-            k = (key, masks_key, branch, layer, parsed.directions if with_bias else (), p.bias_extent)
-            fn = clip.crop_features if branch == "crop" else clip.masked_features
-
-            def compute() -> torch.Tensor:
+        def features(branch: str, layer: str, clues: tuple[str, ...], compute: Callable[[], torch.Tensor]
+                     ) -> torch.Tensor:
+            def fresh() -> torch.Tensor:
                 need()
-                return fn(image, masks, b, layer=layer)
+                return compute()
 
-            return self._clip_image.get(k, compute)
+            return self._clip_image.get((key, masks_key, branch, layer, clues, p.bias_extent), fresh)
 
-        if v.sam_clip:  # baseline: plain CLIP (final layer) on the crops, no positional bias, sentence feature
-            crop = features("crop", False, "final")
-            return discriminative_scores(crop, None, r_sent, r_root, crop_weight=1.0, mask_weight=0.0,
-                                         crop_root_weight=0.0, mask_root_weight=0.0)
-        crop = features("crop", p.bias_branch == "crop", p.clip_layer)
-        masked = features("masked", p.bias_branch == "masked", p.clip_layer)
-        return discriminative_scores(crop, masked, r_sent, r_root, crop_weight=p.crop_weight,
-                                     mask_weight=p.mask_weight, crop_root_weight=p.crop_root_weight,
-                                     mask_root_weight=p.mask_root_weight, normalize_text=p.normalize_text)
+        return proposal_scores(self.clip, torch.from_numpy(rgb), masks, parsed.text, parsed.root, parsed.directions,
+                               p, mode="sam-clip" if v.sam_clip else "ref-diff", features=features,
+                               text_features=lambda texts: self._text_features(texts, need))
 
     def _select(self, v: Variant, masks: torch.Tensor, s_g: torch.Tensor | None, s_d: torch.Tensor | None,
                 parsed: ParsedText, root_position: int | None, c: torch.Tensor | None,
                 timings: dict[str, float]) -> Result:
         """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none)."""
-        from .scoring import fuse_scores, rank
+        from .scoring import fuse_and_select
 
         p = self.preset
-        n, h, w = masks.shape
-        if n:
-            gen_weight = p.gen_weight if (s_g is not None and s_d is not None) else 1.0
-            disc_weight = p.disc_weight if (s_g is not None and s_d is not None) else 1.0
-            fused = fuse_scores(s_g, s_d, gen_weight=gen_weight, disc_weight=disc_weight)
-            order = rank(fused, p.top_k)
-            best = rank(fused, 1)
-            index = int(best[0]) if len(best) and not torch.isnan(fused[best[0]]) else -1
-            mask = masks[index] if index >= 0 else torch.zeros(h, w, dtype=torch.bool)
-        else:
-            fused, order, index = torch.zeros(0), torch.zeros(0, dtype=torch.long), -1
-            mask = torch.zeros(h, w, dtype=torch.bool)
+        choice = fuse_and_select(masks, s_g, s_d, p)
 
         def arr(x: torch.Tensor | None) -> np.ndarray | None:
             return None if x is None else x.detach().float().cpu().numpy()
 
-        return Result(mask=mask.cpu().numpy().astype(bool), proposals=masks.cpu().numpy().astype(bool),
-                      scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(fused)},
-                      index=index, top_k=[int(i) for i in order], root_token=parsed.root,
+        return Result(mask=choice.mask.cpu().numpy().astype(bool), proposals=masks.cpu().numpy().astype(bool),
+                      scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(choice.fused)},
+                      index=choice.index, top_k=list(choice.top_k), root_token=parsed.root,
                       root_position=root_position, direction=parsed.directions,
                       attention=arr(c), variant=v.name, preset=p.name, timings=timings)
 

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .capture import BLOCKS, COND, CrossAttentionMaps, token_map
+from .capture import (BLOCKS, COND, SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, CrossAttentionMaps,
+                      finest_self_attention_factor, token_map)
 from .errors import InputError
-from .internals import SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, capture_self_attention, \
-    finest_self_attention_factor
 
 # Released DiffSegmenter code: weight = [0.3, 0.5, 0.1, 0.1] for the 8/16/32/64 grids of SD 1.x at 512 px.
 DIFFSEGMENTER_FACTOR_WEIGHTS: dict[int, float] = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
@@ -252,7 +251,7 @@ def diffsegmenter_map(sd: Any, latent: torch.Tensor, prompt: str, token_position
     with at most ``max_tokens`` tokens) merged over layers and steps; then fuse_cross_attention ->
     refine_with_self_attention. Feed the result to maps.generative_map like a token map.
     """
-    from .diffusion import cross_attention_layers, run_capture
+    from .diffusion import capture_self_attention, cross_attention_layers, run_capture
 
     if latent.ndim != 4:
         raise InputError(f"latent must have shape [1, C, h, w], got {tuple(latent.shape)}")

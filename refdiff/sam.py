@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from .downloads import SAM_DIR_ENV
+from .devices import parse_device
 from .errors import DependencyError, InputError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -271,7 +272,7 @@ def load_sam(checkpoint: str | Path | None = None, model_type: str | None = None
         raise ModelLoadError(f"SAM checkpoint {str(path)!r} holds a {found or 'non-standard SAM'} model, not the "
                              f"{wanted} that was asked for; pick the matching model type or checkpoint")
     sam = _materialise(config, state, f"SAM checkpoint {str(path)!r}")
-    return sam.to(device) if device is not None else sam
+    return sam.to(parse_device(device)) if device is not None else sam
 
 
 __all__ = ["SAM_CHECKPOINT_URLS", "SAM_CHECKPOINT_FILES", "SAM_CONFIGS", "SamConfig", "load_sam", "build_sam",

@@ -1,10 +1,13 @@
 """Scores of proposals: generative matching (Eq. 9), fusion (Eq. 1, 2), ranking and selection
-(docs/METHOD.md sections 7 and 9).
+(docs/METHOD.md sections 7 and 9). ``fuse_and_select`` is the one assembly of fusion and selection.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .config import Preset
 from .errors import InputError
 
 
@@ -87,4 +90,63 @@ def select_mask(masks: torch.Tensor, scores: torch.Tensor, height: int, width: i
     return masks[int(rank(scores, 1)[0])].to(torch.bool)
 
 
-__all__ = ["generative_scores", "fuse_scores", "rank", "select_mask"]
+def fusion_weights(preset: Preset | None, both: bool, gen_weight: float | None = None,
+                   disc_weight: float | None = None) -> tuple[float, float]:
+    """(gen_weight, disc_weight) of Eq. 1/2: the given ones, else the preset's, when both scores are fused;
+    1 and 1 when one score is used alone (variants G, GS, DS, sam-clip: the score as it is)."""
+    if not both:
+        return 1.0, 1.0
+    if preset is None and (gen_weight is None or disc_weight is None):
+        raise InputError("fusion weights: give gen_weight and disc_weight, or a preset to take them from")
+    return (float(preset.gen_weight if gen_weight is None else gen_weight),
+            float(preset.disc_weight if disc_weight is None else disc_weight))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``fuse_and_select`` chose among N proposals."""
+
+    fused: torch.Tensor  # float32 [N]: the fused scores (zeros(0) without proposals)
+    top_k: list[int]  # the min(k, N) best proposals, best first (NaN last)
+    index: int  # the chosen proposal (the best, or the pinned one); -1 when there is none
+    mask: torch.Tensor  # bool [H, W]: masks[index], all False when index is -1 (never the whole image)
+    gen_weight: float  # the weights the fusion used
+    disc_weight: float
+
+
+def fuse_and_select(masks: torch.Tensor, generative: torch.Tensor | None, discriminative: torch.Tensor | None,
+                    preset: Preset | None = None, top_k: int | None = None, pin_index: int = -1,
+                    gen_weight: float | None = None, disc_weight: float | None = None) -> Choice:
+    """Eq. 1, 2 and the selection, the one assembly every caller uses: fuse s_G and s_D of proposals ``masks``
+    [N, H, W] with ``fusion_weights`` (given weights, else the preset's), rank the ``top_k`` (None: the
+    preset's) and choose the best proposal,
+    or ``pin_index`` when it is >= 0 (and there are proposals). No proposal, or only NaN scores (unpinned):
+    index -1 and an empty mask."""
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
+        raise InputError("masks: expected a bool tensor [N, H, W]")
+    n, height, width = (int(v) for v in masks.shape)
+    if top_k is None and preset is None:
+        raise InputError("top_k: give it, or a preset to take it from")
+    k = preset.top_k if top_k is None else int(top_k)
+    gw, dw = fusion_weights(preset, generative is not None and discriminative is not None, gen_weight, disc_weight)
+    empty = torch.zeros(height, width, dtype=torch.bool, device=masks.device)
+    if n == 0:  # nothing to choose, pinned or not
+        return Choice(torch.zeros(0, dtype=torch.float32), [], -1, empty, gw, dw)
+    fused = fuse_scores(generative, discriminative, gen_weight=gw, disc_weight=dw)
+    if fused.shape[0] != n:
+        raise InputError(f"{n} proposals but {fused.shape[0]} scores; give one score per proposal")
+    order = [int(i) for i in rank(fused, k)]
+    if pin_index >= 0:
+        if pin_index >= n:
+            raise InputError(f"pin_index {pin_index} is out of range: there are {n} proposals (0..{n - 1}); use -1 "
+                             "to select by score")
+        index = int(pin_index)
+    else:
+        best = int(rank(fused, 1)[0])
+        index = -1 if bool(torch.isnan(fused[best])) else best
+    mask = masks[index].to(torch.bool) if index >= 0 else empty
+    return Choice(fused, order, index, mask, gw, dw)
+
+
+__all__ = ["generative_scores", "fuse_scores", "rank", "select_mask", "fusion_weights", "Choice",
+           "fuse_and_select"]

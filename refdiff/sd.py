@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .devices import resolve_device, resolve_dtype
 from .errors import InputError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,11 +58,6 @@ HUB_FILES: tuple[str, ...] = (
     "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
 _CONFIG_FILES: tuple[str, ...] = ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                                   "scheduler/scheduler_config.json")
-_DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 # Markers of model families this loader does not support, checked in order: (key substring, family name).
 _UNSUPPORTED_MARKERS: tuple[tuple[str, str], ...] = (
     ("conditioner.embedders.1.", "SDXL"),
@@ -74,38 +70,6 @@ _UNSUPPORTED_MARKERS: tuple[tuple[str, str], ...] = (
 _IN_CHANNEL_FAMILIES: dict[int, str] = {9: "SD inpainting", 8: "InstructPix2Pix", 7: "SD x4 upscaler"}
 _FAMILY_NAMES: dict[str, str] = {"sd1": "SD 1.x (CLIP ViT-L/14)", "sd2": "SD 2.x (OpenCLIP ViT-H/14)"}
 _SUPPORTED_NOTE = "refdiff supports Stable Diffusion 1.x and 2.x checkpoints (UNet + VAE + text encoder)"
-
-
-# --------------------------------------------------------------------------------------------- options
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The torch device to run on: the given one, else cuda when available, else cpu."""
-    dev = _parse_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
-    return dev
-
-
-def _parse_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return device if isinstance(device, torch.device) else torch.device(str(device).strip())
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-
-
-def resolve_dtype(dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> torch.dtype:
-    """The weight dtype: the given one ("fp16", "bf16", "fp32" or a torch dtype), else fp16 on cuda, fp32 otherwise."""
-    if dtype is None:
-        return torch.float16 if _parse_device(device).type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise InputError(f"unsupported dtype {dtype}; use fp16, bf16 or fp32")
-        return dtype
-    key = str(dtype).strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; use 'fp16', 'bf16' or 'fp32'")
-    return _DTYPES[key]
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -519,6 +483,6 @@ def _load_scheduler(folder: Path) -> Any:
     return cls.from_pretrained(str(sub), local_files_only=True)
 
 
-__all__ = ["load_sd", "resolve_device", "resolve_dtype", "read_checkpoint", "detect_family", "context_dim",
+__all__ = ["load_sd", "read_checkpoint", "detect_family", "context_dim",
            "bundled_config", "resolve_config", "load_single_file", "load_diffusers_folder", "load_from_hub",
            "looks_like_hub_id", "DEFAULT_SOURCE", "BUNDLED_CONFIGS", "CONFIG_DIR"]

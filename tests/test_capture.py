@@ -1,13 +1,13 @@
-"""Attention math, layer selection, the attention store and map aggregation (refdiff.capture)."""
+"""Attention math, layer selection and map aggregation (refdiff.capture), and the attention store (refdiff.stores)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from refdiff.capture import (AttentionStore, CrossAttentionMaps, LayerSelector, all_token_maps,
-                             attention_output, combine_guidance, downsampled_grid, head_averaged_attention,
-                             normalise_block, query_grid, token_map)
+from refdiff.capture import (CrossAttentionMaps, LayerSelector, all_token_maps, attention_output, combine_guidance,
+                             downsampled_grid, head_averaged_attention, normalise_block, query_grid, token_map)
 from refdiff.errors import InputError
+from refdiff.stores import AttentionStore, FeatureStore, split_branches
 
 
 def _qkv(b: int = 2, n: int = 12, k: int = 7, heads: int = 3, dh: int = 4, seed: int = 0):
@@ -233,3 +233,30 @@ def test_all_token_maps_equals_token_map_per_token():
     for t in range(6):
         assert torch.allclose(every[t], token_map(maps, t), atol=1e-6)
     assert every.min() >= 0 and every.max() <= 1
+
+
+def test_split_branches_labels_and_keeps():
+    x = torch.arange(6.0).reshape(6, 1)
+    parts = split_branches(x, [1, 0])  # a diffusers CFG batch [uncond, cond]
+    assert [label for label, _ in parts] == [1, 0]
+    assert torch.equal(parts[0][1], x[:3]) and torch.equal(parts[1][1], x[3:])
+    assert [(label, chunk.shape[0]) for label, chunk in split_branches(x, [1, 0], keep=(0,))] == [(0, 3)]
+    assert [label for label, _ in split_branches(x, None)] == [0]  # None: one conditional chunk
+    with pytest.raises(InputError, match="does not split"):
+        split_branches(x, [1, 0, 1, 0])
+    with pytest.raises(InputError, match="cond_or_uncond"):
+        split_branches(x, [2])
+    with pytest.raises(InputError, match="keep"):
+        split_branches(x, [0], keep=())
+
+
+def test_summing_store_means_over_steps_and_keeps_one_grid():
+    store = FeatureStore()
+    store.add("up_blocks.1", (1, 2), torch.tensor([[[[1.0, 3.0]]]]))
+    store.add("up_blocks.1", (1, 2), torch.tensor([[[[3.0, 5.0]]]]))
+    assert torch.equal(store.tensors()[0], torch.tensor([[[2.0, 4.0]]]))  # mean of the two steps
+    with pytest.raises(InputError, match="grids"):
+        store.add("up_blocks.1", (2, 1), torch.zeros(1, 1, 2, 1))
+    with pytest.raises(InputError, match="unconditional"):
+        store.features(label=1)
+

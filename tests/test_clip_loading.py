@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import refdiff.clip as clip_module
 from refdiff.clip import load_clip
 from refdiff.discriminative import ClipScorer
-from refdiff.errors import ModelLoadError
+from refdiff.errors import InputError, ModelLoadError
 from refdiff.testing.clip import TINY_CLIP_CONFIG, full_clip_vit_b16, tiny_clip
 
 ATOL = 1e-5
@@ -57,6 +56,9 @@ def test_load_wrapped_torch_file_and_dtype(tmp_path: Path, tiny: ClipScorer, pro
     loaded = load_clip(path, model_cfg=TINY_CLIP_CONFIG, dtype=torch.float64)
     assert loaded.dtype == torch.float64 and loaded.device.type == "cpu"
     torch.testing.assert_close(_fingerprint(loaded, probe), _fingerprint(tiny, probe), atol=ATOL, rtol=0)
+    assert load_clip(path, model_cfg=TINY_CLIP_CONFIG, dtype="fp32").dtype == torch.float32  # names resolve too
+    with pytest.raises(InputError, match="int7"):
+        load_clip(path, model_cfg=TINY_CLIP_CONFIG, dtype="int7")
 
 
 def test_missing_file_names_it(tmp_path: Path) -> None:
@@ -128,8 +130,6 @@ def test_unknown_model_or_tag() -> None:
         load_clip("ViT-B-16/no-such-tag")
     with pytest.raises(ModelLoadError, match="unknown model"):
         load_clip("No-Such-Model/openai")
-    with pytest.raises(ModelLoadError, match="dtype"):
-        clip_module._resolve_dtype("int7")
 
 
 @pytest.mark.slow

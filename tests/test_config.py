@@ -54,12 +54,12 @@ def test_lookup_and_overrides():
 
 
 def test_sibling_method_defaults_match_their_modules():
-    from refdiff import clusters, internals, refine
+    from refdiff import capture, clusters, refine
 
     p = OFFICIAL
     assert dict(p.refine_factor_weights) == refine.DIFFSEGMENTER_FACTOR_WEIGHTS
     assert p.refine_iterations == refine.DIFFSEGMENTER_ITERATIONS
-    assert p.refine_max_tokens == internals.SELF_ATTENTION_MAX_TOKENS
+    assert p.refine_max_tokens == capture.SELF_ATTENTION_MAX_TOKENS
     assert (p.cluster_k, p.cluster_feature_factor, p.cluster_factor, p.cluster_timestep) == (
         clusters.FREESEG_CLUSTERS, clusters.FREESEG_FEATURE_FACTOR, clusters.FREESEG_CLUSTER_FACTOR,
         clusters.FREESEG_TIMESTEP)

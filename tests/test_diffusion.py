@@ -1,4 +1,4 @@
-"""diffusers backend: schedule, DDIM math, capture processors and run_capture on a tiny random UNet."""
+"""diffusers backend (capture processors, run_capture on a tiny random UNet) and the Eq. 3 math of refdiff.schedule."""
 from __future__ import annotations
 
 import math
@@ -6,11 +6,14 @@ import math
 import pytest
 import torch
 
-from refdiff.capture import AttentionStore, LayerSelector
-from refdiff.diffusion import (SDComponents, capture_processors, cross_attention_layers, ddim_step, ddim_timesteps,
-                               encode_image, encode_latent, encode_prompts, injection_schedule, noise_latent,
-                               run_capture, scaled_linear_alphas_cumprod)
+from refdiff.capture import LayerSelector
+from refdiff.diffusion import (SDComponents, capture_processors, cross_attention_layers, encode_image, encode_latent,
+                               encode_prompts, run_capture)
 from refdiff.errors import InputError
+from refdiff.schedule import (InjectionPlan, alphas_cumprod_of, classifier_free_guidance, ddim_loop, ddim_step,
+                              ddim_timesteps, injection_noise, injection_plan, injection_schedule, noise_latent,
+                              scaled_linear_alphas_cumprod, sigma_of)
+from refdiff.stores import AttentionStore
 from refdiff.testing.sd import SD15_UNET_CONFIG, sd_scheduler, tiny_sd, tiny_sd_pipeline, unet_from_config
 
 # tiny_sd: latent 16x16 -> factor-4 grid 4x4; factor-4 layers: down_blocks.2.attentions.0, up_blocks.1.attentions.{0,1}
@@ -148,6 +151,50 @@ def test_noise_latent_and_ddim_step_hand_computed():
     assert torch.allclose(x_prev, torch.tensor([0.9 * 0.5 + math.sqrt(0.19) * (0.8 * 0.5 + 0.6 * 1)]))
     with pytest.raises(InputError, match="prediction_type"):
         ddim_step(x, out, 0.64, 0.81, "sample")
+
+
+def test_injection_plan_caps_the_steps():
+    plan = injection_plan(0.1, 20, 1000)
+    assert plan == InjectionPlan(101, ((51, 1), (1, 0)))
+    assert plan.step_timesteps == [51, 1] and plan.prev_timesteps == [1, 0]
+    assert injection_plan(0.1, 20, 1000, max_steps=1).steps == ((51, 1),)
+    assert injection_plan(0.3, 10, 1000, max_steps=9).steps == ((201, 101), (101, 1), (1, 0))
+    with pytest.raises(InputError, match="max_steps"):
+        injection_plan(0.1, 20, 1000, max_steps=0)
+
+
+def test_ddim_loop_hand_computed():
+    """Planted schedule: alpha_bar = 0.81, 0.64, 0.36 at t = 0, 1, 2; a constant epsilon prediction of 0.5."""
+    ac = torch.tensor([0.81, 0.64, 0.36])
+    latent, noise = torch.tensor([[2.0]]), torch.tensor([[1.0]])
+    seen, order = [], []
+
+    def predict(x, t, i):
+        seen.append((round(float(x), 6), t, i))
+        return torch.full_like(x, 0.5)
+
+    x, pred_x0 = ddim_loop(latent, noise, ac, InjectionPlan(2, ((1, 0),)), predict,
+                           before_step=lambda i: order.append(("before", i)),
+                           after_step=lambda i: order.append(("after", i)))
+    x_t = 0.6 * 2.0 + 0.8 * 1.0  # Eq. 3 at alpha_bar 0.36: 2.0
+    assert seen == [(round(x_t, 6), 1, 0)] and order == [("before", 0), ("after", 0)]
+    x0 = (x_t - 0.6 * 0.5) / 0.8  # DDIM at alpha_bar 0.64 with eps 0.5
+    assert torch.allclose(pred_x0, torch.tensor([[x0]]))
+    assert torch.allclose(x, torch.tensor([[0.9 * x0 + math.sqrt(0.19) * 0.5]]))
+    x, pred_x0 = ddim_loop(latent, noise, ac, InjectionPlan(1, ()), predict)  # no step: x_T itself
+    assert torch.allclose(x, torch.tensor([[0.8 * 2.0 + 0.6 * 1.0]])) and torch.equal(x, pred_x0)
+    with pytest.raises(InputError, match="timestep 5"):
+        ddim_loop(latent, noise, ac, InjectionPlan(5, ()), predict)
+
+
+def test_guidance_and_sigma_conversions():
+    u, c = torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.0])
+    assert torch.equal(classifier_free_guidance(u, c, 9.0), torch.tensor([10.0, 8.0]))
+    assert sigma_of(0.8) == pytest.approx(0.5)  # sqrt(0.2 / 0.8)
+    ac = scaled_linear_alphas_cumprod()
+    sigmas = torch.tensor([sigma_of(float(a)) for a in ac])
+    assert torch.allclose(alphas_cumprod_of(sigmas), ac.double(), atol=1e-7)
+    assert torch.equal(injection_noise((1, 4, 2, 2), 5), injection_noise((1, 4, 2, 2), 5))
 
 
 def test_ddim_step_matches_diffusers_ddim_scheduler():

@@ -7,7 +7,8 @@ import torch
 
 import refdiff.offload as offload
 from refdiff.errors import InputError
-from refdiff.offload import OnDemand, all_on_device, module_device, offload_sd, on_device, sd_on_device
+from refdiff.devices import module_device
+from refdiff.offload import OnDemand, all_on_device, offload_sd, on_device, sd_on_device
 from refdiff.pipeline import RefDiff
 
 # As tests/test_pipeline.py: small settings so that random SAM proposes masks and a run takes about a second.

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from refdiff.capture import COND
-from refdiff.diffusion import encode_image, run_capture
+from refdiff.diffusion import capture_self_attention, encode_image, run_capture
 from refdiff.errors import InputError
 from refdiff.image import prepare_image
-from refdiff.internals import capture_self_attention
 from refdiff.refine import (DIFFSEGMENTER_FACTOR_WEIGHTS, axis_resampling, check_affinity, diffsegmenter_map,
                             factor_token_maps, fuse_cross_attention, fuse_self_attention, refine_with_self_attention,
                             resample_affinity)

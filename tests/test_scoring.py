@@ -9,7 +9,8 @@ from refdiff.errors import InputError
 from refdiff.image import PreparedImage
 from refdiff.maps import generative_map
 from refdiff.proposals import threshold_proposals
-from refdiff.scoring import fuse_scores, generative_scores, rank, select_mask
+from refdiff.config import OFFICIAL, PAPER
+from refdiff.scoring import fuse_and_select, fuse_scores, fusion_weights, generative_scores, rank, select_mask
 
 C = torch.tensor([[0.0, 0.2, 0.4], [0.6, 0.8, 1.0]])
 
@@ -97,6 +98,50 @@ def test_select_mask() -> None:
         select_mask(masks, torch.zeros(2), 4, 5)
     with pytest.raises(InputError, match="image's size"):
         select_mask(masks, torch.zeros(3), 5, 4)
+
+
+def test_fusion_weights_follow_the_preset_only_when_both_scores_exist() -> None:
+    assert fusion_weights(PAPER, True) == (0.1, 0.9)
+    assert fusion_weights(OFFICIAL, True) == (0.05, 1.0)
+    assert fusion_weights(PAPER, True, gen_weight=0.5) == (0.5, 0.9)
+    assert fusion_weights(PAPER, False, 0.5, 0.5) == (1.0, 1.0)
+    assert fusion_weights(None, True, 0.2, 0.3) == (0.2, 0.3)
+    with pytest.raises(InputError, match="preset"):
+        fusion_weights(None, True, 0.2)
+
+
+def test_fuse_and_select_planted() -> None:
+    masks = torch.zeros(3, 4, 5, dtype=torch.bool)
+    for i in range(3):
+        masks[i, i] = True
+    g, d = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.3, 0.2])
+    # paper: 0.1 s_G + 0.9 s_D = [0.1, 0.27, 0.08] -> proposal 1, then 0, then 2
+    choice = fuse_and_select(masks, g, d, PAPER, top_k=2)
+    torch.testing.assert_close(choice.fused, torch.tensor([0.1, 0.27, 0.08]))
+    assert choice.top_k == [1, 0] and choice.index == 1 and torch.equal(choice.mask, masks[1])
+    assert (choice.gen_weight, choice.disc_weight) == (0.1, 0.9)
+    # s_G alone (variant G/GS) is used as it is: weight 1, whatever the preset
+    alone = fuse_and_select(masks, g, None, PAPER)
+    torch.testing.assert_close(alone.fused, g)
+    assert alone.index == 0 and alone.top_k == [0, 1, 2] and (alone.gen_weight, alone.disc_weight) == (1.0, 1.0)
+    # a pinned index wins over the scores; the ranking stays
+    pinned = fuse_and_select(masks, g, d, PAPER, top_k=2, pin_index=2)
+    assert pinned.index == 2 and torch.equal(pinned.mask, masks[2]) and pinned.top_k == [1, 0]
+    with pytest.raises(InputError, match="pin_index 3"):
+        fuse_and_select(masks, g, d, PAPER, pin_index=3)
+    # NaN scores never win; all NaN: nothing is chosen and the mask is empty (never the whole image)
+    assert fuse_and_select(masks, torch.tensor([float("nan"), 0.0, 1.0]), None, PAPER).index == 2
+    nan = fuse_and_select(masks, torch.full((3,), float("nan")), None, PAPER)
+    assert nan.index == -1 and nan.mask.shape == (4, 5) and not nan.mask.any()
+    # no proposal: index -1, empty mask of the image's size, pinned or not
+    for pin in (-1, 0):
+        none = fuse_and_select(masks[:0], None, None, PAPER, pin_index=pin)
+        assert none.index == -1 and none.top_k == [] and none.fused.shape == (0,) and not none.mask.any()
+        assert none.mask.shape == (4, 5)
+    with pytest.raises(InputError, match="one score per proposal"):
+        fuse_and_select(masks, g[:2], None, PAPER)
+    with pytest.raises(InputError, match="top_k"):
+        fuse_and_select(masks, g, None)
 
 
 # --- planted blob -------------------------------------------------------------------------------------------

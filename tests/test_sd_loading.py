@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from refdiff import sd as rsd
-from refdiff.diffusion import scaled_linear_alphas_cumprod
+from refdiff.schedule import scaled_linear_alphas_cumprod
 from refdiff.errors import InputError, ModelLoadError
 from refdiff.testing.sd import (TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, sd_scheduler,
                                 text_encoder_from_config, tiny_sd_pipeline, unet_from_config, vae_from_config)
@@ -182,35 +182,6 @@ def assert_frozen(sd: Any) -> None:
 @pytest.fixture(scope="module")
 def tiny_pipe() -> Any:
     return tiny_sd_pipeline(seed=3)
-
-
-# ------------------------------------------------------------------------------------ device and dtype
-def test_resolve_dtype_strings_and_defaults() -> None:
-    assert rsd.resolve_dtype("fp16") is torch.float16
-    assert rsd.resolve_dtype(" BF16 ") is torch.bfloat16
-    assert rsd.resolve_dtype("float32") is torch.float32
-    assert rsd.resolve_dtype(torch.float16) is torch.float16
-    assert rsd.resolve_dtype(None, "cuda") is torch.float16
-    assert rsd.resolve_dtype(None, "cuda:1") is torch.float16
-    assert rsd.resolve_dtype(None, "cpu") is torch.float32
-    for bad in ("fp8", "int8", "", torch.int64):
-        with pytest.raises(InputError, match="dtype"):
-            rsd.resolve_dtype(bad)
-
-
-def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert rsd.resolve_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert rsd.resolve_device(None) == torch.device("cuda")
-    assert rsd.resolve_device("cuda:1") == torch.device("cuda", 1)
-    assert rsd.resolve_dtype(None, None) is torch.float16
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert rsd.resolve_device(None) == torch.device("cpu")
-    assert rsd.resolve_dtype(None, None) is torch.float32
-    with pytest.raises(InputError, match="CUDA is not available"):
-        rsd.resolve_device("cuda")
-    with pytest.raises(InputError, match="gpu0"):
-        rsd.resolve_device("gpu0")
 
 
 def test_hub_id_recognition() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from refdiff.capture import CrossAttentionMaps
 from refdiff.errors import InputError
-from refdiff.internals import CapturedAffinity
+from refdiff.stores import CapturedAffinity
 from refdiff.text import ParsedText
 from pack_nodes import load_node_module as _load
 

@@ -178,7 +178,8 @@ def check_model_options(args: argparse.Namespace, device: str | None = None) -> 
     ``device`` is the compute device to check when it differs from --device (torchrun's per-rank one)."""
     from ..clip import WEIGHT_SUFFIXES, looks_like_path
     from ..sam import checkpoint_urls, model_type_from_name, sam_cache_dir
-    from ..sd import BUNDLED_CONFIGS, looks_like_hub_id, resolve_device
+    from ..devices import resolve_device
+    from ..sd import BUNDLED_CONFIGS, looks_like_hub_id
 
     if args.sam is not None and not Path(args.sam).expanduser().is_file():
         raise ModelLoadError(

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..diffusion import SDComponents, scaled_linear_alphas_cumprod
+from ..diffusion import SDComponents
+from ..schedule import scaled_linear_alphas_cumprod
 
 SD_BETA_START, SD_BETA_END, SD_TRAIN_STEPS = 0.00085, 0.012, 1000
 

@@ -14,7 +14,7 @@ Checks:
 - ``transparent_internals``: a clone recording self-attention on every attn1, query features on every attn2
   and the outputs of every recordable block computes the unpatched model's output bit for bit.
 - ``internals_same_as_library``: on the same weights (converted to diffusers as above), ComfyUI's
-  self-attention, feature and block captures equal refdiff.internals', the refined DiffSegmenter map equals
+  self-attention, feature and block captures equal refdiff.diffusion's, the refined DiffSegmenter map equals
   refdiff.refine.diffsegmenter_map's and the feature-cluster proposals equal
   refdiff.clusters.feature_cluster_proposals'.
 - ``sd2``: an SD 2.x UNet (linear projections, context 1024) is detected and captured from.
@@ -104,7 +104,8 @@ def check_transparent() -> dict:
     nodes = load_pack()
     from importlib import import_module
 
-    from refdiff.capture import AttentionStore, LayerSelector
+    from refdiff.capture import LayerSelector
+    from refdiff.stores import AttentionStore
 
     cs = import_module(nodes.__name__ + ".comfy_sd")
     model, _, _ = load_sd15()
@@ -165,7 +166,8 @@ def check_same_as_library(prediction: str = "epsilon") -> dict:
     nodes = load_pack()
     from importlib import import_module
 
-    from refdiff.diffusion import SDComponents, run_capture, scaled_linear_alphas_cumprod
+    from refdiff.diffusion import SDComponents, run_capture
+    from refdiff.schedule import scaled_linear_alphas_cumprod
     from refdiff.tokenizer import clip_tokenizer
 
     dn = import_module(nodes.__name__ + ".diffusion_nodes")
@@ -201,7 +203,7 @@ def check_transparent_internals() -> dict:
     nodes = load_pack()
     from importlib import import_module
 
-    from refdiff.internals import FeatureStore, SelfAttentionStore
+    from refdiff.stores import FeatureStore, SelfAttentionStore
 
     cs = import_module(nodes.__name__ + ".comfy_sd")
     model, _, _ = load_sd15()
@@ -232,8 +234,9 @@ def check_internals_same_as_library() -> dict:
 
     from refdiff.capture import COND
     from refdiff.clusters import feature_cluster_proposals, query_feature_modules
-    from refdiff.diffusion import SDComponents, encode_prompts, noise_latent, run_capture, scaled_linear_alphas_cumprod
-    from refdiff.internals import capture_block_features, capture_self_attention
+    from refdiff.diffusion import (SDComponents, capture_block_features, capture_self_attention, encode_prompts,
+                                   run_capture)
+    from refdiff.schedule import noise_latent, scaled_linear_alphas_cumprod
     from refdiff.refine import diffsegmenter_map
     from refdiff.tokenizer import clip_tokenizer
 

@@ -51,7 +51,7 @@ def test_internals_patches_do_not_change_the_unet_output(comfy_env):
 @pytest.mark.slow
 def test_comfyui_internals_equal_the_library(comfy_env):
     """Same weights, latent, prompt and seed: ComfyUI's self-attention and feature captures equal
-    refdiff.internals', and the refined map and the cluster proposals equal the library's."""
+    refdiff.diffusion's, and the refined map and the cluster proposals equal the library's."""
     r = run_check(comfy_env, "internals_same_as_library")
     assert r["comfy_levels"] == r["lib_levels"] == [[4, [4, 4], 4]]
     assert r["self_diff"] < 1e-5, r

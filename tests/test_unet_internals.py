@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from refdiff.capture import COND, UNCOND, AttentionStore, LayerSelector
-from refdiff.diffusion import capture_processors
+from refdiff.capture import COND, UNCOND, LayerSelector, finest_self_attention_factor, self_attention_bytes
+from refdiff.diffusion import capture_block_features, capture_processors, capture_self_attention, self_attention_layers
 from refdiff.errors import InputError
-from refdiff.internals import (SelfAttentionStore, capture_block_features, capture_self_attention,
-                               finest_self_attention_factor, self_attention_bytes, self_attention_layers)
+from refdiff.stores import AttentionStore, SelfAttentionStore
 from refdiff.testing.sd import tiny_sd
 
 # tiny_sd: latent 16x16; attn1 grids: factor 1 -> 16x16 (256 tokens), 2 -> 8x8, 4 -> 4x4, 8 (mid) -> 2x2
