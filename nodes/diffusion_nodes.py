@@ -12,7 +12,7 @@ from refdiff.errors import InputError
 from refdiff.internals import SELF_ATTENTION_MAX_TOKENS, SelfAttentionStore
 from refdiff.text import strip_prompt_weights
 
-from . import comfy_sd, common, helpers
+from . import comfy_backend, common, helpers
 from .payloads import INJECTION_KEY, Injection, ParsedBatch
 from .sibling_helpers import InternalsAttentionBatch
 
@@ -32,7 +32,7 @@ def inject_noise(latent: dict, seed: int, strength: float, ddim_steps: int,
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise InputError("latent: expected a LATENT from VAEEncode (a dict with 'samples' [B, 4, h, w])")
     out = dict(latent)
-    out[INJECTION_KEY] = comfy_sd.make_injection(samples, seed, strength, ddim_steps, num_train_timesteps)
+    out[INJECTION_KEY] = comfy_backend.make_injection(samples, seed, strength, ddim_steps, num_train_timesteps)
     return out
 
 
@@ -65,7 +65,7 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
     ``self_attention`` the same run also records the conditional branch's self-attention on every level of at
     most ``self_max_tokens`` tokens (layers and steps averaged per level). Returns the maps and a summary.
     """
-    family = comfy_sd.model_family(model)
+    family = comfy_backend.model_family(model)
     plan = injection_of(latent)
     samples = latent["samples"]
     batch = int(samples.shape[0])
@@ -75,9 +75,9 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
     if steps:
         plan = dataclasses.replace(plan, step_timesteps=plan.step_timesteps[:steps],
                                    prev_timesteps=plan.prev_timesteps[:steps])
-    layers = comfy_sd.select_layers(model, LayerSelector(factor or None, tuple(blocks)))
+    layers = comfy_backend.select_layers(model, LayerSelector(factor or None, tuple(blocks)))
     latent_hw = (int(samples.shape[-2]), int(samples.shape[-1]))
-    self_layers = (comfy_sd.select_self_attention_layers(model, latent_hw, self_max_tokens, tuple(blocks))
+    self_layers = (comfy_backend.select_self_attention_layers(model, latent_hw, self_max_tokens, tuple(blocks))
                    if self_attention else [])
 
     prompts: list[str | None] = [None] * batch
@@ -87,11 +87,11 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
             raise InputError("clip: connect the checkpoint's CLIP (with text or a parse), or give positive and "
                              "negative CONDITIONING")
         prompts = prompts_for_batch(batch, parse, text, prompt_suffix)
-        tokenizer = comfy_sd.sd_tokenizer(clip)
+        tokenizer = comfy_backend.sd_tokenizer(clip)
         plain = [strip_prompt_weights(p) + prompt_suffix for p in prompts]
         tokens = [helpers.token_strings(p, tokenizer) for p in plain]
         for prompt, plain_prompt in dict(zip(prompts, plain)).items():
-            if not comfy_sd.tokens_agree(clip, prompt, plain_prompt):
+            if not comfy_backend.tokens_agree(clip, prompt, plain_prompt):
                 common.LOG.warning("[RefDiff] ComfyUI tokenises %r differently from the plain text %r (embedding "
                                    "or unusual syntax?): the root word's token position may be off", prompt,
                                    plain_prompt)
@@ -99,14 +99,14 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
 
         def encoded(p: str) -> list:
             if p not in cache:
-                cache[p] = comfy_sd.encode_text(clip, p)
+                cache[p] = comfy_backend.encode_text(clip, p)
             return cache[p]
 
         positives = [encoded(p) for p in prompts]
         negatives = [encoded("") for _ in prompts] if use_cfg else [None] * batch
     else:
-        positives = [comfy_sd.conditioning_item(positive, i, batch) for i in range(batch)]
-        negatives = ([comfy_sd.conditioning_item(negative, i, batch) for i in range(batch)]
+        positives = [comfy_backend.conditioning_item(positive, i, batch) for i in range(batch)]
+        negatives = ([comfy_backend.conditioning_item(negative, i, batch) for i in range(batch)]
                      if negative is not None else [None] * batch)
 
     progress = common.Progress(batch * len(plan.step_timesteps))
@@ -115,13 +115,13 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
     for i in range(batch):
         common.check_interrupt()
         store = SelfAttentionStore(per_layer=False)
-        maps.append(comfy_sd.run_capture(model, samples[i:i + 1], plan, positives[i], negatives[i],
-                                         guidance_scale, use_cfg, kind, layers, on_step=progress.step,
-                                         self_layers=self_layers, self_store=store))
+        maps.append(comfy_backend.run_capture(model, samples[i:i + 1], plan, positives[i], negatives[i],
+                                              guidance_scale, use_cfg, kind, layers, on_step=progress.step,
+                                              self_layers=self_layers, self_store=store))
         if self_layers:
             affinities.append(store.affinities(COND))
     selector = LayerSelector(None, tuple(blocks))
-    unet_factors = sorted({la.factor for la in comfy_sd.attn2_layers(model.model.diffusion_model)
+    unet_factors = sorted({la.factor for la in comfy_backend.attn2_layers(model.model.diffusion_model)
                            if selector.wants(la.block, la.factor)})
     result = InternalsAttentionBatch(maps=maps, prompts=prompts, tokens=tokens, latent_hw=latent_hw,
                                      guidance_scale=float(guidance_scale), kind=kind, model_family=family,

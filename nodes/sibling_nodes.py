@@ -15,7 +15,7 @@ from refdiff.errors import InputError
 from refdiff.maps import RESIZE_MODES
 from refdiff.refine import DIFFSEGMENTER_ITERATIONS
 
-from . import comfy_sd, common
+from . import comfy_backend, common
 from .map_nodes import preview_maps
 from .payloads import ProposalBatch
 from .sibling_helpers import (FACTOR_WEIGHTS_EXAMPLE, cluster_image, format_factor_weights, parse_factor_weights,
@@ -30,15 +30,15 @@ def feature_sources(model: Any, features: str, feature_factor: int) -> tuple[lis
     this UNet has when nothing matches."""
     dm = model.model.diffusion_model
     if features == "queries":
-        layers = [la for la in comfy_sd.attn2_layers(dm) if la.factor == int(feature_factor)]
+        layers = [la for la in comfy_backend.attn2_layers(dm) if la.factor == int(feature_factor)]
         if not layers:
-            have = sorted({la.factor for la in comfy_sd.attn2_layers(dm)})
+            have = sorted({la.factor for la in comfy_backend.attn2_layers(dm)})
             raise InputError(f"feature_factor: this UNet has no cross-attention at factor {feature_factor} (it has "
                              f"{have}); choose one of those")
         return layers, []
     if features == "output blocks":
-        levels = comfy_sd.output_block_levels(dm)
-        names = set(comfy_sd.block_feature_names(dm))
+        levels = comfy_backend.output_block_levels(dm)
+        names = set(comfy_backend.block_feature_names(dm))
         blocks = [f"output_blocks.{j}" for j, lvl in enumerate(levels)
                   if lvl == int(feature_factor) and f"output_blocks.{j}" in names]
         if not blocks:
@@ -57,7 +57,7 @@ def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, cli
     """FreeSeg-Diff proposals of every image: ONE UNet pass on the whole latent batch noised to ``timestep``
     (seeded noise, the same for every image), conditioned on the empty prompt (or ``conditioning``), features
     recorded on a clone of the MODEL, then k-means per image (refdiff.clusters)."""
-    family = comfy_sd.model_family(model)
+    family = comfy_backend.model_family(model)
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise InputError("latent: expected a LATENT from VAEEncode (a dict with 'samples' [B, 4, h, w])")
@@ -69,12 +69,12 @@ def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, cli
         if clip is None:
             raise InputError("clip: connect the checkpoint's CLIP (the pass is conditioned on the empty prompt), or "
                              "give conditioning")
-        conditioning = comfy_sd.encode_text(clip, "")
+        conditioning = comfy_backend.encode_text(clip, "")
     query_layers, blocks = feature_sources(model, features, feature_factor)
     noise = injection_noise((1, *samples.shape[1:]), seed).expand(*samples.shape).contiguous()
     progress = common.Progress(1 + batch)
-    store = comfy_sd.run_features(model, samples, noise, int(timestep), conditioning, query_layers, blocks, seed=seed,
-                                  on_step=progress.step)
+    store = comfy_backend.run_features(model, samples, noise, int(timestep), conditioning, query_layers, blocks,
+                                       seed=seed, on_step=progress.step)
     height, width = int(image.shape[1]), int(image.shape[2])
     masks = []
     for i in range(batch):

@@ -21,12 +21,12 @@ def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", pr
     ``root_word`` may hold one word for every line or one line per text line (an empty line: the parser's
     choice).
     """
-    from . import comfy_sd  # ComfyUI's model classes load only when a CLIP is given
+    from . import comfy_backend  # ComfyUI's model classes load only when a CLIP is given
 
     lines = helpers.split_lines(text, "text")
     words = match_batch(root_word.splitlines() or [""], len(lines), "root_word") if root_word.strip() else \
         [""] * len(lines)
-    tokenizer = comfy_sd.sd_tokenizer(clip) if clip is not None else clip_tokenizer()
+    tokenizer = comfy_backend.sd_tokenizer(clip) if clip is not None else clip_tokenizer()
     items = [helpers.parse_item(line, tokenizer, root_rule=root_rule, prompt_suffix=prompt_suffix, root_word=w)
              for line, w in zip(lines, words)]
     summary = helpers.parse_summary(items)

@@ -106,7 +106,7 @@ def check_transparent() -> dict:
 
     from refdiff.capture import AttentionStore, LayerSelector
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     model, _, _ = load_sd15()
     layers = cs.select_layers(model, LayerSelector(None))
     store = AttentionStore("logits")
@@ -203,7 +203,7 @@ def check_transparent_internals() -> dict:
 
     from refdiff.internals import FeatureStore, SelfAttentionStore
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     model, _, _ = load_sd15()
     dm = model.model.diffusion_model
     self_store, features = SelfAttentionStore(per_layer=True), FeatureStore()
@@ -242,7 +242,7 @@ def check_internals_same_as_library() -> dict:
     sn = import_module(nodes.__name__ + ".sibling_nodes")
     sh = import_module(nodes.__name__ + ".sibling_helpers")
     hp = import_module(nodes.__name__ + ".helpers")
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     model, clip, vae = load_sd15()
     latent = latent_batch(vae)
     parse, _ = tn.parse_texts("the black horse on the left", clip)
@@ -301,7 +301,7 @@ def check_sd2() -> dict:
 
     import comfy.sd
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     dn = import_module(nodes.__name__ + ".diffusion_nodes")
     model = comfy.sd.load_diffusion_model(os.path.join(MODELS, "diffusion_models", "refdiff_test_sd2_unet.safetensors"))
     gen = torch.Generator().manual_seed(3)
@@ -320,7 +320,7 @@ def check_families() -> dict:
 
     import comfy.supported_models as sm
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     out = {}
     for cls in (sm.SDXL, sm.Flux, sm.SD3):
         fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=cls.__new__(cls)))
