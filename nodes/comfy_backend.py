@@ -38,7 +38,7 @@ from refdiff.diffusion import ddim_step, injection_noise, injection_schedule, no
 from refdiff.errors import InputError
 from refdiff.internals import SELF_ATTENTION_CHUNK, SELF_ATTENTION_MAX_TOKENS, FeatureStore, SelfAttentionStore
 
-from .payloads import Injection
+from .wire_types import Injection
 
 # Families whose UNet and schedule the method supports, by ComfyUI model-config class.
 SUPPORTED_FAMILIES: dict[type, str] = {supported_models.SD15: "SD1.x", supported_models.SD20: "SD2.x"}

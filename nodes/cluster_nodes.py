@@ -1,25 +1,20 @@
-"""Nodes of the two training-free sibling methods (docs/SIBLING_METHODS.md) on the user's MODEL:
-DiffSegmenter's self-attention refinement of the generative map, and FreeSeg-Diff's feature-cluster proposals.
-"""
+"""FreeSeg-Diff's node (docs/SIBLING_METHODS.md): class-agnostic proposals from k-means on the UNet's features,
+recorded in one UNet pass on the user's MODEL."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from refdiff.capture import COND
 from refdiff.clusters import FREESEG_CLUSTER_FACTOR, FREESEG_CLUSTERS, FREESEG_FEATURE_FACTOR, FREESEG_TIMESTEP
 from refdiff.diffusion import injection_noise
 from refdiff.errors import InputError
-from refdiff.maps import RESIZE_MODES
-from refdiff.refine import DIFFSEGMENTER_ITERATIONS
 
-from . import comfy_backend, common
-from .map_nodes import preview_maps
-from .payloads import ProposalBatch
-from .sibling_helpers import (FACTOR_WEIGHTS_EXAMPLE, cluster_image, format_factor_weights, parse_factor_weights,
-                              refined_maps)
+from . import comfy_backend, runtime, sockets, tensors
+from .feature_clusters import cluster_batch
+from .wire_types import ProposalBatch
 
 FEATURE_OPTIONS = ["queries", "output blocks"]
 
@@ -58,9 +53,7 @@ def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, cli
     (seeded noise, the same for every image), conditioned on the empty prompt (or ``conditioning``), features
     recorded on a clone of the MODEL, then k-means per image (refdiff.clusters)."""
     family = comfy_backend.model_family(model)
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-        raise InputError("latent: expected a LATENT from VAEEncode (a dict with 'samples' [B, 4, h, w])")
+    samples = tensors.latent_samples(latent)
     batch = int(samples.shape[0])
     if int(image.shape[0]) != batch:
         raise InputError(f"image holds {image.shape[0]} image(s) but the latent {batch}; connect the images the latent "
@@ -72,95 +65,27 @@ def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, cli
         conditioning = comfy_backend.encode_text(clip, "")
     query_layers, blocks = feature_sources(model, features, feature_factor)
     noise = injection_noise((1, *samples.shape[1:]), seed).expand(*samples.shape).contiguous()
-    progress = common.Progress(1 + batch)
+    progress = runtime.Progress(1 + batch)
     store = comfy_backend.run_features(model, samples, noise, int(timestep), conditioning, query_layers, blocks,
                                        seed=seed, on_step=progress.step)
-    height, width = int(image.shape[1]), int(image.shape[2])
-    masks = []
-    for i in range(batch):
-        common.check_interrupt()
-        masks.append(cluster_image(store.tensors(COND, image=i), tuple(samples.shape[-2:]), height, width,
-                                   n_clusters=n_clusters, cluster_factor=cluster_factor, normalize=normalize,
-                                   split_components=split_components, min_area=min_area, seed=seed))
-        progress.step()
+    proposals = cluster_batch([store.tensors(COND, image=i) for i in range(batch)], tuple(samples.shape[-2:]),
+                              int(image.shape[1]), int(image.shape[2]), on_image=progress.step,
+                              n_clusters=n_clusters, cluster_factor=cluster_factor, normalize=normalize,
+                              split_components=split_components, min_area=min_area, seed=seed)
     names = [la.name for la in query_layers] or list(blocks)
     info = (f"{family}: {features} of {names} at t={timestep}, {n_clusters} clusters on the latent / "
-            f"{cluster_factor} grid; " + ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(masks)))
-    return ProposalBatch(masks, source="cluster"), info
+            f"{cluster_factor} grid; {proposals.describe()}")
+    return proposals, info
 
 
-# ------------------------------------------------------------------------------------------ nodes
-class RefDiffSelfAttentionRefine(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="RefDiffSelfAttentionRefine",
-            display_name="RefDiff Self-Attention Refine",
-            category=common.CATEGORY,
-            description="DiffSegmenter's generative map: the root token's cross-attention fused over the UNet levels "
-                        "with per-level weights, completed with the UNet's self-attention (map <- A map), then "
-                        "resized and cropped like RefDiff Generative Map. A drop-in for its c output. Needs the "
-                        "capture with self_attention on and factor 0 (every level).",
-            inputs=[
-                common.Attention.Input("attention", tooltip="From RefDiffCaptureAttention with self_attention on and "
-                                                            "factor 0 (all levels)."),
-                common.Parse.Input("parse", tooltip="The parse of the same text (gives the root token)."),
-                io.Image.Input("image", tooltip="The ORIGINAL images (before RefDiffPrepareImage): c is cropped to "
-                                                "their frame and size."),
-                common.preset_input("Preset for 'resize: preset', 'factor_weights: preset' and the map epsilon."),
-                io.Int.Input("iterations", default=DIFFSEGMENTER_ITERATIONS, min=0, max=100,
-                             tooltip="How many times the map is multiplied by the self-attention (1 = DiffSegmenter's "
-                                     "released code; more spreads further; 0 = fused cross-attention only)."),
-                io.String.Input("factor_weights", default=FACTOR_WEIGHTS_EXAMPLE,
-                                tooltip="Weight of each UNet level's cross-attention, as factor:weight pairs (factor = "
-                                        "latent side / grid side); DiffSegmenter's 0.3/0.5/0.1/0.1 for the "
-                                        "8/16/32/64 grids of a 512 image. 'preset' = the same."),
-                io.Float.Input("eps", default=1e-8, min=0.0, max=0.01, step=1e-9, round=1e-12,
-                               tooltip="Epsilon of the per-layer and per-level min-max normalisations."),
-                io.Int.Input("self_factor", default=0, min=0, max=64,
-                             tooltip="Which captured self-attention level to refine with (0 = the finest captured, "
-                                     "DiffSegmenter's choice)."),
-                io.Combo.Input("resize", options=["preset", *RESIZE_MODES], default="preset",
-                               tooltip="Resize filter of the map: 'bilinear' (paper) or 'lanczos' (official)."),
-            ],
-            outputs=[
-                io.Mask.Output(display_name="c", tooltip="Refined generative map per image, MASK [B, H, W] in [0, 1] "
-                                                         "(feeds threshold proposals and generative scores)."),
-                io.Image.Output(display_name="preview", tooltip="Heatmap of the refined c over the images."),
-            ],
-        )
-
-    @classmethod
-    def validate_inputs(cls, factor_weights) -> bool | str:
-        if not isinstance(factor_weights, str):
-            return True  # linked: checked when the node runs
-        try:
-            parse_factor_weights(factor_weights, default=common.preset("official").refine_factor_weights)
-        except InputError as exc:
-            return str(exc)
-        return True
-
-    @classmethod
-    def execute(cls, attention, parse, image, preset, iterations, factor_weights, eps, self_factor,
-                resize) -> io.NodeOutput:
-        p = common.preset(preset)
-        weights = parse_factor_weights(factor_weights, default=p.refine_factor_weights)
-        common.check_interrupt()
-        c = refined_maps(attention, parse, image, weights, iterations=iterations, eps=eps, self_factor=self_factor,
-                         mode=p.map_resize if resize == "preset" else resize, map_eps=p.map_eps)
-        common.LOG.info("[RefDiff] self-attention refine: weights %s, %d iteration(s)", format_factor_weights(weights),
-                        iterations)
-        preview = preview_maps(image, c)
-        return io.NodeOutput(c, preview, ui=ui.PreviewImage(preview, cls=cls))
-
-
+# ------------------------------------------------------------------------------------------ node
 class RefDiffFeatureClusterProposals(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RefDiffFeatureClusterProposals",
             display_name="RefDiff Feature-Cluster Proposals",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="FreeSeg-Diff proposals: one UNet pass on the barely noised latent (empty prompt), k-means on "
                         "the UNet's features, one mask per cluster (or per connected piece of one). Use them where "
                         "SAM or threshold proposals go. The MODEL is cloned; the one you connect is not changed.",
@@ -201,8 +126,8 @@ class RefDiffFeatureClusterProposals(io.ComfyNode):
                                               "sentence)."),
             ],
             outputs=[
-                common.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
-                                                                          "(REFDIFF_PROPOSALS), at the images' size."),
+                sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
+                                                                           "(REFDIFF_PROPOSALS), at the images' size."),
                 io.String.Output(display_name="info", tooltip="Features used and how many proposals each image got."),
             ],
         )
@@ -214,9 +139,10 @@ class RefDiffFeatureClusterProposals(io.ComfyNode):
             model, latent, image, clip=clip, conditioning=conditioning, n_clusters=clusters, features=features,
             feature_factor=feature_factor, cluster_factor=cluster_factor, timestep=timestep, normalize=normalize,
             split_components=split_components, min_area=min_area, seed=seed)
-        common.LOG.info("[RefDiff] %s", info)
+        runtime.LOG.info("[RefDiff] %s", info)
         return io.NodeOutput(proposals, info)
 
 
-NODES = [RefDiffSelfAttentionRefine, RefDiffFeatureClusterProposals]
-__all__ = ["FEATURE_OPTIONS", "feature_sources", "cluster_proposal_batch", "NODES", *[n.__name__ for n in NODES]]
+
+NODES = [RefDiffFeatureClusterProposals]
+__all__ = ["FEATURE_OPTIONS", "feature_sources", "cluster_proposal_batch", "NODES", "RefDiffFeatureClusterProposals"]
