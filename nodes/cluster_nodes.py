@@ -16,33 +16,8 @@ from . import comfy_backend, runtime, sockets, tensors
 from .feature_clusters import cluster_batch
 from .wire_types import ProposalBatch
 
-FEATURE_OPTIONS = ["queries", "output blocks"]
-
 
 # ------------------------------------------------------------------------------------------ stage functions
-def feature_sources(model: Any, features: str, feature_factor: int) -> tuple[list, list[str]]:
-    """(query layers, block names) to record for ``features`` at ``feature_factor``; InputError listing what
-    this UNet has when nothing matches."""
-    dm = model.model.diffusion_model
-    if features == "queries":
-        layers = [la for la in comfy_backend.attn2_layers(dm) if la.factor == int(feature_factor)]
-        if not layers:
-            have = sorted({la.factor for la in comfy_backend.attn2_layers(dm)})
-            raise InputError(f"feature_factor: this UNet has no cross-attention at factor {feature_factor} (it has "
-                             f"{have}); choose one of those")
-        return layers, []
-    if features == "output blocks":
-        levels = comfy_backend.output_block_levels(dm)
-        names = set(comfy_backend.block_feature_names(dm))
-        blocks = [f"output_blocks.{j}" for j, lvl in enumerate(levels)
-                  if lvl == int(feature_factor) and f"output_blocks.{j}" in names]
-        if not blocks:
-            raise InputError(f"feature_factor: no recordable output block runs at factor {feature_factor}; this UNet's "
-                             f"output blocks run at {sorted(set(levels[:-1]))}")
-        return [], blocks
-    raise InputError(f"features must be one of {FEATURE_OPTIONS}, got {features!r}")
-
-
 def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, clip: Any = None,
                            conditioning: list | None = None, n_clusters: int = FREESEG_CLUSTERS,
                            features: str = "queries", feature_factor: int = FREESEG_FEATURE_FACTOR,
@@ -63,7 +38,7 @@ def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, cli
             raise InputError("clip: connect the checkpoint's CLIP (the pass is conditioned on the empty prompt), or "
                              "give conditioning")
         conditioning = comfy_backend.encode_text(clip, "")
-    query_layers, blocks = feature_sources(model, features, feature_factor)
+    query_layers, blocks = comfy_backend.select_feature_sources(model, features, feature_factor)
     noise = injection_noise((1, *samples.shape[1:]), seed).expand(*samples.shape).contiguous()
     progress = runtime.Progress(1 + batch)
     store = comfy_backend.run_features(model, samples, noise, int(timestep), conditioning, query_layers, blocks,
@@ -97,7 +72,7 @@ class RefDiffFeatureClusterProposals(io.ComfyNode):
                 io.Image.Input("image", tooltip="The ORIGINAL images: the proposals come out at their frame and size."),
                 io.Int.Input("clusters", default=FREESEG_CLUSTERS, min=1, max=64,
                              tooltip="k of k-means (4 in FreeSeg-Diff's released code)."),
-                io.Combo.Input("features", options=FEATURE_OPTIONS, default="queries",
+                io.Combo.Input("features", options=comfy_backend.FEATURE_OPTIONS, default="queries",
                                tooltip="'queries': the query projections of the cross-attention layers at "
                                        "feature_factor (FreeSeg-Diff's released code); 'output blocks': the outputs "
                                        "of the decoder blocks that run at feature_factor."),
@@ -145,4 +120,4 @@ class RefDiffFeatureClusterProposals(io.ComfyNode):
 
 
 NODES = [RefDiffFeatureClusterProposals]
-__all__ = ["FEATURE_OPTIONS", "feature_sources", "cluster_proposal_batch", "NODES", "RefDiffFeatureClusterProposals"]
+__all__ = ["cluster_proposal_batch", "NODES", "RefDiffFeatureClusterProposals"]
