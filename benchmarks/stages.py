@@ -21,7 +21,7 @@ from refdiff.discriminative import positional_bias, proposal_scores
 from refdiff.image import PreparedImage, prepare_image
 from refdiff.maps import generative_map
 from refdiff.refine import diffsegmenter_map
-from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals, threshold_proposals
+from refdiff.proposals import make_mask_generator, sam_post_filter, sam_proposals, threshold_proposals
 from refdiff.scoring import Choice, fuse_and_select, generative_scores
 from refdiff.text import ParsedText, parse_text, root_token_position
 
@@ -115,7 +115,8 @@ def capture_kwargs(p: Preset) -> dict[str, Any]:
 def sam_and_filter(generator: Any, rgb: np.ndarray, p: Preset) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM automatic masks of ``rgb`` and the preset's post-filter: (raw masks, kept masks)."""
     raw = sam_proposals(generator, rgb)
-    kept, _ = filter_proposals(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area)
+    kept, _, _ = sam_post_filter(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area,
+                                 min_area_reference=p.sam_min_area_reference)
     return raw, kept
 
 

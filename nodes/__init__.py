@@ -1,6 +1,8 @@
-"""ComfyUI nodes of Ref-Diff. Each module holds the nodes of one stage; the repository root's ``__init__.py``
-imports them one by one, so a missing optional package disables only the nodes that need it.
+"""ComfyUI nodes of Ref-Diff. The ``*_nodes`` modules (and ``segment_node``) hold the nodes of one stage each;
+the repository root's ``__init__.py`` imports them one by one, so a missing optional package disables only the
+nodes that need it. The other modules hold what those nodes share (docs/ARCHITECTURE.md, "nodes/").
 
-``payloads`` and ``helpers`` import no ComfyUI module: they hold the data passed between nodes and the
-conversions the nodes share, and are tested without ComfyUI.
+``wire_types``, ``text_inputs``, ``token_positions``, ``tensors``, ``attention_maps``, ``feature_clusters`` and
+``previews`` import no ComfyUI module and are tested without ComfyUI; ``sockets``, ``runtime``, ``model_files``
+and ``comfy_backend`` are the ComfyUI side.
 """

@@ -13,8 +13,8 @@ from refdiff.config import Preset
 from refdiff.discriminative import proposal_scores
 from refdiff.errors import InputError, ModelLoadError
 
-from . import common, helpers
-from .payloads import ClipHandle, ParsedBatch, ProposalBatch, ScoreBatch
+from . import model_files, runtime, sockets, tensors
+from .wire_types import ClipHandle, ParsedBatch, ProposalBatch, ScoreBatch
 
 CLIP_WHERE = ("Ref-Diff uses OpenAI's CLIP ViT-B/16: download open_clip_model.safetensors from the Hugging Face "
               "repository timm/vit_base_patch16_clip_224.openai and rename it, e.g. ViT-B-16-openai.safetensors.")
@@ -45,10 +45,10 @@ def load_clip_model(clip_name: str, model_name: str = DEFAULT_CLIP_MODEL, quick_
 
     A <name>.json beside the file may give model_name / model_cfg / quick_gelu for other architectures.
     """
-    path = common.resolve_model_file(common.CLIP_FOLDER, clip_name, "CLIP weight", CLIP_WHERE)
+    path = model_files.resolve_model_file(model_files.CLIP_FOLDER, clip_name, "CLIP weight", CLIP_WHERE)
     options = sidecar(path)
     gelu = {"auto": None, "on": True, "off": False}[quick_gelu]
-    scorer = load_clip(path, device=common.offload_device(), dtype=PRECISIONS[precision],
+    scorer = load_clip(path, device=runtime.offload_device(), dtype=PRECISIONS[precision],
                        model_name=options.get("model_name", model_name or DEFAULT_CLIP_MODEL),
                        quick_gelu=options.get("quick_gelu", gelu), model_cfg=options.get("model_cfg"))
     return ClipHandle(scorer=scorer, path=path)
@@ -63,17 +63,17 @@ def clip_score_batch(clip: ClipHandle, image: torch.Tensor, proposals: ProposalB
     ``mode="sam-clip"``: the baseline (crop branch only, final layer, no positional bias, sentence feature).
     ``crop_weight`` / ``mask_weight`` (None: the preset's) weigh the two branches.
     """
-    rgbs = helpers.images_to_rgb(image)
+    rgbs = tensors.images_to_rgb(image)
     batch = len(rgbs)
     if len(proposals) != batch:
         raise InputError(f"proposals are for {len(proposals)} image(s) but image holds {batch}")
     items = parse.for_batch(batch, "parse")
     scorer = clip.scorer
     out = []
-    progress = common.Progress(batch)
-    with common.on_compute_device(scorer.model):
+    progress = runtime.Progress(batch)
+    with runtime.on_compute_device(scorer.model):
         for rgb, item, masks in zip(rgbs, items, proposals.masks):
-            common.check_interrupt()
+            runtime.check_interrupt()
             s = proposal_scores(scorer, torch.from_numpy(rgb), masks, item.parsed.text, item.parsed.root,
                                 item.parsed.directions, preset, mode=mode, use_bias=use_bias,
                                 crop_weight=crop_weight, mask_weight=mask_weight)
@@ -89,11 +89,11 @@ class RefDiffCLIPLoader(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffCLIPLoader",
             display_name="RefDiff CLIP Loader",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Load an open_clip CLIP (the method: OpenAI's ViT-B/16) from ComfyUI/models/open_clip for "
                         "discriminative scoring. Weights are read without running pickled code.",
             inputs=[
-                io.Combo.Input("clip_name", options=common.model_files(common.CLIP_FOLDER),
+                io.Combo.Input("clip_name", options=model_files.weight_files(model_files.CLIP_FOLDER),
                                tooltip="Weight file in ComfyUI/models/open_clip (.safetensors preferred). A "
                                        "<name>.json beside it may name another architecture."),
                 io.String.Input("model_name", default=DEFAULT_CLIP_MODEL,
@@ -104,13 +104,13 @@ class RefDiffCLIPLoader(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
                                tooltip="Weight precision on the compute device (fp16/bf16 for GPUs only)."),
             ],
-            outputs=[common.ClipModel.Output(display_name="clip_scorer",
-                                             tooltip="The loaded CLIP scorer (REFDIFF_CLIP).")],
+            outputs=[sockets.ClipModel.Output(display_name="clip_scorer",
+                                              tooltip="The loaded CLIP scorer (REFDIFF_CLIP).")],
         )
 
     @classmethod
     def validate_inputs(cls, clip_name) -> bool | str:
-        return common.missing_file_message(common.CLIP_FOLDER, clip_name, "CLIP weight", CLIP_WHERE)
+        return model_files.missing_file_message(model_files.CLIP_FOLDER, clip_name, "CLIP weight", CLIP_WHERE)
 
     @classmethod
     def execute(cls, clip_name, model_name, quick_gelu, precision) -> io.NodeOutput:
@@ -123,17 +123,17 @@ class RefDiffCLIPScore(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffCLIPScore",
             display_name="RefDiff CLIP Score",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Discriminative matching s_D (Eq. 10): CLIP features of each proposal (crop branch and "
                         "masked-attention branch, one encoder pass for all proposals) against the sentence and "
                         "the root word, with the positional bias of direction words (Eq. 6).",
             inputs=[
-                common.ClipModel.Input("clip_scorer", tooltip="CLIP from RefDiffCLIPLoader."),
+                sockets.ClipModel.Input("clip_scorer", tooltip="CLIP from RefDiffCLIPLoader."),
                 io.Image.Input("image", tooltip="The original images."),
-                common.Proposals.Input("proposals", tooltip="Proposals of the same images."),
-                common.Parse.Input("parse", tooltip="Parsed text: sentence, root word and direction clues."),
-                common.preset_input("Preset: layer (final/penultimate), which branch gets the positional bias, "
-                                    "text mixes and branch weights."),
+                sockets.Proposals.Input("proposals", tooltip="Proposals of the same images."),
+                sockets.Parse.Input("parse", tooltip="Parsed text: sentence, root word and direction clues."),
+                sockets.preset_input("Preset: layer (final/penultimate), which branch gets the positional bias, "
+                                     "text mixes and branch weights."),
                 io.Combo.Input("mode", options=MODES, default="ref-diff",
                                tooltip="'ref-diff': both branches (Eq. 10); 'sam-clip': the baseline (crop branch "
                                        "only, no positional bias, sentence feature)."),
@@ -144,13 +144,13 @@ class RefDiffCLIPScore(io.ComfyNode):
                 io.Float.Input("mask_weight", default=-1.0, min=-1.0, max=10.0, step=0.05,
                                tooltip="Weight of the masked-attention branch (beta); -1 = the preset's (0.3)."),
             ],
-            outputs=[common.Scores.Output(display_name="scores", tooltip="s_D per proposal (REFDIFF_SCORES).")],
+            outputs=[sockets.Scores.Output(display_name="scores", tooltip="s_D per proposal (REFDIFF_SCORES).")],
         )
 
     @classmethod
     def execute(cls, clip_scorer, image, proposals, parse, preset, mode, positional_bias, crop_weight,
                 mask_weight) -> io.NodeOutput:
-        scores = clip_score_batch(clip_scorer, image, proposals, parse, common.preset(preset), mode=mode,
+        scores = clip_score_batch(clip_scorer, image, proposals, parse, sockets.preset(preset), mode=mode,
                                   use_bias=positional_bias, crop_weight=None if crop_weight < 0 else crop_weight,
                                   mask_weight=None if mask_weight < 0 else mask_weight)
         return io.NodeOutput(scores)

@@ -12,9 +12,8 @@ from refdiff.errors import InputError
 from refdiff.stores import SelfAttentionStore
 from refdiff.text import strip_prompt_weights
 
-from . import comfy_sd, common, helpers
-from .payloads import INJECTION_KEY, Injection, ParsedBatch
-from .sibling_helpers import InternalsAttentionBatch
+from . import comfy_backend, runtime, sockets, tensors, text_inputs, token_positions
+from .wire_types import INJECTION_KEY, Injection, InternalsAttentionBatch, ParsedBatch
 
 KIND_OPTIONS = ["preset", "probs", "logits"]
 
@@ -22,17 +21,15 @@ KIND_OPTIONS = ["preset", "probs", "logits"]
 # ------------------------------------------------------------------------------------------ stage functions
 def prepare_images(image: torch.Tensor, size: int, resize_filter: str) -> torch.Tensor:
     """IMAGE batch -> the padded, resized squares the VAE encodes (docs/METHOD.md section 1)."""
-    return common.intermediate(helpers.prepared_squares(image, size=size, resize_filter=resize_filter))
+    return runtime.intermediate(tensors.prepared_squares(image, size=size, resize_filter=resize_filter))
 
 
 def inject_noise(latent: dict, seed: int, strength: float, ddim_steps: int,
                  num_train_timesteps: int = 1000) -> dict:
     """A copy of a LATENT dict carrying the injection plan (seeded noise + DDIM timesteps) under INJECTION_KEY."""
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-        raise InputError("latent: expected a LATENT from VAEEncode (a dict with 'samples' [B, 4, h, w])")
+    samples = tensors.latent_samples(latent)
     out = dict(latent)
-    out[INJECTION_KEY] = comfy_sd.make_injection(samples, seed, strength, ddim_steps, num_train_timesteps)
+    out[INJECTION_KEY] = comfy_backend.make_injection(samples, seed, strength, ddim_steps, num_train_timesteps)
     return out
 
 
@@ -49,7 +46,7 @@ def prompts_for_batch(batch: int, parse: ParsedBatch | None, text: str, prompt_s
     """The prompt of each image: from the parse when connected, else the text lines plus the suffix."""
     if parse is not None:
         return [item.prompt for item in parse.for_batch(batch, "parse")]
-    return [t + prompt_suffix for t in helpers.texts_for_batch(text, batch, "text")]
+    return [t + prompt_suffix for t in text_inputs.texts_for_batch(text, batch, "text")]
 
 
 def capture_attention(model: Any, latent: dict, *, positive: list | None = None, negative: list | None = None,
@@ -65,7 +62,7 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
     ``self_attention`` the same run also records the conditional branch's self-attention on every level of at
     most ``self_max_tokens`` tokens (layers and steps averaged per level). Returns the maps and a summary.
     """
-    family = comfy_sd.model_family(model)
+    family = comfy_backend.model_family(model)
     plan = injection_of(latent)
     samples = latent["samples"]
     batch = int(samples.shape[0])
@@ -75,9 +72,9 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
     if steps:
         plan = dataclasses.replace(plan, step_timesteps=plan.step_timesteps[:steps],
                                    prev_timesteps=plan.prev_timesteps[:steps])
-    layers = comfy_sd.select_layers(model, LayerSelector(factor or None, tuple(blocks)))
+    layers = comfy_backend.select_layers(model, LayerSelector(factor or None, tuple(blocks)))
     latent_hw = (int(samples.shape[-2]), int(samples.shape[-1]))
-    self_layers = (comfy_sd.select_self_attention_layers(model, latent_hw, self_max_tokens, tuple(blocks))
+    self_layers = (comfy_backend.select_self_attention_layers(model, latent_hw, self_max_tokens, tuple(blocks))
                    if self_attention else [])
 
     prompts: list[str | None] = [None] * batch
@@ -87,41 +84,41 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
             raise InputError("clip: connect the checkpoint's CLIP (with text or a parse), or give positive and "
                              "negative CONDITIONING")
         prompts = prompts_for_batch(batch, parse, text, prompt_suffix)
-        tokenizer = comfy_sd.sd_tokenizer(clip)
+        tokenizer = comfy_backend.sd_tokenizer(clip)
         plain = [strip_prompt_weights(p) + prompt_suffix for p in prompts]
-        tokens = [helpers.token_strings(p, tokenizer) for p in plain]
+        tokens = [token_positions.token_strings(p, tokenizer) for p in plain]
         for prompt, plain_prompt in dict(zip(prompts, plain)).items():
-            if not comfy_sd.tokens_agree(clip, prompt, plain_prompt):
-                common.LOG.warning("[RefDiff] ComfyUI tokenises %r differently from the plain text %r (embedding "
-                                   "or unusual syntax?): the root word's token position may be off", prompt,
-                                   plain_prompt)
+            if not comfy_backend.tokens_agree(clip, prompt, plain_prompt):
+                runtime.LOG.warning("[RefDiff] ComfyUI tokenises %r differently from the plain text %r (embedding "
+                                    "or unusual syntax?): the root word's token position may be off", prompt,
+                                    plain_prompt)
         cache: dict[str, list] = {}
 
         def encoded(p: str) -> list:
             if p not in cache:
-                cache[p] = comfy_sd.encode_text(clip, p)
+                cache[p] = comfy_backend.encode_text(clip, p)
             return cache[p]
 
         positives = [encoded(p) for p in prompts]
         negatives = [encoded("") for _ in prompts] if use_cfg else [None] * batch
     else:
-        positives = [comfy_sd.conditioning_item(positive, i, batch) for i in range(batch)]
-        negatives = ([comfy_sd.conditioning_item(negative, i, batch) for i in range(batch)]
+        positives = [comfy_backend.conditioning_item(positive, i, batch) for i in range(batch)]
+        negatives = ([comfy_backend.conditioning_item(negative, i, batch) for i in range(batch)]
                      if negative is not None else [None] * batch)
 
-    progress = common.Progress(batch * len(plan.step_timesteps))
+    progress = runtime.Progress(batch * len(plan.step_timesteps))
     maps = []
     affinities = []
     for i in range(batch):
-        common.check_interrupt()
+        runtime.check_interrupt()
         store = SelfAttentionStore(per_layer=False)
-        maps.append(comfy_sd.run_capture(model, samples[i:i + 1], plan, positives[i], negatives[i],
-                                         guidance_scale, use_cfg, kind, layers, on_step=progress.step,
-                                         self_layers=self_layers, self_store=store))
+        maps.append(comfy_backend.run_capture(model, samples[i:i + 1], plan, positives[i], negatives[i],
+                                              guidance_scale, use_cfg, kind, layers, on_step=progress.step,
+                                              self_layers=self_layers, self_store=store))
         if self_layers:
             affinities.append(store.affinities(COND))
     selector = LayerSelector(None, tuple(blocks))
-    unet_factors = sorted({la.factor for la in comfy_sd.attn2_layers(model.model.diffusion_model)
+    unet_factors = sorted({la.factor for la in comfy_backend.attn2_layers(model.model.diffusion_model)
                            if selector.wants(la.block, la.factor)})
     result = InternalsAttentionBatch(maps=maps, prompts=prompts, tokens=tokens, latent_hw=latent_hw,
                                      guidance_scale=float(guidance_scale), kind=kind, model_family=family,
@@ -147,7 +144,7 @@ class RefDiffPrepareImage(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffPrepareImage",
             display_name="RefDiff Prepare Image",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Pad each image centred on a black square and resize it to size x size (Ref-Diff's "
                         "input to the VAE). Feed the result to VAEEncode.",
             inputs=[
@@ -171,7 +168,7 @@ class RefDiffNoiseInjection(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffNoiseInjection",
             display_name="RefDiff Noise Injection",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Plan Eq. 3: seeded noise and the DDIM timesteps (strength 0.1 of 20 steps: noise to "
                         "t=101, then UNet steps at t=51 and t=1). The capture node applies it in the model's "
                         "latent scale.",
@@ -182,7 +179,7 @@ class RefDiffNoiseInjection(io.ComfyNode):
                 io.Combo.Input("schedule", options=["preset", "custom"], default="preset",
                                tooltip="'preset' takes strength and steps from the preset; 'custom' uses the "
                                        "two widgets below."),
-                common.preset_input(),
+                sockets.preset_input(),
                 io.Float.Input("strength", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="custom schedule: fraction of the DDIM steps to noise back "
                                        "(t_enc = int(strength * steps))."),
@@ -198,7 +195,7 @@ class RefDiffNoiseInjection(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, seed, schedule, preset, strength, ddim_steps) -> io.NodeOutput:
-        p = common.preset(preset)
+        p = sockets.preset(preset)
         if schedule == "preset":
             strength, ddim_steps = p.strength, p.ddim_steps
         out = inject_noise(latent, seed, strength, ddim_steps, p.num_train_timesteps)
@@ -211,7 +208,7 @@ class RefDiffCaptureAttention(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffCaptureAttention",
             display_name="RefDiff Capture Attention",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Run the noised latent through the UNet (DDIM steps with classifier-free guidance) and "
                         "record the head-averaged cross-attention of the chosen layers (Eq. 4); optionally the "
                         "self-attention too (for RefDiff Self-Attention Refine). The MODEL is cloned; the one you "
@@ -219,7 +216,7 @@ class RefDiffCaptureAttention(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL."),
                 io.Latent.Input("latent", tooltip="The noised latent from RefDiffNoiseInjection."),
-                common.preset_input("Preset for 'kind: preset' and the prompt suffix (', ' in both)."),
+                sockets.preset_input("Preset for 'kind: preset' and the prompt suffix (', ' in both)."),
                 io.Combo.Input("kind", options=KIND_OPTIONS, default="preset",
                                tooltip="'probs' = softmax probabilities of the conditional branch (paper); "
                                        "'logits' = pre-softmax logits, guidance-combined (official)."),
@@ -239,9 +236,9 @@ class RefDiffCaptureAttention(io.ComfyNode):
                                 tooltip="Referring expression(s), one line for all images or one per image; used "
                                         "with clip when no parse and no conditioning is connected."),
                 io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP, to encode the prompts."),
-                common.Parse.Input("parse", optional=True,
-                                   tooltip="Parsed text from RefDiffParseText: its prompts are encoded with clip "
-                                           "(keeps the text and the token positions in step)."),
+                sockets.Parse.Input("parse", optional=True,
+                                    tooltip="Parsed text from RefDiffParseText: its prompts are encoded with clip "
+                                            "(keeps the text and the token positions in step)."),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Instead of text + clip: the conditional CONDITIONING."),
                 io.Conditioning.Input("negative", optional=True,
@@ -256,8 +253,8 @@ class RefDiffCaptureAttention(io.ComfyNode):
                                      "need 1 GiB)."),
             ],
             outputs=[
-                common.Attention.Output(display_name="attention",
-                                        tooltip="Captured maps per image (REFDIFF_ATTENTION)."),
+                sockets.Attention.Output(display_name="attention",
+                                         tooltip="Captured maps per image (REFDIFF_ATTENTION)."),
                 io.String.Output(display_name="info", tooltip="Which layers, steps and grid were captured."),
             ],
         )
@@ -266,14 +263,14 @@ class RefDiffCaptureAttention(io.ComfyNode):
     def execute(cls, model, latent, preset, kind, guidance, use_cfg, factor, blocks, steps, text="", clip=None,
                 parse=None, positive=None, negative=None, self_attention=False,
                 self_max_tokens=SELF_ATTENTION_MAX_TOKENS) -> io.NodeOutput:
-        p = common.preset(preset)
+        p = sockets.preset(preset)
         result, summary = capture_attention(
             model, latent, positive=positive, negative=negative, clip=clip, parse=parse, text=text or "",
             prompt_suffix=p.prompt_suffix, guidance_scale=guidance, use_cfg=use_cfg,
             kind=p.capture_kind if kind == "preset" else kind, factor=factor,
-            blocks=helpers.parse_blocks(blocks), steps=steps, self_attention=bool(self_attention),
+            blocks=text_inputs.parse_blocks(blocks), steps=steps, self_attention=bool(self_attention),
             self_max_tokens=int(self_max_tokens))
-        common.LOG.info("[RefDiff] %s", summary)
+        runtime.LOG.info("[RefDiff] %s", summary)
         return io.NodeOutput(result, summary)
 
 

@@ -7,30 +7,29 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from refdiff.capture import token_map
 from refdiff.config import DEFAULT_THRESHOLDS
 from refdiff.errors import InputError
-from refdiff.maps import RESIZE_MODES, generative_map
+from refdiff.maps import RESIZE_MODES
 from refdiff.proposals import threshold_proposals
 from refdiff.scoring import generative_scores
 
-from . import common, helpers
-from .payloads import AttentionBatch, ParsedBatch, ProposalBatch, ScoreBatch
+from . import attention_maps, previews, runtime, sockets, tensors, text_inputs, token_positions
+from .wire_types import AttentionBatch, ParsedBatch, ProposalBatch, ScoreBatch
 
 
 # ------------------------------------------------------------------------------------------ stage functions
 def token_choices(attention: AttentionBatch, parse: ParsedBatch, batch: int,
-                  token_override: str = "") -> list[helpers.TokenChoice]:
+                  token_override: str = "") -> list[token_positions.TokenChoice]:
     """The token each image's c is read from: the parse's root, or the word / position ``token_override``
     names (one line for all images or one per image); checks the parse belongs to the captured text."""
-    helpers.check_attention_batch(attention, batch)
+    attention_maps.check_attention_batch(attention, batch)
     items = parse.for_batch(batch, "parse")
-    overrides = helpers.overrides_for_batch(token_override, batch)
+    overrides = text_inputs.overrides_for_batch(token_override, batch)
     choices = []
     for i, (maps_i, item, override) in enumerate(zip(attention.maps, items, overrides)):
-        helpers.check_prompt(attention.prompts[i], item.prompt, i)
+        attention_maps.check_prompt(attention.prompts[i], item.prompt, i)
         name = "token_override" if batch == 1 else f"token_override (image {i})"
-        choice = helpers.resolve_token(item, override, maps_i.num_tokens, name=name)
+        choice = token_positions.resolve_token(item, override, maps_i.num_tokens, name=name)
         if choice.position >= maps_i.num_tokens:
             raise InputError(f"parse: root token position {choice.position} is beyond the {maps_i.num_tokens} "
                              "captured tokens")
@@ -48,56 +47,47 @@ def generative_maps(attention: AttentionBatch, parse: ParsedBatch, image: torch.
     """
     batch = int(image.shape[0])
     choices = token_choices(attention, parse, batch, token_override)
-    height, width = int(image.shape[1]), int(image.shape[2])
-    maps = []
-    for maps_i, choice in zip(attention.maps, choices):
-        small = token_map(maps_i.combined(attention.guidance_scale), choice.position, eps=layer_eps)
-        geometry = helpers.frame_geometry(height, width, attention.image_hw[0])
-        maps.append(generative_map(small, geometry, mode=mode, eps=map_eps))
-    return helpers.masks_to_output(maps)
+    geometry = tensors.frame_geometry(int(image.shape[1]), int(image.shape[2]), attention.image_hw[0])
+    maps = [attention_maps.token_generative_map(maps_i.combined(attention.guidance_scale), choice.position, geometry,
+                                                mode=mode, layer_eps=layer_eps, map_eps=map_eps)
+            for maps_i, choice in zip(attention.maps, choices)]
+    return tensors.masks_to_output(maps)
 
 
 def token_strips(attention: AttentionBatch, parse: ParsedBatch, image: torch.Tensor, token_override: str = "",
                  mode: str = "lanczos", layer_eps: float = 1e-8, map_eps: float = 1e-8) -> list[dict]:
     """What the web extension shows on the node: per image (at most VIEW_MAX_IMAGES) the map of every word
-    over the image as thumbnails in ComfyUI's temp folder, the root token marked (see helpers.token_strip_view)."""
+    over the image as thumbnails in ComfyUI's temp folder, the root token marked (see previews.token_strip_view)."""
     batch = int(image.shape[0])
     choices = token_choices(attention, parse, batch, token_override)
     items = parse.for_batch(batch, "parse")
-    overrides = helpers.overrides_for_batch(token_override, batch)
-    size = helpers.thumb_size(int(image.shape[1]), int(image.shape[2]))
+    overrides = text_inputs.overrides_for_batch(token_override, batch)
+    size = previews.thumb_size(int(image.shape[1]), int(image.shape[2]))
     prefix = "refdiff_tokens_" + uuid.uuid4().hex[:10]
     views = []
-    for i in range(min(batch, helpers.VIEW_MAX_IMAGES)):
+    for i in range(min(batch, previews.VIEW_MAX_IMAGES)):
         item = items[i]
-        shown = helpers.strip_words(item)
-        positions = helpers.item_word_positions(item)
+        shown = previews.strip_words(item)
+        positions = token_positions.item_word_positions(item)
         combined = attention.maps[i].combined(attention.guidance_scale)
-        maps = helpers.token_thumb_maps(combined, [positions[w][-1] for w in shown], size, mode=mode,
-                                        layer_eps=layer_eps, map_eps=map_eps)
-        frames = helpers.heat_frames(helpers.thumb_image(image[i], size), maps)
-        thumbs = helpers.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
-        view = helpers.token_strip_view(item, choices[i], shown, thumbs, image=i, override=overrides[i])
+        maps = previews.token_thumb_maps(combined, [positions[w][-1] for w in shown], size, mode=mode,
+                                         layer_eps=layer_eps, map_eps=map_eps)
+        frames = previews.heat_frames(previews.thumb_image(image[i], size), maps)
+        thumbs = previews.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
+        view = previews.token_strip_view(item, choices[i], shown, thumbs, image=i, override=overrides[i])
         view["batch"] = batch
         views.append(view)
     return views
 
 
-def _maps_list(c: torch.Tensor, name: str = "c") -> list[torch.Tensor]:
-    if not isinstance(c, torch.Tensor) or c.ndim not in (2, 3):
-        raise InputError(f"{name}: expected a MASK [B, H, W], got {getattr(c, 'shape', type(c).__name__)}")
-    c = c[None] if c.ndim == 2 else c
-    return [m.detach().float().cpu() for m in c]
-
-
 def threshold_batch(c: torch.Tensor, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> ProposalBatch:
     """Eq. 8 on every map of a MASK batch: {c >= mu} for each threshold mu, empty and duplicate masks dropped."""
-    return ProposalBatch([threshold_proposals(m, thresholds) for m in _maps_list(c)], source="threshold")
+    return ProposalBatch([threshold_proposals(m, thresholds) for m in tensors.mask_maps(c)], source="threshold")
 
 
 def generative_score_batch(c: torch.Tensor, proposals: ProposalBatch, eps: float = 1e-6) -> ScoreBatch:
     """Eq. 9 for every proposal of every image: mean of c inside minus mean outside."""
-    maps = _maps_list(c)
+    maps = tensors.mask_maps(c)
     if len(maps) == 1 and len(proposals) > 1:
         maps = maps * len(proposals)
     if len(maps) != len(proposals):
@@ -106,24 +96,10 @@ def generative_score_batch(c: torch.Tensor, proposals: ProposalBatch, eps: float
     return ScoreBatch(scores, kind="generative", counts=[int(p.shape[0]) for p in proposals.masks])
 
 
-def parse_thresholds(text: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    """"preset" -> default; otherwise numbers separated by commas or spaces, each in (0, 1]."""
-    if not text.strip() or text.strip().lower() == "preset":
-        return tuple(default)
-    try:
-        values = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise InputError(f"thresholds: {text!r} is not a list of numbers such as '0.3, 0.5, 0.7'") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
-        raise InputError(f"thresholds: every value must lie in (0, 1], got {values}")
-    return values
-
-
 def preview_maps(image: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The images with the heatmap of c blended over them, IMAGE [B, H, W, 3]."""
-    frames = [0.5 * image[i if image.shape[0] > 1 else 0, ..., :3].float().cpu() + 0.5 * helpers.heatmap(c[i])
-              for i in range(c.shape[0])]
-    return common.intermediate(torch.stack(frames).clamp(0.0, 1.0))
+    frames = [previews.heat_frames(image[i if image.shape[0] > 1 else 0], c[i][None])[0] for i in range(c.shape[0])]
+    return runtime.intermediate(torch.stack(frames))
 
 
 # ------------------------------------------------------------------------------------------ nodes
@@ -133,15 +109,15 @@ class RefDiffGenerativeMap(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffGenerativeMap",
             display_name="RefDiff Generative Map",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="The generative map c (Eq. 5): attention of the root token, resized to the padded square, "
                         "cropped to each image and min-max normalised to [0, 1].",
             inputs=[
-                common.Attention.Input("attention", tooltip="Captured maps from RefDiffCaptureAttention."),
-                common.Parse.Input("parse", tooltip="The parse of the same text (gives the root token)."),
+                sockets.Attention.Input("attention", tooltip="Captured maps from RefDiffCaptureAttention."),
+                sockets.Parse.Input("parse", tooltip="The parse of the same text (gives the root token)."),
                 io.Image.Input("image", tooltip="The ORIGINAL images (before RefDiffPrepareImage): c is cropped "
                                                 "to their frame and size."),
-                common.preset_input("Preset for 'resize: preset' and the normalisation epsilons."),
+                sockets.preset_input("Preset for 'resize: preset' and the normalisation epsilons."),
                 io.Combo.Input("resize", options=["preset", *RESIZE_MODES], default="preset",
                                tooltip="Resize filter of the map: 'bilinear' (paper) or 'lanczos' (official)."),
                 io.String.Input("token_override", default="", optional=True,
@@ -159,7 +135,7 @@ class RefDiffGenerativeMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, attention, parse, image, preset, resize, token_override="") -> io.NodeOutput:
-        p = common.preset(preset)
+        p = sockets.preset(preset)
         mode = p.map_resize if resize == "preset" else resize
         c = generative_maps(attention, parse, image, mode=mode, layer_eps=p.layer_norm_eps, map_eps=p.map_eps,
                             token_override=token_override or "")
@@ -177,7 +153,7 @@ class RefDiffThresholdProposals(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffThresholdProposals",
             display_name="RefDiff Threshold Proposals",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Weight-free proposals (Eq. 8): one mask {c >= mu} per threshold mu (0.05, 0.10, ..., "
                         "0.95); empty masks and duplicates are dropped.",
             inputs=[
@@ -185,20 +161,19 @@ class RefDiffThresholdProposals(io.ComfyNode):
                 io.String.Input("thresholds", default="preset",
                                 tooltip="'preset' (0.05 to 0.95 in steps of 0.05) or your own list, e.g. "
                                         "'0.3, 0.5, 0.7'."),
-                common.preset_input(),
+                sockets.preset_input(),
             ],
             outputs=[
-                common.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
-                                                                          "(REFDIFF_PROPOSALS)."),
+                sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
+                                                                           "(REFDIFF_PROPOSALS)."),
                 io.String.Output(display_name="info", tooltip="How many proposals each image got."),
             ],
         )
 
     @classmethod
     def execute(cls, c, thresholds, preset) -> io.NodeOutput:
-        proposals = threshold_batch(c, parse_thresholds(thresholds, common.preset(preset).thresholds))
-        info = ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(proposals.masks))
-        return io.NodeOutput(proposals, info)
+        proposals = threshold_batch(c, text_inputs.parse_thresholds(thresholds, sockets.preset(preset).thresholds))
+        return io.NodeOutput(proposals, proposals.describe())
 
 
 class RefDiffGenerativeScore(io.ComfyNode):
@@ -207,25 +182,25 @@ class RefDiffGenerativeScore(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffGenerativeScore",
             display_name="RefDiff Generative Score",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Generative matching (Eq. 9): for each proposal, the mean of c inside it minus the mean "
                         "outside.",
             inputs=[
                 io.Mask.Input("c", tooltip="Generative maps from RefDiffGenerativeMap."),
-                common.Proposals.Input("proposals", tooltip="Proposals of the same images (SAM or threshold)."),
-                common.preset_input("Preset for the epsilon of the means."),
+                sockets.Proposals.Input("proposals", tooltip="Proposals of the same images (SAM or threshold)."),
+                sockets.preset_input("Preset for the epsilon of the means."),
             ],
             outputs=[
-                common.Scores.Output(display_name="scores", tooltip="s_G per proposal (REFDIFF_SCORES)."),
+                sockets.Scores.Output(display_name="scores", tooltip="s_G per proposal (REFDIFF_SCORES)."),
             ],
         )
 
     @classmethod
     def execute(cls, c, proposals, preset) -> io.NodeOutput:
-        return io.NodeOutput(generative_score_batch(c, proposals, eps=common.preset(preset).score_eps))
+        return io.NodeOutput(generative_score_batch(c, proposals, eps=sockets.preset(preset).score_eps))
 
 
 NODES = [RefDiffGenerativeMap, RefDiffThresholdProposals, RefDiffGenerativeScore]
 __all__ = ["token_choices", "generative_maps", "token_strips", "threshold_batch", "generative_score_batch",
-           "parse_thresholds", "preview_maps",
+           "preview_maps",
            "NODES", *[n.__name__ for n in NODES]]

@@ -9,8 +9,8 @@ from refdiff.config import Preset, sam_generator_kwargs
 from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals
 from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_type, load_sam
 
-from . import common, helpers
-from .payloads import ProposalBatch, SamHandle
+from . import model_files, runtime, sockets, tensors
+from .wire_types import ProposalBatch, SamHandle
 
 SAM_WHERE = ("Download one of " + ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
              + " (the method uses vit_h).")
@@ -20,9 +20,9 @@ FILTER_OPTIONS = ["preset", "none", "custom"]
 # ------------------------------------------------------------------------------------------ stage functions
 def load_sam_model(sam_name: str, model_type: str = "auto") -> SamHandle:
     """Load a SAM checkpoint of models/sams onto the offload device (moved to the GPU only while it runs)."""
-    path = common.resolve_model_file(common.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
+    path = model_files.resolve_model_file(model_files.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
     wanted = None if model_type == "auto" else canonical_model_type(model_type)
-    model = load_sam(path, model_type=wanted, device=common.offload_device())
+    model = load_sam(path, model_type=wanted, device=runtime.offload_device())
     found = wanted or infer_model_type(model.state_dict()) or "custom"
     return SamHandle(model=model, model_type=found, path=path)
 
@@ -40,13 +40,13 @@ def sam_proposal_batch(sam: SamHandle, image: torch.Tensor, amg: dict, keep_larg
                        min_area: int = 10000) -> ProposalBatch:
     """SAM automatic masks of every image at its own resolution, then the post-filter (a real filter: what
     it drops can never be selected)."""
-    rgbs = helpers.images_to_rgb(image)
+    rgbs = tensors.images_to_rgb(image)
     out = []
-    progress = common.Progress(len(rgbs))
-    with common.on_compute_device(sam.model):
+    progress = runtime.Progress(len(rgbs))
+    with runtime.on_compute_device(sam.model):
         generator = make_mask_generator(sam.model, **amg)
         for rgb in rgbs:
-            common.check_interrupt()
+            runtime.check_interrupt()
             masks = sam_proposals(generator, rgb)
             masks, _ = filter_proposals(masks, keep_largest=keep_largest, min_area=min_area)
             out.append(masks.cpu())
@@ -61,21 +61,21 @@ class RefDiffSAMLoader(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffSAMLoader",
             display_name="RefDiff SAM Loader",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Load a Segment Anything checkpoint (sam_vit_h/l/b .pth or .safetensors) from "
                         "ComfyUI/models/sams. The weights are read without running pickled code.",
             inputs=[
-                io.Combo.Input("sam_name", options=common.model_files(common.SAM_FOLDER),
+                io.Combo.Input("sam_name", options=model_files.weight_files(model_files.SAM_FOLDER),
                                tooltip="Checkpoint file in ComfyUI/models/sams (e.g. sam_vit_h_4b8939.pth)."),
                 io.Combo.Input("model_type", options=["auto", "vit_h", "vit_l", "vit_b"], default="auto",
                                tooltip="Architecture; 'auto' reads it from the weights (a given type must match)."),
             ],
-            outputs=[common.SamModel.Output(display_name="sam", tooltip="The loaded SAM (REFDIFF_SAM).")],
+            outputs=[sockets.SamModel.Output(display_name="sam", tooltip="The loaded SAM (REFDIFF_SAM).")],
         )
 
     @classmethod
     def validate_inputs(cls, sam_name) -> bool | str:
-        return common.missing_file_message(common.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
+        return model_files.missing_file_message(model_files.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
 
     @classmethod
     def execute(cls, sam_name, model_type) -> io.NodeOutput:
@@ -89,14 +89,14 @@ class RefDiffSAMProposals(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffSAMProposals",
             display_name="RefDiff SAM Proposals",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="SAM automatic mask generation on each image at its own resolution (defaults: SAM's AMG "
                         "settings), then the preset's post-filter (official: the 10 largest masks of area > "
                         "10000 px; paper: none).",
             inputs=[
-                common.SamModel.Input("sam", tooltip="SAM from RefDiffSAMLoader."),
+                sockets.SamModel.Input("sam", tooltip="SAM from RefDiffSAMLoader."),
                 io.Image.Input("image", tooltip="The original images."),
-                common.preset_input("Preset for 'post_filter: preset'."),
+                sockets.preset_input("Preset for 'post_filter: preset'."),
                 io.Int.Input("points_per_side", default=d["points_per_side"], min=1, max=128,
                              tooltip="Grid of point prompts per image side (32: 1024 points)."),
                 io.Int.Input("points_per_batch", default=d["points_per_batch"], min=1, max=1024,
@@ -120,8 +120,8 @@ class RefDiffSAMProposals(io.ComfyNode):
                              tooltip="custom filter: drop masks of at most this many pixels."),
             ],
             outputs=[
-                common.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
-                                                                          "(REFDIFF_PROPOSALS)."),
+                sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
+                                                                           "(REFDIFF_PROPOSALS)."),
                 io.String.Output(display_name="info", tooltip="How many proposals each image got."),
             ],
         )
@@ -134,10 +134,9 @@ class RefDiffSAMProposals(io.ComfyNode):
                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
                    box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers,
                    min_mask_region_area=min_mask_region_area)
-        keep, area = sam_post_filter(post_filter, common.preset(preset), keep_largest, min_area)
+        keep, area = sam_post_filter(post_filter, sockets.preset(preset), keep_largest, min_area)
         proposals = sam_proposal_batch(sam, image, amg, keep, area)
-        info = ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(proposals.masks))
-        return io.NodeOutput(proposals, info)
+        return io.NodeOutput(proposals, proposals.describe())
 
 
 NODES = [RefDiffSAMLoader, RefDiffSAMProposals]

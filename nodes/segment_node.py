@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 from refdiff.config import Preset, get_variant, sam_generator_kwargs
 from refdiff.errors import InputError
 
-from . import common, diffusion_nodes, map_nodes, select_nodes, text_nodes
+from . import diffusion_nodes, map_nodes, runtime, select_nodes, sockets, text_nodes
 
 VARIANT_CHOICES = ["full", "G", "GS", "DS", "sam-clip"]
 
@@ -41,7 +41,7 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
         c = map_nodes.generative_maps(attention, parse, image, mode=p.map_resize, layer_eps=p.layer_norm_eps,
                                       map_eps=p.map_eps)
         report.append(info)
-    common.check_interrupt()
+    runtime.check_interrupt()
 
     if v.proposals == "threshold":
         proposals = map_nodes.threshold_batch(c, p.thresholds)
@@ -72,7 +72,7 @@ class RefDiffSegment(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffSegment",
             display_name="RefDiff Segment (all-in-one)",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Referring segmentation in one node: the mask of the object the text describes, for every "
                         "image. Runs the same stages as the separate RefDiff nodes.",
             inputs=[
@@ -85,7 +85,7 @@ class RefDiffSegment(io.ComfyNode):
                 io.Combo.Input("variant", options=VARIANT_CHOICES, default="full",
                                tooltip="full = SAM + s_G + s_D; G = threshold proposals + s_G; GS = SAM + s_G; "
                                        "DS = SAM + s_D; sam-clip = SAM + CLIP crop baseline."),
-                common.preset_input(),
+                sockets.preset_input(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the injected noise."),
                 io.Int.Input("image_size", default=0, min=0, max=4096, step=64,
@@ -97,9 +97,9 @@ class RefDiffSegment(io.ComfyNode):
                                tooltip="SAM: minimum predicted IoU of a mask."),
                 io.Float.Input("stability_score_thresh", default=d["stability_score_thresh"], min=0.0, max=1.0,
                                step=0.01, tooltip="SAM: minimum stability score of a mask."),
-                common.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
-                common.ClipModel.Input("clip_scorer", optional=True,
-                                       tooltip="CLIP scorer (variants full, DS, sam-clip)."),
+                sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
+                sockets.ClipModel.Input("clip_scorer", optional=True,
+                                        tooltip="CLIP scorer (variants full, DS, sam-clip)."),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
@@ -112,7 +112,7 @@ class RefDiffSegment(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
                 pred_iou_thresh, stability_score_thresh, sam=None, clip_scorer=None) -> io.NodeOutput:
-        p = common.preset(preset)
+        p = sockets.preset(preset)
         if image_size:
             p = p.with_(image_size=int(image_size))
         amg = {**sam_generator_kwargs(p), "points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,

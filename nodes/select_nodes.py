@@ -13,8 +13,8 @@ from refdiff.errors import InputError
 from refdiff.scoring import fuse_and_select
 from refdiff.scoring import fusion_weights as preset_fusion_weights
 
-from . import common, helpers
-from .payloads import ProposalBatch, ScoreBatch
+from . import previews, runtime, sockets, tensors
+from .wire_types import ProposalBatch, ScoreBatch
 
 
 @dataclass
@@ -64,10 +64,10 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         tops.extend([masks[j] for j in order] + [empty] * (top_k - len(order)))
         indices.append(chosen)
         fused_all.append(fused)
-        lines.append(helpers.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
+        lines.append(previews.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
                                          f"({proposals.source}), weights s_G x {choice.gen_weight:g}, s_D x {choice.disc_weight:g}"))
-    top_batch = helpers.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
-    return Selection(helpers.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
+    top_batch = tensors.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
+    return Selection(tensors.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
 
 
 def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:
@@ -79,30 +79,30 @@ def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.T
             frame = image[i if image.shape[0] > 1 else 0]
             if tuple(frame.shape[:2]) != tuple(best.shape[1:]):
                 frame = None
-        frames.append(helpers.overlay(frame, best[i]))
-    return common.intermediate(torch.stack(frames))
+        frames.append(previews.overlay(frame, best[i]))
+    return runtime.intermediate(torch.stack(frames))
 
 
 def proposal_galleries(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
                        selection: Selection, image: torch.Tensor | None, pin_index: int = -1,
                        weights: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
     """What the web extension shows on the node: per image (at most VIEW_MAX_IMAGES) the proposals ranked by
-    fused score with their scores and thumbnails in ComfyUI's temp folder (see helpers.proposal_gallery_view)."""
+    fused score with their scores and thumbnails in ComfyUI's temp folder (see previews.proposal_gallery_view)."""
     prefix = "refdiff_proposals_" + uuid.uuid4().hex[:10]
     views = []
-    for i, masks in enumerate(proposals.masks[:helpers.VIEW_MAX_IMAGES]):
+    for i, masks in enumerate(proposals.masks[:previews.VIEW_MAX_IMAGES]):
         n, h, w = masks.shape
-        size = helpers.thumb_size(h, w)
+        size = previews.thumb_size(h, w)
         frame = None
         if image is not None:
             candidate = image[i if image.shape[0] > 1 else 0]
             if tuple(candidate.shape[:2]) == (h, w):
-                frame = helpers.thumb_image(candidate, size)
+                frame = previews.thumb_image(candidate, size)
         fused = selection.fused[i]
-        shown = helpers.gallery_order(fused, selection.indices[i])
-        frames = helpers.mask_frames(frame, helpers.thumb_masks(masks[shown] if shown else masks[:0], size))
-        thumbs = helpers.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
-        view = helpers.proposal_gallery_view(
+        shown = previews.gallery_order(fused, selection.indices[i])
+        frames = previews.mask_frames(frame, previews.thumb_masks(masks[shown] if shown else masks[:0], size))
+        thumbs = previews.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
+        view = previews.proposal_gallery_view(
             masks, fused, generative.scores[i] if generative is not None else None,
             discriminative.scores[i] if discriminative is not None else None, shown, selection.indices[i], thumbs,
             image=i, pin_index=pin_index, weights=weights, source=proposals.source)
@@ -118,14 +118,14 @@ class RefDiffFuseSelect(io.ComfyNode):
         return io.Schema(
             node_id="RefDiffFuseSelect",
             display_name="RefDiff Fuse & Select",
-            category=common.CATEGORY,
+            category=sockets.CATEGORY,
             description="Fuse the scores (Eq. 1, 2: s = gen_weight s_G + disc_weight s_D; one kind alone is used "
                         "as it is) and output the best proposal of each image.",
             inputs=[
-                common.Proposals.Input("proposals", tooltip="Proposals the scores were computed on."),
-                common.Scores.Input("generative", optional=True, tooltip="s_G from RefDiffGenerativeScore."),
-                common.Scores.Input("discriminative", optional=True, tooltip="s_D from RefDiffCLIPScore."),
-                common.preset_input("Preset fusion weights: official s_D + 0.05 s_G; paper 0.1 s_G + 0.9 s_D."),
+                sockets.Proposals.Input("proposals", tooltip="Proposals the scores were computed on."),
+                sockets.Scores.Input("generative", optional=True, tooltip="s_G from RefDiffGenerativeScore."),
+                sockets.Scores.Input("discriminative", optional=True, tooltip="s_D from RefDiffCLIPScore."),
+                sockets.preset_input("Preset fusion weights: official s_D + 0.05 s_G; paper 0.1 s_G + 0.9 s_D."),
                 io.Float.Input("gen_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,
                                tooltip="Weight of s_G when both scores are given (alpha in the paper); -1 = the "
                                        "preset's."),
@@ -150,7 +150,7 @@ class RefDiffFuseSelect(io.ComfyNode):
     @classmethod
     def execute(cls, proposals, preset, gen_weight, disc_weight, top_k, pin_index, generative=None,
                 discriminative=None, image=None) -> io.NodeOutput:
-        gw, dw = fusion_weights(common.preset(preset), generative is not None and discriminative is not None,
+        gw, dw = fusion_weights(sockets.preset(preset), generative is not None and discriminative is not None,
                                 None if gen_weight < 0 else gen_weight, None if disc_weight < 0 else disc_weight)
         sel = fuse_select(proposals, generative, discriminative, gw, dw, top_k, pin_index)
         preview = preview_selection(image, sel.best)

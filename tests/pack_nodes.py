@@ -1,4 +1,5 @@
-"""Import the pack's ComfyUI-free node modules (nodes/helpers.py, payloads.py, ...) in tests without ComfyUI."""
+"""Import the pack's ComfyUI-free node modules (nodes/wire_types.py, tensors.py, previews.py, ...) in tests without
+ComfyUI."""
 from __future__ import annotations
 
 import importlib

@@ -1,6 +1,6 @@
-"""The ComfyUI-free part of the sibling-method nodes (nodes/sibling_helpers.py): the factor-weight parser, the
-DiffSegmenter refinement of a captured payload (planted maps and affinities, hand-computed results) with its
-error messages, and the feature-cluster proposals of planted features."""
+"""The ComfyUI-free part of the sibling-method nodes (nodes/text_inputs.py, attention_maps.py, feature_clusters.py,
+wire_types.py): the factor-weight parser, the DiffSegmenter refinement of a captured payload (planted maps and
+affinities, hand-computed results) with its error messages, and the feature-cluster proposals of planted features."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,19 +13,22 @@ from refdiff.stores import CapturedAffinity
 from refdiff.text import ParsedText
 from pack_nodes import load_node_module as _load
 
-sh = _load("sibling_helpers")
-payloads = _load("payloads")
+attention_maps = _load("attention_maps")
+feature_clusters = _load("feature_clusters")
+text_inputs = _load("text_inputs")
+wire_types = _load("wire_types")
 
 DEFAULT = ((8, 0.3), (4, 0.5), (2, 0.1), (1, 0.1))
 
 
 # ------------------------------------------------------------------------------------------ factor weights
 def test_factor_weights_parse_the_widget_spelling():
-    assert sh.parse_factor_weights("8:0.3,4:0.5,2:0.1,1:0.1") == {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
-    assert sh.parse_factor_weights(" 4:1 ; 2:0.25  16:0 ") == {4: 1.0, 2: 0.25, 16: 0.0}
-    assert sh.parse_factor_weights("preset", DEFAULT) == {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
-    assert sh.parse_factor_weights("  ", {4: 1.0}) == {4: 1.0}
-    assert sh.format_factor_weights(sh.parse_factor_weights(sh.FACTOR_WEIGHTS_EXAMPLE)) == sh.FACTOR_WEIGHTS_EXAMPLE
+    assert text_inputs.parse_factor_weights("8:0.3,4:0.5,2:0.1,1:0.1") == {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
+    assert text_inputs.parse_factor_weights(" 4:1 ; 2:0.25  16:0 ") == {4: 1.0, 2: 0.25, 16: 0.0}
+    assert text_inputs.parse_factor_weights("preset", DEFAULT) == {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
+    assert text_inputs.parse_factor_weights("  ", {4: 1.0}) == {4: 1.0}
+    example = text_inputs.FACTOR_WEIGHTS_EXAMPLE
+    assert text_inputs.format_factor_weights(text_inputs.parse_factor_weights(example)) == example
 
 
 @pytest.mark.parametrize("text, message", [
@@ -42,13 +45,13 @@ def test_factor_weights_parse_the_widget_spelling():
 ])
 def test_bad_factor_weights_are_named(text, message):
     with pytest.raises(InputError, match="factor_weights") as info:
-        sh.parse_factor_weights(text, DEFAULT)
+        text_inputs.parse_factor_weights(text, DEFAULT)
     assert message in str(info.value)
 
 
 def test_empty_factor_weights_without_default_is_refused():
     with pytest.raises(InputError, match="factor_weights is empty"):
-        sh.parse_factor_weights("")
+        text_inputs.parse_factor_weights("")
 
 
 # ------------------------------------------------------------------------------------------ refinement
@@ -60,14 +63,14 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - x.min()) / (x.max() - x.min() + 1e-8)
 
 
-def _item(text: str = "the dog") -> "payloads.ParsedItem":
+def _item(text: str = "the dog") -> "wire_types.ParsedItem":
     parsed = ParsedText(text=text, root="dog", root_span=(4, 7), directions=(), words=())
-    return payloads.ParsedItem(parsed=parsed, prompt=text + ", ", root_positions=[TOKEN], root_position=TOKEN,
-                               tokens=["<s>", "dog</w>", ",</w>", "</s>"], root_rule="root_or_subj")
+    return wire_types.ParsedItem(parsed=parsed, prompt=text + ", ", root_positions=[TOKEN], root_position=TOKEN,
+                                 tokens=["<s>", "dog</w>", ",</w>", "</s>"], root_rule="root_or_subj")
 
 
 def _attention(factor_maps: dict[int, np.ndarray], affinity: np.ndarray | None, unet_factors=None,
-               self_factor: int = 4) -> "sh.InternalsAttentionBatch":
+               self_factor: int = 4) -> "wire_types.InternalsAttentionBatch":
     """One image's payload: per factor one layer whose token-1 map is planted (other tokens zero)."""
     names = [f"layer_f{f}" for f in factor_maps]
     cond = torch.zeros(len(factor_maps), *GRID, 4)
@@ -78,7 +81,7 @@ def _attention(factor_maps: dict[int, np.ndarray], affinity: np.ndarray | None, 
     if affinity is not None:
         self_attention = [[CapturedAffinity(f"level{self_factor}", self_factor, GRID, ("a", "b"),
                                             torch.tensor(affinity, dtype=torch.float32))]]
-    return sh.InternalsAttentionBatch(
+    return wire_types.InternalsAttentionBatch(
         maps=[maps], prompts=["the dog, "], tokens=[None], latent_hw=GRID, guidance_scale=9.0, kind="probs",
         model_family="SD1.x", layers=names, layer_factors={n: f for n, f in zip(names, factor_maps)},
         unet_factors=tuple(sorted(factor_maps)) if unet_factors is None else tuple(unet_factors),
@@ -97,12 +100,12 @@ def test_refined_token_map_fuses_levels_then_propagates():
     weights = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
     fused = (0.5 * _minmax(M4) + 0.3 * _minmax(M8)) / 0.8  # [[1, .375], [.1875, 0]]: weights of absent levels unused
     expected = _minmax((A_VERTICAL @ fused.reshape(-1)).reshape(GRID))
-    got = sh.refined_token_map(attention, 0, TOKEN, weights, iterations=1)
+    got = attention_maps.refined_token_map(attention, 0, TOKEN, weights, iterations=1)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
     # by hand: A fused = [[.59375, .1875], [.59375, .1875]] -> min-max [[1, 0], [1, 0]]
     np.testing.assert_allclose(got.numpy(), [[1.0, 0.0], [1.0, 0.0]], atol=1e-6)
     # no iteration: the fused map alone, min-max normalised
-    np.testing.assert_allclose(sh.refined_token_map(attention, 0, TOKEN, weights, iterations=0).numpy(),
+    np.testing.assert_allclose(attention_maps.refined_token_map(attention, 0, TOKEN, weights, iterations=0).numpy(),
                                _minmax(fused), atol=1e-6)
 
 
@@ -112,8 +115,8 @@ def _image(h: int = 16, w: int = 16) -> torch.Tensor:
 
 def test_refined_maps_give_a_mask_batch_at_the_image_size():
     attention = _attention({4: M4, 8: M8}, A_VERTICAL)
-    parse = payloads.ParsedBatch([_item()])
-    c = sh.refined_maps(attention, parse, _image(), {8: 0.3, 4: 0.5}, mode="bilinear")
+    parse = wire_types.ParsedBatch([_item()])
+    c = attention_maps.refined_maps(attention, parse, _image(), {8: 0.3, 4: 0.5}, mode="bilinear")
     assert c.shape == (1, 16, 16) and c.dtype == torch.float32
     assert float(c.min()) == 0.0 and float(c.max()) == pytest.approx(1.0, abs=1e-6)
     # the refined 2 x 2 map is [[1, 0], [1, 0]]: the left column of the image is hot, the right one cold
@@ -121,42 +124,42 @@ def test_refined_maps_give_a_mask_batch_at_the_image_size():
 
 
 def test_refine_needs_self_attention():
-    parse = payloads.ParsedBatch([_item()])
-    plain = payloads.AttentionBatch(maps=_attention({4: M4}, None).maps, prompts=[None], tokens=[None],
-                                    latent_hw=GRID, guidance_scale=9.0, kind="probs", model_family="SD1.x")
+    parse = wire_types.ParsedBatch([_item()])
+    plain = wire_types.AttentionBatch(maps=_attention({4: M4}, None).maps, prompts=[None], tokens=[None],
+                                      latent_hw=GRID, guidance_scale=9.0, kind="probs", model_family="SD1.x")
     for attention in (plain, _attention({4: M4}, None)):
         with pytest.raises(InputError, match="captured without self-attention; turn on self_attention"):
-            sh.refined_maps(attention, parse, _image(), {4: 1.0})
+            attention_maps.refined_maps(attention, parse, _image(), {4: 1.0})
 
 
 def test_refine_needs_every_weighted_level_the_unet_has():
-    parse = payloads.ParsedBatch([_item()])
+    parse = wire_types.ParsedBatch([_item()])
     attention = _attention({4: M4}, A_VERTICAL, unet_factors=(1, 2, 4, 8))
     with pytest.raises(InputError, match=r"at factor\(s\) \[4\] only, but this UNet also has it at \[1, 2, 8\].*"
                                          r"set factor to 0 \(all\)"):
-        sh.refined_maps(attention, parse, _image(), {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1})
+        attention_maps.refined_maps(attention, parse, _image(), {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1})
     # levels weighted 0 are not needed
-    c = sh.refined_maps(attention, parse, _image(), {8: 0.0, 4: 0.5, 2: 0.0, 1: 0.0})
+    c = attention_maps.refined_maps(attention, parse, _image(), {8: 0.0, 4: 0.5, 2: 0.0, 1: 0.0})
     assert c.shape == (1, 16, 16)
 
 
 def test_refine_names_an_unweighted_captured_level_and_a_missing_self_level():
-    parse = payloads.ParsedBatch([_item()])
+    parse = wire_types.ParsedBatch([_item()])
     attention = _attention({4: M4, 2: M8}, A_VERTICAL)
     with pytest.raises(InputError, match=r"no weight for the captured factor\(s\) \[2\]"):
-        sh.refined_maps(attention, parse, _image(), {4: 1.0})
+        attention_maps.refined_maps(attention, parse, _image(), {4: 1.0})
     with pytest.raises(InputError, match=r"self_factor: self-attention was captured at factor\(s\) \[4\], not 2"):
-        sh.refined_maps(attention, parse, _image(), {4: 1.0, 2: 1.0}, self_factor=2)
+        attention_maps.refined_maps(attention, parse, _image(), {4: 1.0, 2: 1.0}, self_factor=2)
     with pytest.raises(InputError, match="iterations must be >= 0"):
-        sh.refined_maps(attention, parse, _image(), {4: 1.0, 2: 1.0}, iterations=-1)
+        attention_maps.refined_maps(attention, parse, _image(), {4: 1.0, 2: 1.0}, iterations=-1)
 
 
 def test_refine_checks_text_and_batch():
     attention = _attention({4: M4}, A_VERTICAL)
     with pytest.raises(InputError, match="captured for 'the dog, ' but the parse is of 'the cat, '"):
-        sh.refined_maps(attention, payloads.ParsedBatch([_item("the cat")]), _image(), {4: 1.0})
+        attention_maps.refined_maps(attention, wire_types.ParsedBatch([_item("the cat")]), _image(), {4: 1.0})
     with pytest.raises(InputError, match=r"attention holds 1 image\(s\) but image holds 2"):
-        sh.refined_maps(attention, payloads.ParsedBatch([_item()]), torch.zeros(2, 16, 16, 3), {4: 1.0})
+        attention_maps.refined_maps(attention, wire_types.ParsedBatch([_item()]), torch.zeros(2, 16, 16, 3), {4: 1.0})
 
 
 def test_captured_factors_are_sorted_and_unique():
@@ -177,7 +180,8 @@ def _two_kinds(columns: slice, grid: int = 8) -> torch.Tensor:
 
 def test_clusters_of_planted_features_become_frame_masks():
     # left half / right half of the padded square; the image is the square itself (128 x 128, latent 16)
-    masks = sh.cluster_image([_two_kinds(slice(4, 8))], (16, 16), 128, 128, n_clusters=2, cluster_factor=2)
+    masks = feature_clusters.cluster_image([_two_kinds(slice(4, 8))], (16, 16), 128, 128, n_clusters=2,
+                                           cluster_factor=2)
     assert masks.dtype == torch.bool and masks.shape == (2, 128, 128)
     left = torch.zeros(128, 128, dtype=torch.bool)
     left[:, :64] = True
@@ -187,24 +191,29 @@ def test_clusters_of_planted_features_become_frame_masks():
 def test_cluster_components_are_split_and_padding_is_dropped():
     # (1, 0) on the outer quarters, (0, 1) in the middle: two clusters, three connected pieces
     features = [_two_kinds(slice(2, 6))]
-    split = sh.cluster_image(features, (16, 16), 128, 128, n_clusters=2, cluster_factor=2)
-    whole = sh.cluster_image(features, (16, 16), 128, 128, n_clusters=2, cluster_factor=2, split_components=False)
+    split = feature_clusters.cluster_image(features, (16, 16), 128, 128, n_clusters=2, cluster_factor=2)
+    whole = feature_clusters.cluster_image(features, (16, 16), 128, 128, n_clusters=2, cluster_factor=2,
+                                           split_components=False)
     assert split.shape[0] == 3 and whole.shape[0] == 2
     assert [int(m.sum()) for m in split] == [128 * 32, 128 * 32, 128 * 64]
     # a 64 x 128 image sits in rows 32..95 of the 128 square: masks come out at its frame
-    wide = sh.cluster_image(features, (16, 16), 64, 128, n_clusters=2, cluster_factor=2)
+    wide = feature_clusters.cluster_image(features, (16, 16), 64, 128, n_clusters=2, cluster_factor=2)
     assert wide.shape == (3, 64, 128) and [int(m.sum()) for m in wide] == [64 * 32, 64 * 32, 64 * 64]
     # min_area drops the two 32-column strips
-    big = sh.cluster_image(features, (16, 16), 64, 128, n_clusters=2, cluster_factor=2, min_area=64 * 33)
+    big = feature_clusters.cluster_image(features, (16, 16), 64, 128, n_clusters=2, cluster_factor=2,
+                                         min_area=64 * 33)
     assert big.shape == (1, 64, 128) and bool(big[0, :, 32:96].all())
 
 
 def test_cluster_batch_and_errors():
-    batch = sh.cluster_batch([[_two_kinds(slice(4, 8))], [_two_kinds(slice(2, 6))]], (16, 16), 128, 128,
-                             n_clusters=2, cluster_factor=2)
-    assert isinstance(batch, payloads.ProposalBatch) and batch.source == "cluster" and len(batch) == 2
+    done = []
+    batch = feature_clusters.cluster_batch([[_two_kinds(slice(4, 8))], [_two_kinds(slice(2, 6))]], (16, 16), 128, 128,
+                                           on_image=lambda: done.append(1), n_clusters=2, cluster_factor=2)
+    assert isinstance(batch, wire_types.ProposalBatch) and batch.source == "cluster" and len(batch) == 2
     assert [m.shape[0] for m in batch.masks] == [2, 3]  # each image clustered on its own features
+    assert len(done) == 2  # one progress step per image
     with pytest.raises(InputError, match="65 clusters for a 8x8 grid"):
-        sh.cluster_image([_two_kinds(slice(4, 8))], (16, 16), 128, 128, n_clusters=65, cluster_factor=2)
+        feature_clusters.cluster_image([_two_kinds(slice(4, 8))], (16, 16), 128, 128, n_clusters=65,
+                                       cluster_factor=2)
     with pytest.raises(InputError, match="16x8 is not square"):
-        sh.cluster_image([_two_kinds(slice(4, 8))], (16, 8), 128, 128, n_clusters=2)
+        feature_clusters.cluster_image([_two_kinds(slice(4, 8))], (16, 8), 128, 128, n_clusters=2)

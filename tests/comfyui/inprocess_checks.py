@@ -88,8 +88,8 @@ def check_no_leak() -> dict:
     latent = dn.inject_noise(latent_batch(vae), 0, 0.1, 20)
     parse, _ = tn.parse_texts("the dog on the left", clip)
     attention, _ = dn.capture_attention(model, latent, clip=clip, parse=parse, factor=None, self_attention=True)
-    sn = import_module(nodes.__name__ + ".sibling_nodes")
-    proposals, _ = sn.cluster_proposal_batch(model, latent, torch.zeros(1, 53, 77, 3), clip=clip)
+    cn = import_module(nodes.__name__ + ".cluster_nodes")
+    proposals, _ = cn.cluster_proposal_batch(model, latent, torch.zeros(1, 53, 77, 3), clip=clip)
     after = unet_x0(model, x, sigma, cond, dict(model.model_options.get("transformer_options", {})))
     return {"options_equal": repr(model.model_options) == options_before,
             "patches_before": repr(patches_before),
@@ -107,7 +107,7 @@ def check_transparent() -> dict:
     from refdiff.capture import LayerSelector
     from refdiff.stores import AttentionStore
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     model, _, _ = load_sd15()
     layers = cs.select_layers(model, LayerSelector(None))
     store = AttentionStore("logits")
@@ -205,7 +205,7 @@ def check_transparent_internals() -> dict:
 
     from refdiff.stores import FeatureStore, SelfAttentionStore
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     model, _, _ = load_sd15()
     dm = model.model.diffusion_model
     self_store, features = SelfAttentionStore(per_layer=True), FeatureStore()
@@ -242,10 +242,10 @@ def check_internals_same_as_library() -> dict:
 
     dn = import_module(nodes.__name__ + ".diffusion_nodes")
     tn = import_module(nodes.__name__ + ".text_nodes")
-    sn = import_module(nodes.__name__ + ".sibling_nodes")
-    sh = import_module(nodes.__name__ + ".sibling_helpers")
-    hp = import_module(nodes.__name__ + ".helpers")
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cn = import_module(nodes.__name__ + ".cluster_nodes")
+    am = import_module(nodes.__name__ + ".attention_maps")
+    tensors = import_module(nodes.__name__ + ".tensors")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     model, clip, vae = load_sd15()
     latent = latent_batch(vae)
     parse, _ = tn.parse_texts("the black horse on the left", clip)
@@ -253,7 +253,7 @@ def check_internals_same_as_library() -> dict:
     attention, _ = dn.capture_attention(model, dn.inject_noise(latent, 7, 0.1, 20), clip=clip, parse=parse,
                                         kind="logits", guidance_scale=9.0, factor=0, self_attention=True)
     weights = {8: 0.3, 4: 0.5, 2: 0.1, 1: 0.1}
-    comfy_refined = sh.refined_token_map(attention, 0, item.root_position, weights, iterations=1)
+    comfy_refined = am.refined_token_map(attention, 0, item.root_position, weights, iterations=1)
 
     unet, _, _ = _diffusers_unet_from(model)
     text, _, _ = _text_encoder_from(clip)
@@ -284,9 +284,9 @@ def check_internals_same_as_library() -> dict:
     feature_diffs = {c: float((comfy_features[c] - lib_features[d]).abs().max() / lib_features[d].abs().max())
                      for c, d in pairs}
 
-    prep = hp.frame_geometry(53, 77, 128)
+    prep = tensors.frame_geometry(53, 77, 128)
     lib_masks = feature_cluster_proposals(sd, scaled, "", prep, seed=0)
-    comfy_masks = sn.cluster_proposal_batch(model, latent, torch.zeros(1, 53, 77, 3), clip=clip, seed=0)[0].masks[0]
+    comfy_masks = cn.cluster_proposal_batch(model, latent, torch.zeros(1, 53, 77, 3), clip=clip, seed=0)[0].masks[0]
     same_masks = lib_masks.shape == comfy_masks.shape and bool((lib_masks == comfy_masks).all())
     return {"comfy_levels": [[a.factor, list(a.grid), len(a.layers)] for a in comfy_self],
             "lib_levels": [[a.factor, list(a.grid), len(a.layers)] for a in lib_self],
@@ -304,7 +304,7 @@ def check_sd2() -> dict:
 
     import comfy.sd
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     dn = import_module(nodes.__name__ + ".diffusion_nodes")
     model = comfy.sd.load_diffusion_model(os.path.join(MODELS, "diffusion_models", "refdiff_test_sd2_unet.safetensors"))
     gen = torch.Generator().manual_seed(3)
@@ -323,7 +323,7 @@ def check_families() -> dict:
 
     import comfy.supported_models as sm
 
-    cs = import_module(nodes.__name__ + ".comfy_sd")
+    cs = import_module(nodes.__name__ + ".comfy_backend")
     out = {}
     for cls in (sm.SDXL, sm.Flux, sm.SD3):
         fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=cls.__new__(cls)))

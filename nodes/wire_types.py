@@ -1,7 +1,8 @@
-"""The values that travel on the pack's own wires (custom ComfyUI types), as plain dataclasses.
+"""The values that travel on the pack's own wires (the REFDIFF_* custom types), as plain dataclasses.
 
 Every payload holds one entry per image of the batch, so a batch of B images flows through the graph as
-B independent problems. No ComfyUI import here: the payloads are built and checked in offline tests too.
+B independent problems. No ComfyUI import here, so offline tests build and check them too; the ComfyUI
+sockets of these types are in ``sockets.py``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from refdiff.capture import CrossAttentionMaps
 from refdiff.errors import InputError
+from refdiff.stores import CapturedAffinity
 from refdiff.text import ParsedText
 
 # Custom wire type names, as ComfyUI shows them on sockets.
@@ -78,6 +80,29 @@ class AttentionBatch:
 
 
 @dataclass
+class InternalsAttentionBatch(AttentionBatch):
+    """REFDIFF_ATTENTION as RefDiffCaptureAttention makes it: the cross-attention maps plus what the sibling
+    methods need.
+
+    ``layer_factors``: captured cross-attention layer name (without "step{i}/") -> downsampling factor;
+    ``unet_factors``: every factor at which the UNet has cross-attention in the captured blocks;
+    ``self_attention``: per image, the conditional branch's head-averaged self-attention of every captured
+    level (``refdiff.stores.CapturedAffinity``, layers and steps averaged), or None when not captured;
+    ``self_max_tokens``: the grid-size limit it was captured with.
+    """
+
+    layer_factors: dict[str, int] = field(default_factory=dict)
+    unet_factors: tuple[int, ...] = ()
+    self_attention: list[list[CapturedAffinity]] | None = None
+    self_max_tokens: int = 0
+
+    @property
+    def captured_factors(self) -> tuple[int, ...]:
+        """The factors of the captured cross-attention layers, ascending."""
+        return tuple(sorted(set(self.layer_factors.values())))
+
+
+@dataclass
 class ParsedItem:
     """One parsed referring expression and where its root word sits in the diffusion model's tokens."""
 
@@ -111,10 +136,14 @@ class ProposalBatch:
     """REFDIFF_PROPOSALS: candidate masks of every image, bool [N_i, H, W] at the image's own size (CPU)."""
 
     masks: list[torch.Tensor]
-    source: str  # "threshold" or "sam"
+    source: str  # "threshold", "sam" or "cluster"
 
     def __len__(self) -> int:
         return len(self.masks)
+
+    def describe(self) -> str:
+        """How many proposals each image got, for the nodes' info outputs."""
+        return ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(self.masks))
 
 
 @dataclass
@@ -167,5 +196,5 @@ def match_batch(items: list[Any], batch: int, what: str) -> list[Any]:
 
 
 __all__ = ["ATTENTION", "PARSE", "PROPOSALS", "SCORES", "SAM_MODEL", "CLIP_MODEL", "INJECTION_KEY", "Injection",
-           "AttentionBatch", "ParsedItem", "ParsedBatch", "ProposalBatch", "ScoreBatch", "SamHandle",
-           "ClipHandle", "match_batch"]
+           "AttentionBatch", "InternalsAttentionBatch", "ParsedItem", "ParsedBatch", "ProposalBatch", "ScoreBatch",
+           "SamHandle", "ClipHandle", "match_batch"]

@@ -40,10 +40,12 @@ from refdiff.schedule import (InjectionPlan, alphas_cumprod_of, ddim_loop, injec
                               noise_latent, sigma_of)
 from refdiff.stores import AttentionStore, FeatureStore, SelfAttentionStore, split_branches
 
-from .payloads import Injection
+from .wire_types import Injection
 
 # Families whose UNet and schedule the method supports, by ComfyUI model-config class.
 SUPPORTED_FAMILIES: dict[type, str] = {supported_models.SD15: "SD1.x", supported_models.SD20: "SD2.x"}
+# What the feature-cluster proposals can record: cross-attention query projections or decoder block outputs.
+FEATURE_OPTIONS = ["queries", "output blocks"]
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,29 @@ def add_block_feature_patches(clone: Any, names: Sequence[str], store: FeatureSt
     return clone
 
 
+def select_feature_sources(model: Any, features: str, feature_factor: int) -> tuple[list[Attn2Layer], list[str]]:
+    """(query layers, block names) to record for ``features`` (one of FEATURE_OPTIONS) at ``feature_factor``;
+    InputError listing what this UNet has when nothing matches."""
+    dm = model.model.diffusion_model
+    if features == "queries":
+        layers = [la for la in attn2_layers(dm) if la.factor == int(feature_factor)]
+        if not layers:
+            have = sorted({la.factor for la in attn2_layers(dm)})
+            raise InputError(f"feature_factor: this UNet has no cross-attention at factor {feature_factor} (it has "
+                             f"{have}); choose one of those")
+        return layers, []
+    if features == "output blocks":
+        levels = output_block_levels(dm)
+        names = set(block_feature_names(dm))
+        blocks = [f"output_blocks.{j}" for j, lvl in enumerate(levels)
+                  if lvl == int(feature_factor) and f"output_blocks.{j}" in names]
+        if not blocks:
+            raise InputError(f"feature_factor: no recordable output block runs at factor {feature_factor}; this UNet's "
+                             f"output blocks run at {sorted(set(levels[:-1]))}")
+        return [], blocks
+    raise InputError(f"features must be one of {FEATURE_OPTIONS}, got {features!r}")
+
+
 # ---------------------------------------------------------------------------------------------- schedule
 def make_injection(latent: torch.Tensor, seed: int, strength: float, ddim_steps: int,
                    num_train_timesteps: int = 1000) -> Injection:
@@ -525,5 +550,6 @@ __all__ = ["SUPPORTED_FAMILIES", "Attn2Layer", "Attn1Layer", "model_family", "at
            "output_block_levels", "select_layers", "select_self_attention_layers", "comfy_attention",
            "kept_branches", "make_capture_patch", "patched_clone", "make_self_attention_patch",
            "add_self_attention_patches", "make_query_feature_patch", "query_feature_name", "block_feature_names",
-           "add_block_feature_patches", "make_injection", "alphas_cumprod", "run_capture", "run_features",
+           "add_block_feature_patches", "FEATURE_OPTIONS", "select_feature_sources", "make_injection",
+           "alphas_cumprod", "run_capture", "run_features",
            "sd_tokenizer", "encode_text", "token_ids", "tokens_agree", "conditioning_item"]
