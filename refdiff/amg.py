@@ -10,6 +10,7 @@ stock generator's (tests/test_amg.py compares them).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without segment-
     raise DependencyError("SAM proposals need the 'segment-anything' package: pip install segment-anything") from exc
 
 DEFAULT_CHUNK_MB = 512
+HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 
 
 def postprocess_bytes_per_mask(input_side: int, height: int, width: int) -> int:
@@ -48,6 +50,20 @@ class MemoryBoundedMaskGenerator(SamAutomaticMaskGenerator):
         super().__init__(*args, **kwargs)
         self.chunk_mb = float(chunk_mb)
 
+    def _network_precision(self) -> AbstractContextManager:
+        """Autocast to the model's dtype when SAM's weights are fp16/bf16: segment_anything feeds float32 point
+        coordinates (its prompt encoder casts them to float) into layers that then hold half weights."""
+        param = next(self.predictor.model.parameters())
+        if param.dtype not in HALF_DTYPES:
+            return nullcontext()
+        return torch.autocast(device_type=param.device.type, dtype=param.dtype)
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """The stock generator's records; a half-precision SAM runs its networks under autocast, every step
+        after the mask decoder in float32 (logits and predicted IoU are cast up first)."""
+        with self._network_precision():
+            return super().generate(image)
+
     @torch.no_grad()
     def _decode(self, points: np.ndarray, im_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask decoder on one point batch: low-resolution logits [P, 3, 256, 256] and predicted IoU [P, 3]
@@ -59,7 +75,7 @@ class MemoryBoundedMaskGenerator(SamAutomaticMaskGenerator):
         low_res, iou_preds = model.mask_decoder(
             image_embeddings=predictor.features, image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
-        return low_res, iou_preds
+        return low_res.float(), iou_preds.float()
 
     @torch.no_grad()
     def _postprocess_chunk(self, low_res: torch.Tensor, crop_box: list[int], orig_size: tuple[int, ...]) -> MaskData:
@@ -67,7 +83,9 @@ class MemoryBoundedMaskGenerator(SamAutomaticMaskGenerator):
         ``_process_batch`` steps after its IoU filter, on a chunk)."""
         predictor, threshold = self.predictor, self.predictor.model.mask_threshold
         orig_h, orig_w = orig_size
-        masks = predictor.model.postprocess_masks(low_res[:, None], predictor.input_size, predictor.original_size)[:, 0]
+        with torch.autocast(device_type=low_res.device.type, enabled=False):  # upsample in float32
+            masks = predictor.model.postprocess_masks(low_res[:, None], predictor.input_size,
+                                                      predictor.original_size)[:, 0]
         data = MaskData(masks=masks, keep_index=torch.arange(masks.shape[0], device=masks.device))
         data["stability_score"] = calculate_stability_score(masks, threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:

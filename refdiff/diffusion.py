@@ -72,15 +72,18 @@ def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
                   generator: torch.Generator | None = None, scaling_factor: float = 0.18215) -> torch.Tensor:
     """VAE latent of pixels [B, 3, S, S] in [-1, 1]: posterior sample or mean, times scaling_factor, float32.
 
-    The sample's noise is drawn on the generator's device (CPU generators: same numbers on every device).
+    The VAE computes in its weights' dtype; an fp16 encode that overflows (a non-finite posterior: SD's VAE
+    can exceed fp16's range on some images) is computed again with the encoder in float32. The sample's
+    noise is drawn on the generator's device (CPU generators: same numbers on every device).
     """
     if latent_from not in ("sample", "mean"):
         raise InputError(f"latent_from must be 'sample' or 'mean', got {latent_from!r}")
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise InputError(f"pixels must have shape [B, 3, S, S], got {tuple(pixels.shape)}")
-    param = next(vae.parameters())
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    dist = _posterior(vae, pixels)
+    if next(vae.parameters()).dtype == torch.float16 and not _finite_posterior(dist):
+        with _encoder_in_float32(vae):  # fp16 overflowed: this image is encoded again in float32
+            dist = _posterior(vae, pixels)
     mean = dist.mean.float()
     latent = mean
     if latent_from == "sample":
@@ -89,7 +92,8 @@ def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
         latent = mean + dist.std.float() * eps.to(mean.device)
     latent = latent * scaling_factor
     if not torch.isfinite(latent).all():
-        raise InputError("the VAE produced non-finite latents (fp16 overflow?): load the VAE in float32")
+        raise InputError("the VAE produced non-finite latents (also in float32, or in bf16): check the VAE weights "
+                         "and the image, or load the VAE in float32")
     return latent
 
 
@@ -99,6 +103,34 @@ def _head_norm(norm: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x
     b, n, c = x.shape
     return norm(x.view(b, n, heads, c // heads).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
+
+
+def _posterior(vae: Any, pixels: torch.Tensor) -> Any:
+    """The VAE's posterior of pixels, computed in the dtype of its weights."""
+    param = next(vae.parameters())
+    with torch.no_grad():
+        return vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+
+
+def _finite_posterior(dist: Any) -> bool:
+    """Whether a posterior's mean and log-variance are finite (fp16 overflows to inf, then NaN)."""
+    return bool(torch.isfinite(dist.mean).all()) and bool(torch.isfinite(dist.logvar).all())
+
+
+@contextmanager
+def _encoder_in_float32(vae: Any) -> Iterator[None]:
+    """The VAE's encoder (and quant_conv) cast to float32 for the block, back to their dtype afterwards.
+
+    fp16 -> fp32 -> fp16 is exact, so the model is unchanged after the block; the decoder is never touched."""
+    parts = [m for m in (getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)) if m is not None]
+    dtypes = [next(m.parameters()).dtype for m in parts]
+    for m in parts:
+        m.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        for m, dtype in zip(parts, dtypes):
+            m.to(dtype=dtype)
 
 
 def _latent_hook(unet: Any, latent_hw: dict[str, tuple[int, int]]) -> Any:

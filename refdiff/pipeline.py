@@ -6,6 +6,7 @@ image, or several variants of one expression, pay for it once.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections import OrderedDict
@@ -24,6 +25,9 @@ from .image import PreparedImage, image_key, load_image, prepare_image
 from .text import NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position, truncation_warning
 
 ProgressFn = Callable[[str], None]
+# SAM and cluster proposals are bool [N, H, W] at the image's own size (100 masks of a 12 MP photo: 1.2 GB);
+# their cache keeps at most this many bytes (always at least the newest entry).
+PROPOSAL_CACHE_BYTES: int = 2 << 30
 
 
 @dataclass
@@ -45,25 +49,58 @@ class Result:
     warnings: list[str] = field(default_factory=list)  # why the result may mean little (also warned)
 
 
-class _LRU:
-    """A small least-recently-used cache."""
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors and arrays in a value (inside tuples, lists, dicts and dataclasses)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+
+def _on_host(x: torch.Tensor) -> torch.Tensor:
+    """A cached result's copy on the CPU: caches hold no compute-device memory between runs."""
+    return x.detach().to("cpu")
+
+
+class _LRU:
+    """A small least-recently-used cache of at most ``size`` entries and, with ``max_bytes``, at most that many
+    bytes of tensors (the newest entry always stays, whatever its size)."""
+
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
+        self.size, self.max_bytes = size, max_bytes
         self.data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._bytes: dict[Hashable, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held."""
+        return sum(self._bytes.values())
+
+    def _over(self) -> bool:
+        return len(self.data) > self.size or (self.max_bytes is not None and len(self.data) > 1
+                                              and self.nbytes > self.max_bytes)
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         if key in self.data:
             self.data.move_to_end(key)
             return self.data[key]
         value = make()
-        self.data[key] = value
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
+        self.data[key], self._bytes[key] = value, _tensor_bytes(value)
+        while self._over():
+            old, _ = self.data.popitem(last=False)
+            del self._bytes[old]
         return value
 
     def clear(self) -> None:
         self.data.clear()
+        self._bytes.clear()
 
 
 class _Lazy:
@@ -139,7 +176,7 @@ class RefDiff:
         self._prepared = _LRU(cache_size)
         self._latents = _LRU(cache_size)
         self._attention = _LRU(cache_size * 4)
-        self._sam_masks = _LRU(cache_size)
+        self._sam_masks = _LRU(cache_size, max_bytes=PROPOSAL_CACHE_BYTES)
         self._clip_image = _LRU(cache_size * 4)
         self._clip_text = _LRU(256)
 
@@ -294,7 +331,7 @@ class RefDiff:
 
         def encode() -> torch.Tensor:
             with self._using_sd("vae"):
-                return encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed)
+                return _on_host(encode_image(sd, prep.pixels, latent_from=p.latent_from, seed=seed))
 
         return self._timed(timings, "vae", lambda: self._latents.get(
             (key, p.image_size, p.resize_filter, p.latent_from, seed), encode))
@@ -399,9 +436,9 @@ class RefDiff:
         def encode() -> torch.Tensor:
             if need is None:
                 with self._using(self.clip):
-                    return self.clip.encode_text(list(texts))
+                    return _on_host(self.clip.encode_text(list(texts)))
             need()
-            return self.clip.encode_text(list(texts))
+            return _on_host(self.clip.encode_text(list(texts)))
 
         return self._clip_text.get(texts, encode)
 
@@ -424,7 +461,7 @@ class RefDiff:
                      ) -> torch.Tensor:
             def fresh() -> torch.Tensor:
                 need()
-                return compute()
+                return _on_host(compute())
 
             return self._clip_image.get((key, masks_key, branch, layer, clues, p.bias_extent), fresh)
 
