@@ -3,7 +3,8 @@
 Each node module is imported in its own try: when an optional package is missing (segment-anything for
 SAM, open_clip for CLIP scoring, spaCy for text parsing) only the nodes that need it are left out, with one
 log line naming the package. The ``refdiff`` library ships in this folder; it is put on the import path
-when it is not installed.
+when it is not installed. The reference workflows' example image (assets/refdiff-example.png) is copied into
+ComfyUI's input folder when no file of that name is there.
 """
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ def _ensure_library() -> None:
     except ImportError:
         if _HERE not in sys.path:
             sys.path.append(_HERE)  # appended, so this folder's "nodes" package never shadows ComfyUI's
+
+
+def _install_example_image() -> None:
+    """Put the example image the reference workflows load into ComfyUI's input folder (one log line when
+    copied; an existing file of that name is kept)."""
+    try:
+        import folder_paths
+
+        example = importlib.import_module(".nodes.example_image", __name__)
+        written = example.install_example_image(folder_paths.get_input_directory())
+    except (ImportError, OSError) as exc:
+        _LOG.warning("[RefDiff] could not copy the example image into ComfyUI's input folder: %s", exc)
+        return
+    if written:
+        _LOG.info("[RefDiff] copied the reference workflows' example image to %s", written)
 
 
 def _load_nodes() -> list:
@@ -85,4 +101,5 @@ if ComfyExtension is not None:
 
     async def comfy_entrypoint() -> RefDiffExtension:
         """ComfyUI's V3 entry point: the extension listing every loadable RefDiff node."""
+        _install_example_image()
         return RefDiffExtension(_load_nodes())

@@ -1,8 +1,9 @@
 """The reference workflows (workflows/*.json, UI format; workflows/api/*.json, API format) without ComfyUI:
 valid JSON, every node type and input known (RefDiff nodes and core nodes, from the node definitions recorded
 in tests/comfyui/object_info.json, which the ComfyUI tests keep equal to the running pack), links typed
-correctly, UI and API twins in agreement, thumbnails present, and the files equal to what
-tests/comfyui/build_workflows.py writes."""
+correctly, UI and API twins in agreement, thumbnails present, the files equal to what
+tests/comfyui/build_workflows.py writes, a layout without overlaps, a note saying what each workflow is, and
+the example image they load shipped with the pack (and copied into an input folder without overwriting)."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,6 +22,8 @@ MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), 
                ("RefDiffCLIPLoader", "clip_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
             "ref-diff-G-refine", "ref-diff-clusters"}
+NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
+EXAMPLE = REPO / "assets" / "refdiff-example.png"
 
 
 def _builder():
@@ -109,7 +112,7 @@ def test_ui_and_api_twins_agree(name):
     ui = load(WORKFLOWS / f"{name}.json")
     api = load(WORKFLOWS / "api" / f"{name}.json")
     assert ui["version"] == 0.4 and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] != NOTE}
     assert set(nodes) == set(api)
     links = {link[0]: link for link in ui["links"]}
     assert len(links) == len(ui["links"]) == ui["last_link_id"]
@@ -141,9 +144,115 @@ def test_ui_and_api_twins_agree(name):
 
 def test_files_are_what_the_builder_writes():
     builder = _builder()
+    uis = builder.ui_workflows(OBJECT_INFO)
     for name, graph in builder.graphs().items():
         assert load(WORKFLOWS / "api" / f"{name}.json") == graph, f"rebuild {name}: python {builder.__file__}"
-        assert load(WORKFLOWS / f"{name}.json") == builder.to_ui(graph, OBJECT_INFO), name
+        assert load(WORKFLOWS / f"{name}.json") == uis[name], f"rebuild {name}: python {builder.__file__}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_nodes_do_not_overlap(name):
+    """Frames (title bar included, 30 px above pos) of the saved layout are disjoint, with a gap."""
+    boxes = [(n["title"], n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30)
+             for n in load(WORKFLOWS / f"{name}.json")["nodes"]]
+    for i, (ta, xa, ya, wa, ha) in enumerate(boxes):
+        for tb, xb, yb, wb, hb in boxes[i + 1:]:
+            apart = xa + wa + 20 <= xb or xb + wb + 20 <= xa or ya + ha + 20 <= yb or yb + hb + 20 <= ya
+            assert apart, f"{name}: {ta!r} and {tb!r} overlap"
+
+
+def test_previews_and_text_boxes_have_room():
+    """Nodes that show an image or a multi-line text after a run are taller than their widgets alone need: the
+    full graph's preview of the selected mask, its score table, the text box of the expression."""
+    nodes = {n["title"]: n for n in load(WORKFLOWS / "ref-diff.json")["nodes"]}
+    preview = nodes["Selected mask over the image"]["size"]
+    assert preview[1] >= 20 + 0.75 * preview[0]  # the 4:3 example image at the node's width
+    assert nodes["Ranked proposals"]["size"][1] >= 200 and nodes["Ranked proposals"]["size"][0] >= 500
+    parse = nodes["Parse the referring expression"]
+    assert parse["size"][1] >= 2 * 20 + 6 + 3 * 24 + 80  # 2 slot rows, 3 one-line widgets, the text box
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_workflow_opens_with_a_note_saying_what_it_is(name):
+    builder = _builder()
+    template = builder.TEMPLATES[name]
+    notes = [n for n in load(WORKFLOWS / f"{name}.json")["nodes"] if n["type"] == NOTE]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert template.title in text and template.description in text and "refdiff-example.png" in text
+    assert name.replace("-", " ") not in template.description  # a sentence, not the file name again
+
+
+def test_node_reference_lists_each_workflows_description():
+    doc = (REPO / "docs" / "NODES.md").read_text(encoding="utf-8")
+    for name, template in _builder().TEMPLATES.items():
+        assert f"| `{name}` | {template.description} |" in doc, name
+
+
+def test_ablation_notes_name_the_wire_the_graph_lacks():
+    """Where a description says which FuseSelect input was cut, the graph has no link into that input, and
+    the full graph has both."""
+    builder = _builder()
+    for name in EXPECTED:
+        fuse = [n for n in load(WORKFLOWS / "api" / f"{name}.json").values() if n["class_type"] == "RefDiffFuseSelect"]
+        description = builder.TEMPLATES[name].description
+        for wire in ("generative", "discriminative"):
+            if f"{wire} score wire" in description or f"score wire into FuseSelect's {wire}" in description:
+                assert fuse and wire not in fuse[0]["inputs"], (name, wire)
+    full = next(n for n in load(WORKFLOWS / "api" / "ref-diff.json").values() if n["class_type"] == "RefDiffFuseSelect")
+    assert {"generative", "discriminative"} <= set(full["inputs"])
+    cut = {name for name in EXPECTED if "Cut from the full graph" in builder.TEMPLATES[name].description}
+    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting"}
+
+
+def test_workflows_load_the_shipped_example_image():
+    """Every LoadImage asks for assets/refdiff-example.png, the picture assets/make_example.py draws."""
+    import numpy as np
+    from PIL import Image
+
+    for name in EXPECTED:
+        for node in load(WORKFLOWS / "api" / f"{name}.json").values():
+            if node["class_type"] == "LoadImage":
+                assert node["inputs"]["image"] == EXAMPLE.name, name
+    spec = importlib.util.spec_from_file_location("refdiff_make_example", REPO / "assets" / "make_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with Image.open(EXAMPLE) as im:
+        shipped = np.asarray(im.convert("RGB"))
+    assert np.array_equal(shipped, np.asarray(module.draw_example())), "rerun python assets/make_example.py"
+    left, right = shipped[:, :256], shipped[:, 256:]
+    brown = (shipped[..., 0] > 100) & (shipped[..., 0] < 150) & (shipped[..., 2] < 60)  # the brown coat
+    assert brown[:, :256].sum() > 3000 and brown[:, 256:].sum() == 0  # the brown horse is the one on the left
+    assert left.shape == right.shape
+
+
+def _example_module():
+    spec = importlib.util.spec_from_file_location("refdiff_example_image", REPO / "nodes" / "example_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_image_is_copied_once_and_never_over_a_users_file(tmp_path):
+    example = _example_module()
+    assert example.EXAMPLE_IMAGE == EXAMPLE.name and Path(example.EXAMPLE_SOURCE) == EXAMPLE
+    written = example.install_example_image(str(tmp_path / "input"))
+    assert written == str(tmp_path / "input" / EXAMPLE.name)
+    assert Path(written).read_bytes() == EXAMPLE.read_bytes()
+    assert example.install_example_image(str(tmp_path / "input")) is None  # already there
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / EXAMPLE.name).write_bytes(b"the user's own picture")
+    assert example.install_example_image(str(mine)) is None
+    assert (mine / EXAMPLE.name).read_bytes() == b"the user's own picture"
+    assert sorted(p.name for p in mine.iterdir()) == [EXAMPLE.name]  # no partial file left
+
+
+def test_no_other_folder_shadows_the_templates():
+    """ComfyUI serves a pack's templates from the first of these folders it finds (app/custom_node_manager.py):
+    any of them beside workflows/ would answer the template requests in its place."""
+    for folder in ("example_workflows", "example", "examples", "workflow"):
+        assert not (REPO / folder).exists(), f"{folder}/ would hide workflows/ from ComfyUI's template browser"
 
 
 def test_ablations_differ_only_where_docs_say():

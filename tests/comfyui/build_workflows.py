@@ -1,16 +1,20 @@
 """Write the reference workflows: workflows/api/NAME.json (API format, what POST /prompt takes),
 workflows/NAME.json (UI format, what ComfyUI's template browser and the canvas load) and workflows/NAME.jpg
-(a thumbnail of the graph).
+(the template's thumbnail: its title, what it changes, and a drawing of the graph).
 
 The graphs are defined once, below, in API form; the UI form is derived with the node definitions of
-tests/comfyui/object_info.json (input order, which inputs are widgets). Run after changing a node's inputs
-(and after refreshing object_info.json with the ComfyUI tests): python tests/comfyui/build_workflows.py
+tests/comfyui/object_info.json (input order, which inputs are widgets), and laid out from each node's slots,
+widgets and the previews it shows after a run (no hand-placed positions). Each UI workflow opens with a note
+saying what it shows and which wire of the full graph was cut. Run after changing a node's inputs (and after
+refreshing object_info.json with the ComfyUI tests): python tests/comfyui/build_workflows.py
 """
 from __future__ import annotations
 
 import json
+import textwrap
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,69 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CKPT = "v1-5-pruned-emaonly.safetensors"
 SAM = "sam_vit_h_4b8939.pth"
 CLIP = "ViT-B-16-openai.safetensors"
-IMAGE = "example.png"
-TEXT = "the horse on the left"
+IMAGE = "refdiff-example.png"  # assets/refdiff-example.png, copied into ComfyUI's input folder by the pack
+EXAMPLE = REPO / "assets" / IMAGE
+TEXT = "the horse on the left"  # the brown horse of the example image
+
+
+@dataclass(frozen=True)
+class Template:
+    """What a reference workflow is, for its note on the canvas and its thumbnail."""
+
+    title: str
+    caption: str  # one short line on the thumbnail
+    description: str  # what the workflow shows, and which wire of the full graph was cut
+
+
+TEMPLATES = {
+    "ref-diff": Template(
+        "Ref-Diff: the full method", "SAM proposals ranked by s_G and s_D",
+        "SAM proposes masks, each is scored by the generative score s_G (Stable Diffusion's cross-attention "
+        "map of the root word \"horse\") and the discriminative score s_D (CLIP), and the mask with the best "
+        "fused score is the brown horse on the left. Nothing is cut: the ablations are this graph with wires "
+        "removed."),
+    "ref-diff-G": Template(
+        "Ref-Diff/G: generative only", "threshold proposals + s_G, no SAM, no CLIP",
+        "The generative-only ablation: the proposals are thresholds of the generative map c instead of SAM's "
+        "masks, ranked by s_G alone. Cut from the full graph: the CLIP score wire into FuseSelect's "
+        "discriminative input, with SAMProposals replaced by ThresholdProposals fed with c."),
+    "ref-diff-GS": Template(
+        "Ref-Diff/GS: SAM + generative score", "SAM proposals ranked by s_G alone",
+        "SAM's proposals ranked by the generative score s_G alone. Cut from the full graph: the CLIP score wire "
+        "into FuseSelect's discriminative input, so the CLIP branch is gone."),
+    "ref-diff-DS": Template(
+        "Ref-Diff/DS: SAM + discriminative score", "SAM proposals ranked by s_D alone, no Stable Diffusion",
+        "SAM's proposals ranked by the discriminative CLIP score s_D alone, without Stable Diffusion. Cut from "
+        "the full graph: the generative score wire into FuseSelect's generative input, and with it the "
+        "checkpoint and the whole generative chain (ParseText uses the offline SD 1.x tokenizer)."),
+    "sam-clip": Template(
+        "SAM-CLIP baseline", "SAM proposals ranked by CLIP crops",
+        "The SAM-CLIP baseline: SAM's proposals ranked by CLIP's similarity between each cropped proposal and "
+        "the sentence. Cut from the full graph: the generative score wire, as in DS, with CLIPScore's mode set to "
+        "sam-clip (crop branch only, no positional bias)."),
+    "ref-diff-inpainting": Template(
+        "Ref-Diff inpainting", "repaint the object the text refers to",
+        "The all-in-one RefDiffSegment node finds the horse on the left and KSampler repaints it as the prompt "
+        "says (a white horse). Not an ablation: nothing is cut; the referring mask goes straight into "
+        "VAEEncodeForInpaint."),
+    "ref-diff-G-refine": Template(
+        "Ref-Diff/G with a self-attention refined map", "DiffSegmenter's refined c + threshold proposals + s_G",
+        "The G ablation on DiffSegmenter's map: the cross-attention of every level refined by self-attention "
+        "gives c, which is thresholded into proposals ranked by s_G. Cut from the full graph: as in G (no CLIP "
+        "wire, no SAM), and the generative map node is replaced by SelfAttentionRefine, fed by a capture at "
+        "every level with self-attention on."),
+    "ref-diff-clusters": Template(
+        "Ref-Diff with feature-cluster proposals", "UNet feature clusters instead of SAM, s_G + s_D",
+        "The full method with FreeSeg-Diff's proposals: clusters of the UNet's features become the masks, "
+        "scored by s_G and s_D and fused. Cut from the full graph: SAM's proposals wires into the two scores "
+        "and FuseSelect, which FeatureClusterProposals feeds instead."),
+}
+# The model files a graph's loaders ask for, named in its note.
+MODEL_NOTES = {
+    "CheckpointLoaderSimple": f"an SD 1.5 checkpoint in models/checkpoints ({CKPT})",
+    "RefDiffSAMLoader": f"SAM ViT-H in models/sams ({SAM})",
+    "RefDiffCLIPLoader": f"CLIP ViT-B/16 (OpenAI weights, open_clip format) in models/open_clip ({CLIP})",
+}
 
 
 # ------------------------------------------------------------------------------------------ graph building
@@ -269,23 +334,140 @@ def widget_values(info: dict, inputs: dict) -> list:
     return values
 
 
-def depth(graph: dict) -> dict[str, int]:
-    """Column of each node: the longest chain of links leading to it."""
+def multiline_inputs(info: dict, inputs: dict) -> int:
+    """How many of a node's widgets are multi-line text boxes (they grow with the node)."""
+    count = 0
+    for name in ordered_inputs(info):
+        kind, options = input_spec(info, name)
+        if kind == "STRING" and options.get("multiline") and not options.get("forceInput") \
+                and not is_link(inputs.get(name)):
+            count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------------ layout
+# The frontend's node geometry (ComfyUI frontend 1.27, LiteGraph): a node's pos is the top-left corner of its
+# body; the title bar is drawn above it. The body holds the slot rows, then one row per widget, then the
+# widgets that grow (multi-line text boxes, image previews, DOM views), which share the space that is left;
+# a node whose content needs more is enlarged by the frontend, over whatever lies below it.
+TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT
+SLOT_H = 20  # LiteGraph.NODE_SLOT_HEIGHT: one input / output row
+SLOTS_PAD = 6  # between the slot rows and the first widget
+WIDGET_H = 24  # a one-line widget (LiteGraph.NODE_WIDGET_HEIGHT) and the gap below it
+BOTTOM_PAD = 12
+NODE_W = 320
+COL_GAP = 70
+ROW_GAP = 40
+MARGIN = 40
+CAPTION_H = 40  # the "W x H" line and padding under an image preview
+# Heights given to the growing widgets: a multi-line text box (about five lines), the score table (about
+# twelve), and the largest views of the pack's web extension for one image (web/js/refdiff_views.js:
+# stripHeight = 8 + 96 per image; galleryHeight = 8 + 20 + 3 rows of 121 + 4 per image; both plus the DOM
+# widget's margins, 2 x 10; tests/comfyui/test_web.py checks these against the extension).
+GROW_H = {"text": 84, "table": 220, "tokens": 8 + 96 + 20, "gallery": 8 + 20 + 3 * 121 + 4 + 20}
+# What a node shows after a run (or, for LoadImage, once loaded), besides its widgets.
+PREVIEWS: dict[str, tuple[str, ...]] = {
+    "LoadImage": ("image",), "PreviewImage": ("image",), "SaveImage": ("image",), "PreviewAny": ("table",),
+    "RefDiffGenerativeMap": ("tokens", "image"), "RefDiffFuseSelect": ("gallery", "image"),
+    "RefDiffSegment": ("image",), "RefDiffSelfAttentionRefine": ("image",),
+}
+# Wider nodes: the score table's lines, and the previews that show the result.
+WIDTHS = {"PreviewAny": 560, "PreviewImage": 420, "SaveImage": 420}
+NOTE_H = 150
+
+
+def image_aspect() -> float:
+    """Height / width of the example image the workflows load (the previews show it or its masks)."""
+    from PIL import Image
+
+    with Image.open(EXAMPLE) as im:
+        return im.height / im.width
+
+
+def grow_height(kind: str, width: int) -> int:
+    """Height given to one growing widget of a node ``width`` wide."""
+    if kind == "image":
+        return round(width * image_aspect()) + CAPTION_H
+    return GROW_H[kind]
+
+
+def node_size(class_type: str, rows: int, widgets: int, text_boxes: int) -> tuple[int, int]:
+    """(width, body height) a node needs with everything it shows after a run."""
+    width = WIDTHS.get(class_type, NODE_W)
+    grow = ["text"] * text_boxes + list(PREVIEWS.get(class_type, ()))
+    height = rows * SLOT_H + SLOTS_PAD + (widgets - text_boxes) * WIDGET_H + BOTTOM_PAD
+    return width, height + sum(grow_height(kind, width) for kind in grow)
+
+
+def columns(graph: dict) -> dict[str, int]:
+    """Column of each node: the longest chain of links leading to it; a node without inputs (a loader) sits
+    just before the first node that uses it."""
     memo: dict[str, int] = {}
+
+    def sources(node_id: str) -> list[str]:
+        return [v[0] for v in graph[node_id]["inputs"].values() if is_link(v)]
 
     def d(node_id: str) -> int:
         if node_id not in memo:
-            sources = [v[0] for v in graph[node_id]["inputs"].values() if is_link(v)]
-            memo[node_id] = 1 + max((d(s) for s in sources), default=-1)
+            memo[node_id] = 1 + max((d(s) for s in sources(node_id)), default=-1)
         return memo[node_id]
 
     for node_id in graph:
         d(node_id)
-    return memo
+    cols = dict(memo)
+    for node_id in graph:
+        if not sources(node_id):
+            consumers = [memo[k] for k in graph if node_id in sources(k)]
+            cols[node_id] = max(0, min(consumers, default=1) - 1)
+    return cols
 
 
-def to_ui(graph: dict, object_info: dict) -> dict:
-    """The UI-format (LiteGraph) workflow of an API graph."""
+def layout(graph: dict, sizes: dict[str, tuple[int, int]], top: int) -> dict[str, tuple[int, int]]:
+    """Body position of each node: columns left to right with gaps, each column's nodes stacked with gaps in
+    the order of the mean height of the nodes they read from (a loader: of the nodes that read from it, as
+    placed by a first pass), so that few links cross."""
+    cols = columns(graph)
+    by_col: dict[int, list[str]] = {}
+    for node_id in sorted(graph, key=int):
+        by_col.setdefault(cols[node_id], []).append(node_id)
+    readers = {k: [r for r, n in graph.items() for v in n["inputs"].values() if is_link(v) and v[0] == k]
+               for k in graph}
+    previous: dict[str, tuple[int, int]] = {}
+    for _ in range(2):
+        pos: dict[str, tuple[int, int]] = {}
+        x = MARGIN
+
+        def centre(node_id: str, where: dict) -> float:
+            return where[node_id][1] + sizes[node_id][1] / 2
+
+        def key(node_id: str) -> tuple[float, int]:
+            near = [centre(v[0], pos) for v in graph[node_id]["inputs"].values() if is_link(v) and v[0] in pos]
+            if not near and previous:
+                near = [centre(r, previous) for r in readers[node_id]]
+            return (sum(near) / len(near) if near else -1.0, int(node_id))
+
+        for col in sorted(by_col):
+            y = top
+            for node_id in sorted(by_col[col], key=key):
+                pos[node_id] = (x, y + TITLE_H)
+                y += TITLE_H + sizes[node_id][1] + ROW_GAP
+            x += max(sizes[k][0] for k in by_col[col]) + COL_GAP
+        previous = pos
+    return pos
+
+
+def note_text(template: Template, graph: dict) -> str:
+    """The note a workflow opens with: what it shows, what was cut, the image and the models it needs."""
+    loaders = sorted({n["class_type"] for n in graph.values()} & set(MODEL_NOTES))
+    models = "; ".join(MODEL_NOTES[c] for c in loaders)
+    return (f"## {template.title}\n\n{template.description}\n\n"
+            f"Image: `{IMAGE}` (two horses, copied into ComfyUI's input folder by the pack), text: \"{TEXT}\". "
+            f"Models: {models}. Node reference: the pack's docs/NODES.md.")
+
+
+def to_ui(graph: dict, object_info: dict, template: Template | None = None) -> dict:
+    """The UI-format (LiteGraph) workflow of an API graph, laid out; with a template, a note on top says
+    what the workflow is."""
     links: list[list] = []
     out_links: dict[tuple[str, int], list[int]] = {}
     ui_inputs: dict[str, list[dict]] = {}
@@ -309,24 +491,35 @@ def to_ui(graph: dict, object_info: dict) -> dict:
                 out_links.setdefault((value[0], value[1]), []).append(entry["link"])
             entries.append(entry)
         ui_inputs[node_id] = entries
-    cols = depth(graph)
-    rows: dict[int, int] = {}
+    widgets = {k: widget_values(object_info[n["class_type"]], n["inputs"]) for k, n in graph.items()}
+    sizes = {}
+    for node_id, node in graph.items():
+        info = object_info[node["class_type"]]
+        rows = max(len([e for e in ui_inputs[node_id] if "widget" not in e]), len(info["output"]), 1)
+        sizes[node_id] = node_size(node["class_type"], rows, len(widgets[node_id]),
+                                   multiline_inputs(info, node["inputs"]))
+    top = MARGIN + (TITLE_H + NOTE_H + ROW_GAP if template else 0)
+    pos = layout(graph, sizes, top)
     nodes = []
-    for order, (node_id, node) in enumerate(sorted(graph.items(), key=lambda kv: (cols[kv[0]], int(kv[0])))):
+    for order, node_id in enumerate(sorted(graph, key=lambda k: (pos[k][0], pos[k][1]))):
+        node = graph[node_id]
         info = object_info[node["class_type"]]
         outputs_ui = [{"name": out_name, "type": out_type, "links": out_links.get((node_id, slot), []),
                        "slot_index": slot}
                       for slot, (out_name, out_type) in enumerate(zip(info["output_name"], info["output"]))]
-        widgets = widget_values(info, node["inputs"])
-        height = 46 + 22 * max(len(ui_inputs[node_id]), len(outputs_ui)) + 26 * len(widgets)
-        col, row = cols[node_id], rows.get(cols[node_id], 0)
-        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 360 * col, 40 + row],
-                      "size": [320, height], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs[node_id],
-                      "outputs": outputs_ui, "title": node["_meta"]["title"],
-                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
-        rows[col] = row + height + 50
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": list(pos[node_id]),
+                      "size": list(sizes[node_id]), "flags": {}, "order": order, "mode": 0,
+                      "inputs": ui_inputs[node_id], "outputs": outputs_ui, "title": node["_meta"]["title"],
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets[node_id]})
+    if template:
+        right = max(pos[k][0] + sizes[k][0] for k in graph)
+        nodes.insert(0, {"id": max(int(k) for k in graph) + 1, "type": "MarkdownNote",
+                         "pos": [MARGIN, MARGIN + TITLE_H], "size": [min(right - MARGIN, 1100), NOTE_H],
+                         "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                         "title": "About this workflow", "properties": {},
+                         "widgets_values": [note_text(template, graph)], "color": "#432", "bgcolor": "#653"})
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(graph, sort_keys=True))), "revision": 0,
-            "last_node_id": max(int(k) for k in graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
@@ -357,33 +550,55 @@ def snapshot(object_info: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ thumbnails
-def thumbnail(ui: dict, path: Path, width: int = 1024) -> None:
-    """Draw the UI graph (RefDiff nodes blue, core nodes grey, links as lines) into a JPEG."""
+def thumbnail(ui: dict, template: Template, path: Path, width: int = 1024) -> None:
+    """The template's thumbnail (shown 256 px wide by the template browser): its title and caption in large
+    type over a drawing of the graph (RefDiff nodes blue, core nodes grey, links as lines)."""
     from PIL import Image, ImageDraw, ImageFont
 
+    title_font, caption_font = ImageFont.load_default(size=64), ImageFont.load_default(size=46)
     font = ImageFont.load_default(size=11)
-
-    right = max(n["pos"][0] + n["size"][0] for n in ui["nodes"]) + 40
-    bottom = max(n["pos"][1] + n["size"][1] for n in ui["nodes"]) + 40
-    scale = width / right
-    image = Image.new("RGB", (width, max(200, int(bottom * scale))), (32, 32, 36))
+    graph_nodes = [n for n in ui["nodes"] if n["type"] != "MarkdownNote"]
+    left = min(n["pos"][0] for n in graph_nodes) - MARGIN
+    top = min(n["pos"][1] - TITLE_H for n in graph_nodes) - MARGIN
+    right = max(n["pos"][0] + n["size"][0] for n in graph_nodes) + MARGIN
+    bottom = max(n["pos"][1] + n["size"][1] for n in graph_nodes) + MARGIN
+    scale = width / (right - left)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_lines = textwrap.wrap(template.title, 26)
+    caption_lines = [line for line in textwrap.wrap(template.caption, 38)]
+    while caption_lines and max(probe.textlength(t, font=caption_font) for t in caption_lines) > width - 48:
+        caption_lines = textwrap.wrap(template.caption, len(max(caption_lines, key=len)) - 2)
+    band = 24 + 76 * len(title_lines) + 56 * len(caption_lines) + 16
+    image = Image.new("RGB", (width, band + max(200, int((bottom - top) * scale))), (32, 32, 36))
     draw = ImageDraw.Draw(image)
-    by_id = {n["id"]: n for n in ui["nodes"]}
+    draw.rectangle([0, 0, width, band], fill=(40, 70, 120))
+    y = 24
+    for line in title_lines:
+        draw.text((24, y), line, fill=(255, 255, 255), font=title_font)
+        y += 76
+    for line in caption_lines:
+        draw.text((24, y), line, fill=(214, 228, 250), font=caption_font)
+        y += 56
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (x - left) * scale, band + (y - top) * scale
+
+    by_id = {n["id"]: n for n in graph_nodes}
     for _, src, src_slot, dst, dst_slot, _ in ui["links"]:
         a, b = by_id[src], by_id[dst]
-        start = ((a["pos"][0] + a["size"][0]) * scale, (a["pos"][1] + 30 + 22 * src_slot) * scale)
-        end = (b["pos"][0] * scale, (b["pos"][1] + 30 + 22 * (dst_slot or 0)) * scale)
+        start = at(a["pos"][0] + a["size"][0], a["pos"][1] + 10 + SLOT_H * src_slot)
+        end = at(b["pos"][0], b["pos"][1] + 10 + SLOT_H * (dst_slot or 0))
         draw.line([start, end], fill=(150, 150, 110), width=2)
-    for n in ui["nodes"]:
-        x, y = n["pos"][0] * scale, n["pos"][1] * scale
-        box = [x, y, x + n["size"][0] * scale, y + n["size"][1] * scale]
+    for n in graph_nodes:
+        x0, y0 = at(n["pos"][0], n["pos"][1] - TITLE_H)
+        x1, y1 = at(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
         ours = n["type"].startswith("RefDiff")
-        draw.rounded_rectangle(box, radius=6, fill=(40, 70, 120) if ours else (70, 70, 74),
+        draw.rounded_rectangle([x0, y0, x1, y1], radius=6, fill=(40, 70, 120) if ours else (70, 70, 74),
                                outline=(120, 170, 240) if ours else (140, 140, 140), width=2)
         title = n["title"]
-        while title and draw.textlength(title, font=font) > box[2] - box[0] - 10:
+        while title and draw.textlength(title, font=font) > x1 - x0 - 10:
             title = title[:-1]
-        draw.text((x + 5, y + 4), title, fill=(240, 240, 240), font=font)
+        draw.text((x0 + 5, y0 + 4), title, fill=(240, 240, 240), font=font)
     image.save(path, "JPEG", quality=88)
 
 
@@ -392,16 +607,21 @@ def graphs() -> dict[str, dict]:
     return {name: make().nodes for name, make in WORKFLOWS_DEFS.items()}
 
 
+def ui_workflows(object_info: dict) -> dict[str, dict]:
+    """Every reference workflow in UI format, with its note, by name."""
+    return {name: to_ui(graph, object_info, TEMPLATES[name]) for name, graph in graphs().items()}
+
+
 def write_all(names: Iterable[str] | None = None) -> None:
     object_info = json.loads(OBJECT_INFO.read_text(encoding="utf-8"))
     (WORKFLOWS / "api").mkdir(parents=True, exist_ok=True)
-    for name, graph in graphs().items():
+    for name, ui in ui_workflows(object_info).items():
         if names and name not in names:
             continue
-        ui = to_ui(graph, object_info)
+        graph = graphs()[name]
         (WORKFLOWS / "api" / f"{name}.json").write_text(json.dumps(graph, indent=2) + "\n", encoding="utf-8")
         (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
-        thumbnail(ui, WORKFLOWS / f"{name}.jpg")
+        thumbnail(ui, TEMPLATES[name], WORKFLOWS / f"{name}.jpg")
         print("wrote", name)
 
 

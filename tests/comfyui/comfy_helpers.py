@@ -21,6 +21,18 @@ PACK_LINK = "comfyui-refdiff"
 TEST_IMAGE = "refdiff_test.png"
 TEST_IMAGE_SIZE = (53, 77)  # H, W: odd, not square
 TIMINGS: dict[str, float] = {}
+SCREENS: list[Path] = []  # folders the browser tests saved screenshots into, listed at the end of the session
+
+
+def library_on_path() -> None:
+    """Make ``import refdiff`` work in a script run by ComfyUI's Python the way the pack's __init__.py does:
+    when the library is not installed, the repository root is appended to sys.path (appended, so that the
+    repository's ``nodes`` package never shadows ComfyUI's ``nodes`` module)."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("refdiff") is None and str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
 
 
 def comfy_available() -> bool:

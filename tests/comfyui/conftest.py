@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_helpers import (COMFYUI_PATH, HERE, PACK_LINK, REPO, SKIP_REASON, TEST_IMAGE, TEST_IMAGE_SIZE, TIMINGS,
-                           ComfyClient, ComfyEnv, Outputs, child_env, comfy_available, free_port)
+from comfy_helpers import (COMFYUI_PATH, HERE, PACK_LINK, REPO, SCREENS, SKIP_REASON, TEST_IMAGE, TEST_IMAGE_SIZE,
+                           TIMINGS, ComfyClient, ComfyEnv, Outputs, child_env, comfy_available, free_port)
 
 
 def pytest_report_header(config):
@@ -42,6 +42,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "ComfyUI timings (seconds, CPU)")
         for name, seconds in TIMINGS.items():
             terminalreporter.write_line(f"{name:45s} {seconds:8.2f}")
+    for folder in SCREENS:
+        terminalreporter.write_line(f"screenshots: {folder}")
 
 
 @pytest.fixture(scope="session")

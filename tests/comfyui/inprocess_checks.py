@@ -29,6 +29,9 @@ import sys
 import types
 
 sys.path.insert(0, os.getcwd())
+from comfy_helpers import library_on_path  # noqa: E402  (this script's folder is on the path)
+
+library_on_path()
 from comfy.cli_args import args as _comfy_args  # noqa: E402
 
 _comfy_args.cpu = True

@@ -9,7 +9,8 @@
 - sams/refdiff_test_sam.pth: refdiff.testing.sam's tiny SAM.
 - open_clip/refdiff_test_clip.safetensors + .json: refdiff.testing.clip's tiny CLIP and its architecture.
 
-Usage: python make_models.py OUT_MODELS_DIR   (cwd: the ComfyUI folder)
+Usage: python make_models.py OUT_MODELS_DIR   (cwd: the ComfyUI folder; the refdiff library is found without
+being installed: the repository root is put on the path as the pack does)
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
+from comfy_helpers import library_on_path  # noqa: E402  (this script's folder is on the path)
+
+library_on_path()
 from comfy.cli_args import args as _comfy_args  # noqa: E402
 
 _comfy_args.cpu = True  # before comfy.model_management is imported: no GPU probing

@@ -6,7 +6,8 @@ import copy
 import time
 
 import pytest
-from comfy_helpers import (TEST_IMAGE, TEST_IMAGE_SIZE, TIMINGS, api_workflows, find, for_tests, load_api,
+from build_workflows import IMAGE
+from comfy_helpers import (REPO, TEST_IMAGE, TEST_IMAGE_SIZE, TIMINGS, api_workflows, find, for_tests, load_api,
                            save_every_mask)
 from PIL import Image
 
@@ -187,3 +188,19 @@ def test_malformed_factor_weights_are_refused_before_the_run(comfy):
     errors = [e for node in answer.get("node_errors", {}).values() for e in node["errors"]]
     text = " ".join(f"{e.get('message')} {e.get('details')}" for e in errors)
     assert "factor_weights" in text and "must be a power of two" in text, text
+
+
+def test_templates_find_their_example_image(run_graph, comfy, comfy_env):
+    """The pack copied its example image into the input folder when it loaded, saying so in one log line; a
+    workflow as shipped, with only the test models and fast settings, runs on it."""
+    copied = comfy_env.base / "input" / IMAGE
+    assert copied.read_bytes() == (REPO / "assets" / IMAGE).read_bytes()
+    assert comfy.log_text().count("[RefDiff] copied the reference workflows' example image to") == 1
+    assert {n["inputs"]["image"] for n in load_api("ref-diff-DS").values() if n["class_type"] == "LoadImage"} == {IMAGE}
+    graph = for_tests(load_api("ref-diff-DS"), IMAGE)
+    saves = save_every_mask(graph, prefix="check-example")
+    out = run_graph(graph)
+    assert out.ok, out.error()
+    with Image.open(copied) as im:
+        size = (im.height, im.width)
+    assert all(s == size for save_id in saves for s in image_sizes(out.files[save_id]))

@@ -1,12 +1,15 @@
-"""The pack's web extension (web/js/) in a real browser against the real ComfyUI running this pack: the full
-reference workflow is loaded through the UI and queued; the token strip on RefDiffGenerativeMap and the proposal
-gallery on RefDiffFuseSelect appear with one thumbnail per word / proposal; clicking a word and a proposal sets
-the nodes' token_override and pin_index, and the next run uses them (checked in /history). With the extension
-absent or throwing, the same workflow still runs with its defaults.
+"""The pack's web extension (web/js/) and the reference workflows in a real browser against the real ComfyUI
+running this pack: the full reference workflow is loaded through the UI and queued; the token strip on
+RefDiffGenerativeMap and the proposal gallery on RefDiffFuseSelect appear with one thumbnail per word / proposal;
+clicking a word and a proposal sets the nodes' token_override and pin_index, and the next run uses them (checked
+in /history). With the extension absent or throwing, the same workflow still runs with its defaults. Every
+reference workflow, run from the UI on the example image, keeps its layout: no node grows, no two nodes overlap,
+every preview and view lies inside its node (at 100 % and at 42 % zoom).
 
 Needs Chromium (Debian: apt-get install chromium; or REFDIFF_CHROMIUM=/path/to/chrome) and Python playwright
-(pip install playwright; no browser download: the system Chromium is used). Screenshots go to
-$REFDIFF_ARTIFACTS/web (default: .artifacts/web in the repository).
+(pip install playwright; no browser download: the system Chromium is used). Screenshots of the extension go to
+$REFDIFF_ARTIFACTS/web (default: .artifacts/web in the repository); the layout screenshots go to the session's
+temporary folder (printed at the end) and are copied to $REFDIFF_SCREENS when that is set.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_helpers import PACK_LINK, REPO, TEST_IMAGE, TEST_MODELS, TIMINGS
+from build_workflows import GROW_H, IMAGE, NODE_W, TEMPLATES
+from comfy_helpers import FAST, PACK_LINK, REPO, SCREENS, TEST_IMAGE, TEST_MODELS, TIMINGS
 from PIL import Image
 
 CHROMIUM = os.environ.get("REFDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or ""
@@ -40,6 +44,11 @@ UI_SETTINGS = {
     "RefDiffSAMProposals": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
                             "post_filter": "none", "box_nms_thresh": 0.99},
 }
+# The layout runs: the workflows as shipped (their own example image, which the pack copied into the input
+# folder), with the test models and the fast settings.
+LAYOUT_SETTINGS = {**{k: dict(v) for k, v in FAST.items()},
+                   **{k: dict(v) for k, v in UI_SETTINGS.items() if k != "LoadImage"}}
+LAYOUT_ZOOM = 0.42  # below the canvas's low-quality threshold: nodes drawn without widgets, DOM views kept
 
 
 def browser_missing() -> str:
@@ -137,8 +146,8 @@ def shot(page, name: str, node_class: str | None = None) -> Path:
     return path
 
 
-def open_ui(browser, url: str, route=None):
-    """A page of the ComfyUI frontend, ready, with the reference workflow loaded and set to the test models."""
+def open_ui(browser, url: str, route=None, workflow: Path = WORKFLOW, settings: dict = UI_SETTINGS):
+    """A page of the ComfyUI frontend, ready, with a reference workflow loaded and set to the test models."""
     page = browser.new_page(viewport={"width": 1600, "height": 1100})
     page.refdiff_log = []
     page.on("console", lambda m: page.refdiff_log.append(f"{m.type}: {m.text}"))
@@ -147,8 +156,8 @@ def open_ui(browser, url: str, route=None):
         route(page)
     page.goto(url)
     page.wait_for_function(JS_READY, timeout=120_000)
-    page.evaluate(JS_LOAD, json.loads(WORKFLOW.read_text(encoding="utf-8")))
-    page.evaluate(JS_SET_WIDGETS, UI_SETTINGS)
+    page.evaluate(JS_LOAD, json.loads(workflow.read_text(encoding="utf-8")))
+    page.evaluate(JS_SET_WIDGETS, settings)
     page.evaluate(JS_LISTEN)
     return page
 
@@ -361,3 +370,183 @@ def test_workflow_runs_without_the_extension(failure, browser, comfy):
     shot(page, f"08_without_extension_{failure}", "RefDiffFuseSelect")
     page.close()
 
+
+
+# ------------------------------------------------------------------------------------------ layout after a run
+JS_SHOW_NODE = f"""([id, scale]) => {{
+  const app = {JS_APP};
+  app.canvas.ds.scale = scale;
+  app.canvas.centerOnNode(app.graph.getNodeById(id));
+  app.canvas.setDirty(true, true);
+}}"""
+JS_SET_VIEW = f"""(ds) => {{
+  const app = {JS_APP};
+  app.canvas.ds.scale = ds.scale;
+  app.canvas.ds.offset = [...ds.offset];
+  app.canvas.setDirty(true, true);
+}}"""
+# Every node's frame (canvas units, the title bar included) and widgets; for the DOM widgets on screen, their
+# element's box and the node's box, in page pixels.
+JS_LAYOUT = f"""() => {{
+  const app = {JS_APP};
+  const T = window.LiteGraph.NODE_TITLE_HEIGHT, ds = app.canvas.ds;
+  const canvasRect = app.canvas.canvas.getBoundingClientRect();
+  const screenBox = (x, y, w, h) => {{
+    const [sx, sy] = ds.convertOffsetToCanvas([x, y]);
+    return [canvasRect.left + sx, canvasRect.top + sy, w * ds.scale, h * ds.scale];
+  }};
+  return app.graph.nodes.map((n) => ({{
+    id: n.id, type: n.type, title: n.title, pos: [...n.pos], size: [...n.size], T,
+    visible: app.canvas.isNodeVisible(n), images: (n.imgs ?? []).length,
+    screen: screenBox(n.pos[0], n.pos[1] - T, n.size[0], n.size[1] + T),
+    widgets: (n.widgets ?? []).map((w) => {{
+      const el = w.element, r = el?.isConnected ? el.getBoundingClientRect() : null;
+      const shown = !!r && r.width > 0 && r.height > 0 && getComputedStyle(el).display !== "none"
+        && getComputedStyle(el.parentElement ?? el).display !== "none";
+      return {{name: w.name, type: w.type, y: w.y, h: w.computedHeight ?? null,
+               dom: shown ? [r.left, r.top, r.width, r.height] : null}};
+    }}),
+  }}));
+}}"""
+JS_VIEW_HEIGHTS = f"""async () => {{
+  const m = await import("/extensions/{PACK_LINK}/js/refdiff_views.js");
+  const items = Array.from({{length: 32}}, (_, i) => ({{index: i}}));
+  return {{tokens: m.stripHeight([{{}}]), gallery: m.galleryHeight([{{items, more: 0}}], {NODE_W})}};
+}}"""
+
+
+def overlap(a: list[float], b: list[float]) -> float:
+    """Area shared by two [x, y, w, h] boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def inside(inner: list[float], outer: list[float], slack: float = 1.5) -> bool:
+    return (inner[0] >= outer[0] - slack and inner[1] >= outer[1] - slack
+            and inner[0] + inner[2] <= outer[0] + outer[2] + slack
+            and inner[1] + inner[3] <= outer[1] + outer[3] + slack)
+
+
+def frame(node: dict) -> list[float]:
+    return [node["pos"][0], node["pos"][1] - node["T"], node["size"][0], node["size"][1] + node["T"]]
+
+
+def layout_problems(nodes: list[dict], saved: dict[int, dict]) -> list[str]:
+    """What is wrong with the canvas after a run: nodes that grew past their saved size, nodes that overlap,
+    widgets (previews included) that reach past their node's body, DOM views drawn outside their node."""
+    problems = []
+    for n in nodes:
+        if [round(v) for v in n["size"]] != saved[n["id"]]["size"]:
+            problems.append(f"{n['title']!r} grew from {saved[n['id']]['size']} to {[round(v) for v in n['size']]}")
+        for w in n["widgets"]:
+            if w["h"] is not None and (w["y"] < 0 or w["y"] + w["h"] > n["size"][1] + 0.5):
+                problems.append(f"{n['title']!r}: widget {w['name']} at {w['y']}+{w['h']} past {n['size'][1]}")
+            if w["dom"] is not None and n["visible"] and not inside(w["dom"], n["screen"]):
+                problems.append(f"{n['title']!r}: {w['name']} drawn at {w['dom']} outside the node at {n['screen']}")
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if overlap(frame(a), frame(b)) > 0:
+                problems.append(f"{a['title']!r} overlaps {b['title']!r}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def screens(comfy_env) -> Path:
+    """Where the layout screenshots go (printed at the end of the session; copied to $REFDIFF_SCREENS)."""
+    folder = comfy_env.root / "screens"
+    folder.mkdir(exist_ok=True)
+    SCREENS.append(folder)
+    return folder
+
+
+def save_screen(page, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path))
+    if os.environ.get("REFDIFF_SCREENS"):
+        copy = Path(os.environ["REFDIFF_SCREENS"])
+        copy.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy / path.name)
+    return path
+
+
+def settle_every_node(page, nodes: list[dict], scale: float = 1.0) -> list[dict]:
+    """Show each node once at ``scale`` (the canvas adds a node's previews when it draws it); the layout seen
+    with each node in view."""
+    seen = []
+    for n in nodes:
+        page.evaluate(JS_SHOW_NODE, [n["id"], scale])
+        page.wait_for_timeout(250)
+        seen.append(next(m for m in page.evaluate(JS_LAYOUT) if m["id"] == n["id"]))
+    return seen
+
+
+def test_layout_budget_matches_the_views(browser, comfy):
+    """The heights the builder gives the token strip and the gallery are the extension's largest views."""
+    page = open_ui(browser, comfy.url)
+    heights = page.evaluate(JS_VIEW_HEIGHTS)
+    margins = 2 * 10  # the DOM widget's margin above and below
+    assert heights["tokens"] + margins == GROW_H["tokens"]
+    assert heights["gallery"] + margins == GROW_H["gallery"]
+    page.close()
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_workflow_layout_after_a_run(name, browser, comfy, comfy_env, screens):
+    """Loaded from its file and run on the example image: nothing grows, overlaps, or is drawn outside its node,
+    with every node in view at 100 % and at 42 % zoom; screenshots at the workflow's own view and zoomed out."""
+    path = REPO / "workflows" / f"{name}.json"
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    saved = {n["id"]: n for n in workflow["nodes"]}
+    page = open_ui(browser, comfy.url, workflow=path, settings=LAYOUT_SETTINGS)
+    assert page.evaluate(JS_WIDGET, ["LoadImage", "image"]) == IMAGE
+    comfy.free()  # every node runs, so every preview is sent
+    start = time.perf_counter()
+    queue_and_wait(page, comfy)
+    TIMINGS[f"browser layout: {name} run from the UI"] = time.perf_counter() - start
+    nodes = page.evaluate(JS_LAYOUT)
+    with_previews = [n["id"] for n in nodes if n["type"] in ("PreviewImage", "SaveImage")]
+    seen = settle_every_node(page, nodes)
+    for node_id in with_previews:  # the run's images arrived and are drawn in their nodes
+        page.wait_for_function(f"() => ({JS_APP}.graph.getNodeById({node_id}).imgs ?? []).length > 0",
+                               timeout=30_000)
+    seen = settle_every_node(page, nodes)  # again, now that every preview is there
+    page.evaluate(JS_SET_VIEW, workflow["extra"]["ds"])
+    page.wait_for_timeout(500)
+    save_screen(page, screens, f"{name}_after_run")
+    problems = layout_problems(seen, saved)
+    zoomed = settle_every_node(page, nodes, LAYOUT_ZOOM)
+    problems += [f"at {LAYOUT_ZOOM:.0%}: {p}" for p in layout_problems(zoomed, saved)]
+    focus = next((n for n in nodes if n["type"] in ("RefDiffFuseSelect", "RefDiffSegment")), nodes[-1])
+    page.evaluate(JS_SHOW_NODE, [focus["id"], workflow["extra"]["ds"]["scale"]])
+    page.wait_for_timeout(500)
+    save_screen(page, screens, f"{name}_results")
+    page.evaluate(JS_SHOW_NODE, [focus["id"], LAYOUT_ZOOM])
+    page.wait_for_timeout(500)
+    save_screen(page, screens, f"{name}_zoom42")
+    assert not problems, "\n".join(problems)
+    note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")
+    assert TEMPLATES[name].description in note["widgets_values"][0]
+    page.close()
+
+
+def test_gallery_stays_inside_its_node_when_run_zoomed_out(browser, comfy, screens):
+    """Queued while the canvas shows the graph at 42 %: the views arrive in low-quality drawing and still lie
+    inside their nodes, which keep their size."""
+    saved = {n["id"]: n for n in json.loads(WORKFLOW.read_text(encoding="utf-8"))["nodes"]}
+    page = open_ui(browser, comfy.url, workflow=WORKFLOW, settings=LAYOUT_SETTINGS)
+    fuse_id = int(node_id_of(page, "RefDiffFuseSelect"))
+    page.evaluate(JS_SHOW_NODE, [fuse_id, LAYOUT_ZOOM])
+    comfy.free()
+    queue_and_wait(page, comfy)
+    page.wait_for_function(f"(id) => ({JS_PROPOSALS})(id).length > 0 && ({JS_PROPOSALS})(id).every((p) => p.loaded)",
+                           arg=str(fuse_id), timeout=30_000)
+    page.wait_for_timeout(500)
+    nodes = page.evaluate(JS_LAYOUT)
+    save_screen(page, screens, "ref-diff_run_at_zoom42")
+    fuse = next(n for n in nodes if n["id"] == fuse_id)
+    gallery = next(w for w in fuse["widgets"] if w["name"] == "refdiff_proposals")
+    assert gallery["dom"] is not None and inside(gallery["dom"], fuse["screen"]), (gallery, fuse["screen"])
+    problems = layout_problems([n for n in nodes if n["visible"]], saved)
+    assert not problems, "\n".join(problems)
+    page.close()

@@ -122,12 +122,13 @@ function attachView(node, spec) {
   const onResize = node.onResize;
   node.onResize = function () {
     const result = onResize?.apply(this, arguments);
-    if (view.spec.kind === "proposals" && view.data) {
-      try {
-        render(view);
-      } catch (error) {
-        console.error("[RefDiff] view update failed", error);
-      }
+    try {
+      if (view.spec.kind === "proposals" && view.data) render(view);
+      // The canvas enlarges a node while drawing it (when a preview image arrives) and redraws only the
+      // background: redraw the nodes too, so that the frame is drawn around the view at its new size.
+      markChanged(node, false);
+    } catch (error) {
+      console.error("[RefDiff] view update failed", error);
     }
     return result;
   };

@@ -5,7 +5,7 @@
 export const STYLE_ID = "refdiff-view-style";
 
 const CSS = `
-.refdiff-panel { box-sizing: border-box; overflow: hidden; font: 11px/1.3 sans-serif;
+.refdiff-panel { box-sizing: border-box; height: 100%; overflow: hidden; font: 11px/1.3 sans-serif;
   color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px; }
 .refdiff-panel * { box-sizing: border-box; }
 .refdiff-empty { opacity: 0.7; padding: 4px 2px; }
@@ -164,6 +164,7 @@ export function renderTokenStrip(root, views, state) {
 
 const CELL_W = 69; // proposal cell width + gap
 const CELL_H = 121; // proposal cell height + gap
+const GRID_PAD = 4; // the grid's padding above and below its cells
 
 /** Proposal cells per row at a node width of `width` (widget margins and panel padding left out). */
 export function cellsPerRow(width) {
@@ -179,7 +180,7 @@ export function galleryHeight(views, width) {
   if (!views || !views.length) return 30;
   const perRow = cellsPerRow(width);
   let h = 8;
-  for (const v of views) h += 20 + galleryRows(v, perRow) * CELL_H;
+  for (const v of views) h += 20 + galleryRows(v, perRow) * CELL_H + GRID_PAD;
   return h;
 }
 
@@ -228,7 +229,7 @@ export function renderGallery(root, views, state) {
     root.appendChild(head);
     const grid = el("div", "refdiff-grid");
     grid.dataset.image = String(view.image);
-    grid.style.maxHeight = `${galleryRows(view, perRow) * CELL_H}px`;
+    grid.style.maxHeight = `${galleryRows(view, perRow) * CELL_H + GRID_PAD}px`;
     for (const item of view.items) {
       const cell = el("button", "refdiff-proposal");
       cell.type = "button";
