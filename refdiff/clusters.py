@@ -27,6 +27,7 @@ from .capture import COND, downsampled_grid
 from .diffusion import capture_block_features, cross_attention_layers, encode_prompts
 from .errors import InputError
 from .schedule import injection_noise, noise_latent
+from .image import frame_placement
 
 if TYPE_CHECKING:
     from .image import PreparedImage
@@ -194,11 +195,7 @@ def labels_to_frame(labels: torch.Tensor, prep: "PreparedImage") -> torch.Tensor
     if labels.ndim != 2:
         raise InputError(f"labels must be a 2-D grid [h, w], got {tuple(labels.shape)}")
     h, w = int(labels.shape[0]), int(labels.shape[1])
-    x0, y0 = (int(v) for v in prep.offset)
-    side, width, height = int(prep.side), int(prep.width), int(prep.height)
-    if x0 < 0 or y0 < 0 or x0 + width > side or y0 + height > side:
-        raise InputError(f"prepared image: frame {width} x {height} at offset {(x0, y0)} does not fit in the "
-                         f"{side} x {side} square; build it with refdiff.image.prepare_image")
+    x0, y0, side, width, height = frame_placement(prep)
     ys = ((torch.arange(height, dtype=torch.float64) + y0 + 0.5) * h / side).floor().long().clamp(0, h - 1)
     xs = ((torch.arange(width, dtype=torch.float64) + x0 + 0.5) * w / side).floor().long().clamp(0, w - 1)
     return labels.cpu()[ys][:, xs]

@@ -109,6 +109,17 @@ class PreparedImage:
     height: int
 
 
+def frame_placement(prep: PreparedImage) -> tuple[int, int, int, int, int]:
+    """(x0, y0, side, width, height) of the frame inside its square, checked to fit (maps and labels are
+    cropped back to the frame with it)."""
+    x0, y0 = (int(v) for v in prep.offset)
+    side, width, height = int(prep.side), int(prep.width), int(prep.height)
+    if x0 < 0 or y0 < 0 or x0 + width > side or y0 + height > side:
+        raise InputError(f"prepared image: frame {width} x {height} at offset {(x0, y0)} does not fit in the "
+                         f"{side} x {side} square; build it with refdiff.image.prepare_image")
+    return x0, y0, side, width, height
+
+
 def pad_to_square(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """Paste the image centred on a black square of side max(W, H); return it and the paste offset (x0, y0)."""
     h, w = rgb.shape[:2]
@@ -142,4 +153,4 @@ def image_key(rgb: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load_image", "PreparedImage", "pad_to_square", "prepare_image", "image_key"]
+__all__ = ["load_image", "PreparedImage", "frame_placement", "pad_to_square", "prepare_image", "image_key"]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import InputError
+from .image import frame_placement
 
 if TYPE_CHECKING:
     from .image import PreparedImage
@@ -126,11 +127,7 @@ def generative_map(token_map: torch.Tensor, prep: "PreparedImage", mode: str = "
     """
     _check_map(token_map, "token_map")
     _check_mode(mode)
-    x0, y0 = (int(v) for v in prep.offset)
-    side, width, height = int(prep.side), int(prep.width), int(prep.height)
-    if x0 < 0 or y0 < 0 or x0 + width > side or y0 + height > side:
-        raise InputError(f"prepared image: frame {width} x {height} at offset {(x0, y0)} does not fit in the "
-                         f"{side} x {side} square; build it with refdiff.image.prepare_image")
+    x0, y0, side, width, height = frame_placement(prep)
     src = token_map.detach().to(device="cpu", dtype=torch.float64)
     h, w = src.shape
     wy = _resize_weights(h, side, y0, height, mode)

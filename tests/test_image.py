@@ -92,3 +92,13 @@ def test_image_key_depends_on_content_and_shape():
     b[0, 0, 0] = 1
     assert image_key(a) != image_key(b)
     assert image_key(np.zeros((3, 2, 3), np.uint8)) != image_key(a)
+
+
+def test_frame_placement_checks_the_frame_fits_its_square() -> None:
+    from refdiff.image import PreparedImage, frame_placement
+
+    prep = prepare_image(np.zeros((20, 40, 3), dtype=np.uint8), size=64)
+    assert frame_placement(prep) == (0, 10, 40, 40, 20)  # centred vertically in the 40 x 40 square
+    wrong = PreparedImage(pixels=prep.pixels, size=64, side=40, offset=(0, 30), width=40, height=20)
+    with pytest.raises(InputError, match="frame 40 x 20 at offset \\(0, 30\\) does not fit in the 40 x 40 square"):
+        frame_placement(wrong)
