@@ -79,7 +79,7 @@ class Preset:
     refine_iterations: int = 1  # times the map is multiplied by the fused self-attention
     refine_max_tokens: int = 4096  # capture self-attention only on grids of at most this many tokens
     refine_factor_weights: tuple[tuple[int, float], ...] = ((8, 0.3), (4, 0.5), (2, 0.1), (1, 0.1))
-    refine_self_factor: int | None = None  # None: the finest grid within refine_max_tokens
+    refine_self_factor: int | None = None  # None: the UNet's finest attention grid within refine_max_tokens
     # FreeSeg-Diff feature-cluster proposals (variant "cluster"; docs/SIBLING_METHODS.md)
     cluster_k: int = 4
     cluster_feature_factor: int = 4  # attn2 query features at this downsampling factor

@@ -247,16 +247,19 @@ def diffsegmenter_map(sd: Any, latent: torch.Tensor, prompt: str, token_position
     """The token's DiffSegmenter map [h, w] in [0, 1] on the latent grid, from ONE run of the Ref-Diff schedule.
 
     Runs ``diffusion.run_capture`` (noising and DDIM steps as configured, cross-attention at every factor)
-    while capturing the conditional branch's self-attention at ``self_factor`` (default: the finest level
-    with at most ``max_tokens`` tokens) merged over layers and steps; then fuse_cross_attention ->
-    refine_with_self_attention. Feed the result to maps.generative_map like a token map.
+    while capturing the conditional branch's self-attention at ``self_factor`` (default: the finest level of
+    the UNet's attention with at most ``max_tokens`` tokens) merged over layers and steps; then
+    fuse_cross_attention -> refine_with_self_attention. Feed the result to maps.generative_map like a token map.
     """
     from .diffusion import capture_self_attention, cross_attention_layers, run_capture
 
     if latent.ndim != 4:
         raise InputError(f"latent must have shape [1, C, h, w], got {tuple(latent.shape)}")
     latent_hw = (int(latent.shape[-2]), int(latent.shape[-1]))
-    factor = finest_self_attention_factor(latent_hw, max_tokens) if self_factor is None else int(self_factor)
+    layer_factors = {layer.name: layer.factor for layer in cross_attention_layers(sd.unet)}
+    # attn1 and attn2 share their transformer blocks: the UNet's self-attention levels are its attn2 levels
+    factor = (finest_self_attention_factor(latent_hw, max_tokens, levels=sorted(set(layer_factors.values())))
+              if self_factor is None else int(self_factor))
     layout = [1, 0] if use_cfg else None
     with capture_self_attention(sd.unet, max_tokens=max_tokens, factor=factor, cond_or_uncond=layout, keep=(COND,),
                                 chunk=chunk, per_layer=False) as store:
@@ -264,7 +267,6 @@ def diffsegmenter_map(sd: Any, latent: torch.Tensor, prompt: str, token_position
                            num_train_timesteps=num_train_timesteps, use_cfg=use_cfg, guidance_scale=guidance_scale,
                            capture_kind=capture_kind, capture_factor=None, capture_blocks=capture_blocks, seed=seed,
                            max_steps=max_steps, progress=progress, should_stop=should_stop)
-    layer_factors = {layer.name: layer.factor for layer in cross_attention_layers(sd.unet)}
     by_factor = factor_token_maps(maps, layer_factors, token_positions, guidance_scale, eps)
     score = fuse_cross_attention(by_factor, factor_weights, eps)
     captured = store.affinities(COND, factor=factor)

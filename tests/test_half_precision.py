@@ -19,7 +19,8 @@ proposals: up to pixels where the fp32 map lies within max|c_half - c_fp32| of t
 comparison SAM runs (fp32, as loaded) but the pipeline scores six planted boxes of different places and sizes
 instead of its masks (two tiny random-weight masks whose scores are all but equal), so that scores differ
 enough for most selections to be decided. Random-weight scores still differ by only ~1-14 bf16 roundoffs, so
-in bf16 most selections are ties (checked only for their bounds); fp16 decides most of them.
+in bf16 most selections are ties (checked only for their bounds); fp16 decides most of them. The bounds and
+comparisons live in refdiff.testing.precision (the ComfyUI tests use them too).
 """
 from __future__ import annotations
 
@@ -34,22 +35,19 @@ from safetensors.torch import save_file
 
 import refdiff.clip as clip_module
 import refdiff.proposals as proposals_module
-from refdiff.config import Preset, Variant, get_variant
+from refdiff.config import Variant, get_variant
 from refdiff.diffusion import encode_latent
 from refdiff.pipeline import RefDiff, Result
 from refdiff.proposals import make_mask_generator
+from refdiff.scoring import fusion_weights
 from refdiff.testing.clip import TINY_CLIP_CONFIG, tiny_clip_model
+from refdiff.testing.precision import (MAP_TOL_U, REFINED_MAP_TOL_U, S_D_TOL_U, SAM_LOGIT_TOL_U, UNIT_ROUNDOFF,
+                                       compare_same_proposals, compare_threshold_choice)
 from refdiff.testing.sam import tiny_sam, tiny_sam_state_dict
 from refdiff.testing.sd import tiny_sd, tiny_sd_pipeline
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ALL = {"fp32": torch.float32, **HALF}
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-MAP_TOL_U = 32.0
-REFINED_MAP_TOL_U = 64.0
-S_D_TOL_U = 4.0
-SAM_LOGIT_TOL_U = 16.0
-SLACK = 1e-5  # float32 arithmetic of the scores themselves (and score_eps in Eq. 9's denominators)
 VARIANTS = ("full", "G", "GS", "DS", "sam-clip", "G-refine", "cluster")
 SAM_VARIANTS = ("full", "GS", "DS", "sam-clip")
 MIN_DECIDED = {"bf16": 1, "fp16": 4}  # of the 7 variants (measured: bf16 1 per preset, fp16 4 and 6)
@@ -183,81 +181,6 @@ def test_offloaded_half_models_give_the_same_result(weight_files, loaded, image,
 
 
 # ----------------------------------------------------------------------------------------- against fp32
-def _fused_weights(v: Variant, p: Preset) -> tuple[float, float]:
-    both = v.generative and v.discriminative
-    return (p.gen_weight if both else 1.0), (p.disc_weight if both else 1.0)
-
-
-def _compare_same_proposals(ref: Result, half: Result, v: Variant, p: Preset, u: float, map_dev: float) -> bool:
-    """SAM and cluster proposals: the same masks, scores within their bounds, the fp32 choice unless tied.
-    Returns whether the fp32 choice was decided (not tied)."""
-    np.testing.assert_array_equal(half.proposals, ref.proposals, err_msg=v.name)
-    wg, wd = _fused_weights(v, p)
-    bound = 0.0
-    if v.generative:
-        dev_g = np.abs(half.scores["generative"] - ref.scores["generative"]).max()
-        assert dev_g <= 2 * map_dev + SLACK, (v.name, dev_g, map_dev)
-        bound += wg * 2 * map_dev
-    if v.discriminative:
-        dev_d = np.abs(half.scores["discriminative"] - ref.scores["discriminative"]).max()
-        assert dev_d <= S_D_TOL_U * u, (v.name, dev_d / u)
-        bound += wd * S_D_TOL_U * u
-    fused = ref.scores["fused"]
-    assert np.abs(half.scores["fused"] - fused).max() <= bound + SLACK, v.name
-    # the half run's choice is the fp32 best or tied with it
-    assert fused[ref.index] - fused[half.index] <= 2 * bound + SLACK, v.name
-    others = np.delete(fused, ref.index)
-    decided = bool(len(others) == 0 or fused[ref.index] - others.max() > 2 * bound + SLACK)
-    if decided:
-        assert half.index == ref.index, v.name
-        np.testing.assert_array_equal(half.mask, ref.mask, err_msg=v.name)
-    return decided
-
-
-def _threshold_bound(c: np.ndarray, mu: float, dev: float) -> float:
-    """Bound on |s_G,half - s_G,fp32| of the threshold-mu proposal when the maps differ by at most ``dev``.
-
-    Pixels within dev of mu ("band", d of them) may change side; the others ("core", n per side) stay. On each
-    side a mean moves by at most dev (values) plus 2 d D / n (membership), D = the largest distance of a band
-    value from the core's mean: adding x values to n changes a mean by x (mean_x - mean_core) / (n + x)."""
-    inside, outside = c > mu + dev, c < mu - dev
-    band = ~inside & ~outside
-    d = int(band.sum())
-    if not inside.any() or not outside.any():
-        return float("inf")
-    if d == 0:
-        return 2 * dev
-    spread = [float(np.abs(c[band] - c[core].mean()).max()) / int(core.sum()) for core in (inside, outside)]
-    return 2 * dev + 2 * d * sum(spread)
-
-
-def _thresholds_of(mask: np.ndarray, c: np.ndarray, thresholds: tuple[float, ...]) -> list[float]:
-    """The thresholds mu whose proposal {c >= mu} is ``mask``."""
-    return [mu for mu in thresholds if np.array_equal(c >= np.float32(mu), mask)]
-
-
-def _compare_threshold_proposals(ref: Result, half: Result, v: Variant, p: Preset, map_dev: float) -> bool:
-    """Threshold proposals (Eq. 8) of maps within map_dev: the half run picks the fp32 threshold unless tied,
-    and its mask differs from the fp32 mask only in that threshold's band."""
-    c = ref.attention
-    score32 = {}  # threshold -> fp32 score and bound of its proposal
-    for i, prop in enumerate(ref.proposals):
-        for mu in _thresholds_of(prop, c, p.thresholds):
-            score32[mu] = (float(ref.scores["fused"][i]), _threshold_bound(c, mu, map_dev))
-    best = _thresholds_of(ref.mask, c, p.thresholds)
-    chosen = _thresholds_of(half.mask, half.attention, p.thresholds)
-    assert best and chosen, v.name  # both masks are threshold proposals of their own maps
-    s_best, b_best = score32[best[0]]
-    # some threshold the half run may have meant is the fp32 best or tied with it
-    assert any(mu in score32 and s_best - score32[mu][0] <= b_best + score32[mu][1] + SLACK for mu in chosen) or \
-        any(mu not in score32 and _threshold_bound(c, mu, map_dev) == float("inf") for mu in chosen), v.name
-    decided = all(s_best - s > b_best + b + SLACK for mu, (s, b) in score32.items() if mu not in best)
-    if decided:
-        band = np.abs(c - np.float32(best[0])) <= map_dev
-        assert not ((half.mask != ref.mask) & ~band).any(), v.name
-    return decided
-
-
 @pytest.mark.parametrize("preset", ["official", "paper"])
 @pytest.mark.parametrize("name", list(HALF))
 def test_half_precision_selects_the_fp32_proposal_unless_tied(runs, name, preset):
@@ -274,9 +197,10 @@ def test_half_precision_selects_the_fp32_proposal_unless_tied(runs, name, preset
             tol = (REFINED_MAP_TOL_U if v.refine else MAP_TOL_U) * u
             assert map_dev <= tol, (name_v, map_dev / u)
         if v.proposals == "threshold":
-            ok = _compare_threshold_proposals(ref, half, v, p, map_dev)
+            ok = compare_threshold_choice(ref, half, p.thresholds, map_dev, name=name_v)
         else:
-            ok = _compare_same_proposals(ref, half, v, p, u, map_dev)
+            weights = fusion_weights(p, v.generative and v.discriminative)
+            ok = compare_same_proposals(ref, half, weights, map_dev, S_D_TOL_U * u, name=name_v)
         if ok:
             decided.append(name_v)
     # the comparison is not vacuous: selections clear enough to be checked exactly

@@ -1,6 +1,8 @@
 """DiffSegmenter-style refinement: cross-attention fusion, self-attention resampling, completion, end to end."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,23 @@ def test_diffsegmenter_map_end_to_end(tiny):
     from refdiff.maps import generative_map
     c = generative_map(out, prep, mode="bilinear")
     assert c.shape == (40, 56)
+
+
+def test_diffsegmenter_default_level_is_the_finest_the_unet_has(tiny):
+    """A UNet without attention at factor 1 (here: at factors 2 and 4, and 8 in the mid block): the default
+    self-attention level is its finest one within max_tokens (2), not factor 1, which it lacks."""
+    from refdiff.testing.sd import TINY_UNET_CONFIG, unet_from_config
+
+    sd, _, latent = tiny
+    config = {**TINY_UNET_CONFIG,
+              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        coarse = dataclasses.replace(sd, unet=unet_from_config(config))
+    out = diffsegmenter_map(coarse, latent, "a cat, ", 2, max_steps=1)
+    assert torch.equal(out, diffsegmenter_map(coarse, latent, "a cat, ", 2, max_steps=1, self_factor=2))
+    assert not torch.allclose(out, diffsegmenter_map(coarse, latent, "a cat, ", 2, max_steps=1, self_factor=4),
+                              atol=1e-4)
+    with pytest.raises(InputError, match="at factor 1"):
+        diffsegmenter_map(coarse, latent, "a cat, ", 2, max_steps=1, self_factor=1)
