@@ -148,10 +148,17 @@ def select_layers(model: Any, selector: LayerSelector) -> list[Attn2Layer]:
     """The layers of ``model`` the selector wants; InputError listing what exists when none match."""
     layers = attn2_layers(model.model.diffusion_model)
     chosen = [layer for layer in layers if selector.wants(layer.block, layer.factor)]
+    if not layers:
+        raise InputError("model: this MODEL's UNet has no cross-attention layer, so there is no attention to "
+                         "capture; connect an SD 1.x or 2.x checkpoint's MODEL")
     if not chosen:
         have = sorted({(normalise_block(la.block), la.factor) for la in layers}, key=lambda x: (x[1], x[0]))
-        raise InputError(f"layers: no cross-attention layer matches factor={selector.factor} and blocks="
-                         f"{list(selector.blocks)}; this UNet has (block, factor) {have}")
+        factors = sorted({la.factor for la in layers if normalise_block(la.block) in selector.blocks})
+        fix = (f"set factor to one of {factors}" if factors else
+               f"add blocks that hold cross-attention (this UNet has it in {sorted({b for b, _ in have})})")
+        raise InputError(f"factor: no cross-attention layer matches factor={selector.factor} and blocks="
+                         f"{list(selector.blocks)}; this MODEL has cross-attention at factor(s) "
+                         f"{sorted({f for _, f in have})} ((block, factor): {have}); {fix}")
     return chosen
 
 

@@ -1,16 +1,18 @@
-"""How the nodes run inside ComfyUI: the pack's log, the progress bar and Cancel, and where the pack's own
-models (SAM, CLIP) and results are placed (ComfyUI's compute, offload and intermediate devices).
+"""How the nodes run inside ComfyUI: the pack's log, the progress bar and Cancel, warnings in the console and
+on the node, and where the pack's own models (SAM, CLIP) and results are placed (ComfyUI's compute, offload and
+intermediate devices).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
 import comfy.model_management as mm
 import comfy.utils
+from comfy_execution.utils import get_executing_context
 
 LOG = logging.getLogger("refdiff")
 
@@ -30,6 +32,26 @@ class Progress:
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception when the user pressed Cancel."""
     mm.throw_exception_if_processing_interrupted()
+
+
+# -------------------------------------------------------------------------------- telling the user
+def warn(messages: Sequence[str]) -> None:
+    """Each message as a warning in ComfyUI's console (the pack's log)."""
+    for message in messages:
+        LOG.warning("[RefDiff] %s", message)
+
+
+def show_on_node(messages: Sequence[str]) -> None:
+    """Show the messages on the running node, in ComfyUI's own text preview under its widgets (as the core
+    image-size node does); nothing when there are none or no node is running (a script, a test)."""
+    context = get_executing_context()
+    if not messages or context is None:
+        return
+    from server import PromptServer
+
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_progress_text("\n".join(f"warning: {m}" for m in messages), context.node_id)
 
 
 # -------------------------------------------------------------------------------- device placement
@@ -68,5 +90,5 @@ def intermediate(x: torch.Tensor) -> torch.Tensor:
     return x.to(mm.intermediate_device())
 
 
-__all__ = ["LOG", "Progress", "check_interrupt", "compute_device", "offload_device", "module_bytes",
-           "on_compute_device", "intermediate"]
+__all__ = ["LOG", "Progress", "check_interrupt", "warn", "show_on_node", "compute_device", "offload_device",
+           "module_bytes", "on_compute_device", "intermediate"]

@@ -6,15 +6,16 @@ import torch
 from comfy_api.latest import io
 
 from refdiff.config import Preset, sam_generator_kwargs
-from refdiff.proposals import filter_proposals, make_mask_generator, sam_proposals
+from refdiff.proposals import make_mask_generator, sam_proposals
 from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_type, load_sam
 
 from . import model_files, runtime, sockets, tensors
+from .proposal_filter import (AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FILTER_OPTIONS, FilterSettings,
+                              filter_image, sam_filter_settings)
 from .wire_types import ProposalBatch, SamHandle
 
 SAM_WHERE = ("Download one of " + ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
              + " (the method uses vit_h).")
-FILTER_OPTIONS = ["preset", "none", "custom"]
 
 
 # ------------------------------------------------------------------------------------------ stage functions
@@ -27,31 +28,26 @@ def load_sam_model(sam_name: str, model_type: str = "auto") -> SamHandle:
     return SamHandle(model=model, model_type=found, path=path)
 
 
-def sam_post_filter(mode: str, preset: Preset, keep_largest: int, min_area: int) -> tuple[int | None, int]:
-    """(keep_largest, min_area) of the post-filter: the preset's, none, or the custom values (0 = keep all)."""
-    if mode == "preset":
-        return preset.sam_keep_largest, preset.sam_min_area
-    if mode == "none":
-        return None, 0
-    return (int(keep_largest) or None), int(min_area)
-
-
-def sam_proposal_batch(sam: SamHandle, image: torch.Tensor, amg: dict, keep_largest: int | None = 10,
-                       min_area: int = 10000) -> ProposalBatch:
+def sam_proposal_batch(sam: SamHandle, image: torch.Tensor, amg: dict, settings: FilterSettings,
+                       lower_min_area: str = "set post_filter to 'custom' and lower min_area") -> ProposalBatch:
     """SAM automatic masks of every image at its own resolution, then the post-filter (a real filter: what
-    it drops can never be selected)."""
+    it drops can never be selected). An image left without a mask gets a note saying why and how to keep its
+    masks with the node's inputs (``lower_min_area``), also logged as a warning."""
     rgbs = tensors.images_to_rgb(image)
-    out = []
+    out, notes = [], {}
     progress = runtime.Progress(len(rgbs))
     with runtime.on_compute_device(sam.model):
         generator = make_mask_generator(sam.model, **amg)
-        for rgb in rgbs:
+        for i, rgb in enumerate(rgbs):
             runtime.check_interrupt()
-            masks = sam_proposals(generator, rgb)
-            masks, _ = filter_proposals(masks, keep_largest=keep_largest, min_area=min_area)
-            out.append(masks.cpu())
+            masks, note = filter_image(sam_proposals(generator, rgb), settings, lower_min_area)
+            out.append(masks.cpu())  # REFDIFF_PROPOSALS are CPU masks (wire_types.ProposalBatch)
+            if note:
+                notes[i] = note
             progress.step()
-    return ProposalBatch(out, source="sam")
+    batch = ProposalBatch(out, source="sam", notes=notes)
+    runtime.warn(batch.warnings)
+    return batch
 
 
 # ------------------------------------------------------------------------------------------ nodes
@@ -92,7 +88,8 @@ class RefDiffSAMProposals(io.ComfyNode):
             category=sockets.CATEGORY,
             description="SAM automatic mask generation on each image at its own resolution (defaults: SAM's AMG "
                         "settings), then the preset's post-filter (official: the 10 largest masks of area > "
-                        "10000 px; paper: none).",
+                        "10000 px at a 640 x 480 image, scaled with the image area; paper: none). An image left "
+                        "without a mask is named, with the reason, on the node and in the info output.",
             inputs=[
                 sockets.SamModel.Input("sam", tooltip="SAM from RefDiffSAMLoader."),
                 io.Image.Input("image", tooltip="The original images."),
@@ -111,34 +108,41 @@ class RefDiffSAMProposals(io.ComfyNode):
                              tooltip="Extra passes on image crops (0 = whole image only)."),
                 io.Int.Input("min_mask_region_area", default=d["min_mask_region_area"], min=0, max=100000,
                              tooltip="Remove islands and holes smaller than this (needs OpenCV when > 0)."),
-                io.Combo.Input("post_filter", options=FILTER_OPTIONS, default="preset",
+                io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default="preset",
                                tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the "
                                        "two values below."),
                 io.Int.Input("keep_largest", default=10, min=0, max=1000,
                              tooltip="custom filter: keep only the N largest masks (0 = all)."),
                 io.Int.Input("min_area", default=10000, min=0, max=100000000,
-                             tooltip="custom filter: drop masks of at most this many pixels."),
+                             tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image "
+                                     "when area_filter is relative: see area_filter)."),
+                io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
+                               tooltip=AREA_FILTER_TOOLTIP),
             ],
             outputs=[
                 sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
                                                                            "(REFDIFF_PROPOSALS)."),
-                io.String.Output(display_name="info", tooltip="How many proposals each image got."),
+                io.String.Output(display_name="info", tooltip="How many proposals each image got, the filter, "
+                                                              "and why an image has none."),
             ],
         )
 
     @classmethod
     def execute(cls, sam, image, preset, points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
                 box_nms_thresh, crop_n_layers, min_mask_region_area, post_filter, keep_largest,
-                min_area) -> io.NodeOutput:
+                min_area, area_filter="preset") -> io.NodeOutput:
         amg = dict(points_per_side=points_per_side, points_per_batch=points_per_batch,
                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
                    box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers,
                    min_mask_region_area=min_mask_region_area)
-        keep, area = sam_post_filter(post_filter, sockets.preset(preset), keep_largest, min_area)
-        proposals = sam_proposal_batch(sam, image, amg, keep, area)
-        return io.NodeOutput(proposals, proposals.describe())
+        settings = sam_filter_settings(post_filter, sockets.preset(preset), keep_largest, min_area, area_filter)
+        proposals = sam_proposal_batch(sam, image, amg, settings)
+        runtime.show_on_node(proposals.warnings)
+        info = "\n".join([f"{proposals.describe()} ({settings.describe()})",
+                          *(f"warning: {w}" for w in proposals.warnings)])
+        return io.NodeOutput(proposals, info)
 
 
 NODES = [RefDiffSAMLoader, RefDiffSAMProposals]
-__all__ = ["load_sam_model", "sam_post_filter", "sam_proposal_batch", "NODES", "RefDiffSAMLoader",
+__all__ = ["load_sam_model", "sam_proposal_batch", "NODES", "RefDiffSAMLoader",
            "RefDiffSAMProposals"]

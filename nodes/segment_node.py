@@ -1,34 +1,57 @@
 """All-in-one node: every stage of Ref-Diff for an IMAGE batch, built from the stage nodes' own functions."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from comfy_api.latest import io, ui
+from comfy_execution.validation import validate_node_input
 
+from refdiff.capture import LayerSelector
 from refdiff.config import Preset, get_variant, sam_generator_kwargs
 from refdiff.errors import InputError
 
-from . import diffusion_nodes, map_nodes, runtime, select_nodes, sockets, text_nodes
+from . import comfy_backend, diffusion_nodes, map_nodes, runtime, select_nodes, sockets, text_nodes, token_positions
+from .input_checks import VARIANT_CHOICES, capture_factor, linked_type_problem, variant_inputs_problem
+from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
 
-VARIANT_CHOICES = ["full", "G", "GS", "DS", "sam-clip"]
+
+@dataclass
+class Segmentation:
+    """What segment returns: the selection, c per image ([B, H, W], zeros when the variant needs no diffusion),
+    the report, and the warnings (a text naming no object, an image left without a proposal and why)."""
+
+    selection: select_nodes.Selection
+    c: torch.Tensor
+    report: str
+    warnings: list[str]
 
 
 def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, variant: str, preset: Preset,
             seed: int = 0, sam: Any = None, clip_scorer: Any = None, amg: dict | None = None,
-            top_k: int | None = None) -> tuple[select_nodes.Selection, torch.Tensor, str]:
-    """Run one variant (full, G, GS, DS, sam-clip) on every image; returns the selection, c ([B, H, W],
-    zeros when the variant needs no diffusion) and a report."""
+            top_k: int | None = None, filter_settings: FilterSettings | None = None, factor: int | None = None,
+            no_noun: str = "error") -> Segmentation:
+    """Run one variant (full, G, GS, DS, sam-clip) on every image. ``factor`` None and ``filter_settings`` None
+    take the preset's; the checks that need no computation (models connected, the MODEL's cross-attention at
+    ``factor``, the text) come before the VAE encode."""
     v = get_variant(variant)
     p = preset
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
-    if v.proposals == "sam" and sam is None:
-        raise InputError(f"sam: variant {variant} uses SAM proposals; connect RefDiffSAMLoader")
-    if v.discriminative and clip_scorer is None:
-        raise InputError(f"clip_scorer: variant {variant} uses CLIP scores; connect RefDiffCLIPLoader")
-    parse, parse_info = text_nodes.parse_texts(text, clip, p.root_rule, p.prompt_suffix)
+    connected = {name for name, value in (("sam", sam), ("clip_scorer", clip_scorer)) if value is not None}
+    problem = variant_inputs_problem(v.name, connected)
+    if problem:
+        raise InputError(problem)
+    layers = None
+    if v.needs_diffusion:
+        # The MODEL is not known when ComfyUI validates the prompt (linked values are not passed to
+        # validate_inputs), so its family and its cross-attention at the factor are checked here, first.
+        comfy_backend.model_family(model)
+        layers = comfy_backend.select_layers(model, LayerSelector(factor or p.capture_factor, p.capture_blocks))
+    parse, parse_info = text_nodes.parse_texts(text, clip, p.root_rule, p.prompt_suffix, no_noun=no_noun)
     parse.for_batch(batch, "text")
     report = [parse_info]
+    warnings = list(parse.warnings)
 
     c = None
     if v.needs_diffusion:
@@ -37,7 +60,7 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
                                               p.ddim_steps, p.num_train_timesteps)
         attention, info = diffusion_nodes.capture_attention(
             model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix, guidance_scale=p.guidance_scale,
-            use_cfg=p.use_cfg, kind=p.capture_kind, factor=p.capture_factor, blocks=p.capture_blocks)
+            use_cfg=p.use_cfg, kind=p.capture_kind, factor=layers[0].factor, blocks=p.capture_blocks)
         c = map_nodes.generative_maps(attention, parse, image, mode=p.map_resize, layer_eps=p.layer_norm_eps,
                                       map_eps=p.map_eps)
         report.append(info)
@@ -48,8 +71,10 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     else:
         from . import sam_nodes
 
-        proposals = sam_nodes.sam_proposal_batch(sam, image, amg or sam_generator_kwargs(p), p.sam_keep_largest,
-                                                 p.sam_min_area)
+        settings = filter_settings or segment_filter_settings(p)
+        proposals = sam_nodes.sam_proposal_batch(sam, image, amg or sam_generator_kwargs(p), settings,
+                                                 lower_min_area="lower min_area")
+        report.append(f"SAM {proposals.describe()} ({settings.describe()})")
     s_g = map_nodes.generative_score_batch(c, proposals, eps=p.score_eps) if v.generative else None
     s_d = None
     if v.discriminative:
@@ -59,10 +84,19 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
                                           mode="sam-clip" if v.sam_clip else "ref-diff")
     gw, dw = select_nodes.fusion_weights(p, s_g is not None and s_d is not None)
     selection = select_nodes.fuse_select(proposals, s_g, s_d, gw, dw, top_k or p.top_k)
+    for i, index in enumerate(selection.indices):
+        if i in proposals.notes:
+            warnings.append(f"image {i}: {proposals.notes[i]}")
+        elif index < 0:
+            note = f"image {i}: no proposal to select ({proposals.source} proposals: none), so the mask is empty"
+            runtime.warn([note])
+            warnings.append(note)
     report.append(f"variant {v.name}, preset {p.name}\n{selection.table}")
+    if warnings:
+        report.append("\n".join(f"warning: {w}" for w in warnings))
     if c is None:
         c = torch.zeros(batch, height, width)
-    return selection, c, "\n".join(report)
+    return Segmentation(selection, c, "\n".join(report), warnings)
 
 
 class RefDiffSegment(io.ComfyNode):
@@ -74,7 +108,8 @@ class RefDiffSegment(io.ComfyNode):
             display_name="RefDiff Segment (all-in-one)",
             category=sockets.CATEGORY,
             description="Referring segmentation in one node: the mask of the object the text describes, for every "
-                        "image. Runs the same stages as the separate RefDiff nodes.",
+                        "image. Runs the same stages as the separate RefDiff nodes. An image left without a "
+                        "mask, or a text naming no object, is named on the node, in the report and the console.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x MODEL (used by the variants with the generative map)."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP (prompt encoding and token positions)."),
@@ -97,6 +132,21 @@ class RefDiffSegment(io.ComfyNode):
                                tooltip="SAM: minimum predicted IoU of a mask."),
                 io.Float.Input("stability_score_thresh", default=d["stability_score_thresh"], min=0.0, max=1.0,
                                step=0.01, tooltip="SAM: minimum stability score of a mask."),
+                io.Int.Input("keep_largest", default=-1, min=-1, max=1000, optional=True,
+                             tooltip="SAM post-filter: keep only the N largest masks; -1 = the preset's (official "
+                                     "10, paper all), 0 = all."),
+                io.Int.Input("min_area", default=-1, min=-1, max=100000000, optional=True,
+                             tooltip="SAM post-filter: drop masks of at most this many pixels (at a 640 x 480 image "
+                                     "when area_filter is relative); -1 = the preset's (official 10000, paper 0), "
+                                     "0 = no threshold."),
+                io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
+                               tooltip=AREA_FILTER_TOOLTIP),
+                io.Int.Input("factor", default=-1, min=-1, max=64, optional=True,
+                             tooltip="Capture the cross-attention layers whose grid is the latent downsampled by "
+                                     "this factor (4: 32x32 for a 1024 image); -1 = the preset's (4). A MODEL "
+                                     "without cross-attention there is refused before any work, with the factors "
+                                     "it has."),
+                text_nodes.no_noun_input(),
                 sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
                 sockets.ClipModel.Input("clip_scorer", optional=True,
                                         tooltip="CLIP scorer (variants full, DS, sam-clip)."),
@@ -104,24 +154,41 @@ class RefDiffSegment(io.ComfyNode):
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
                 io.Mask.Output(display_name="c", tooltip="Generative map per image (zeros for DS / sam-clip)."),
-                io.String.Output(display_name="report", tooltip="Parse, capture and ranked scores."),
+                io.String.Output(display_name="report", tooltip="Parse, capture, proposals, ranked scores, and "
+                                                                "warnings (why a mask is empty)."),
                 io.Image.Output(display_name="preview", tooltip="The selected mask over the image."),
             ],
         )
 
     @classmethod
+    def validate_inputs(cls, text=None, variant="full", no_noun="error", input_types=None) -> bool | str:
+        # At queue time, before any model loads. ComfyUI passes widget values only; asking for input_types gives
+        # the types of the linked inputs, so a missing SAM / CLIP scorer is seen here (asking for it also turns
+        # ComfyUI's own check of those types off, hence linked_type_problem). The MODEL is not known yet: its
+        # cross-attention factors are checked first thing in execute.
+        received = input_types or {}
+        return (linked_type_problem(received, cls.INPUT_TYPES(), validate_node_input)
+                or variant_inputs_problem(variant, received)
+                or token_positions.text_problem(text, no_noun) or True)
+
+    @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
-                pred_iou_thresh, stability_score_thresh, sam=None, clip_scorer=None) -> io.NodeOutput:
+                pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
+                factor=-1, no_noun="error", sam=None, clip_scorer=None) -> io.NodeOutput:
         p = sockets.preset(preset)
         if image_size:
             p = p.with_(image_size=int(image_size))
         amg = {**sam_generator_kwargs(p), "points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
                "stability_score_thresh": stability_score_thresh}
-        selection, c, report = segment(model, clip, vae, image, text, variant, p, seed=seed, sam=sam,
-                                       clip_scorer=clip_scorer, amg=amg, top_k=top_k or None)
-        preview = select_nodes.preview_selection(image, selection.best)
-        return io.NodeOutput(selection.best, c, report, preview, ui=ui.PreviewImage(preview, cls=cls))
+        result = segment(model, clip, vae, image, text, variant, p, seed=seed, sam=sam, clip_scorer=clip_scorer,
+                         amg=amg, top_k=top_k or None,
+                         filter_settings=segment_filter_settings(p, keep_largest, min_area, area_filter),
+                         factor=capture_factor(factor, p), no_noun=no_noun)
+        runtime.show_on_node(result.warnings)
+        best = result.selection.best
+        preview = select_nodes.preview_selection(image, best)
+        return io.NodeOutput(best, result.c, result.report, preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
 NODES = [RefDiffSegment]
-__all__ = ["segment", "NODES", "RefDiffSegment"]
+__all__ = ["Segmentation", "segment", "NODES", "RefDiffSegment"]

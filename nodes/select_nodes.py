@@ -66,6 +66,8 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         fused_all.append(fused)
         lines.append(previews.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
                                          f"({proposals.source}), weights s_G x {choice.gen_weight:g}, s_D x {choice.disc_weight:g}"))
+        if i in proposals.notes:  # why this image has no proposal (the post-filter removed them all, ...)
+            lines.append(f"  why: {proposals.notes[i]}")
     top_batch = tensors.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
     return Selection(tensors.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
 

@@ -6,7 +6,7 @@ from typing import Any
 import spacy  # noqa: F401  (the parser; without it these nodes are disabled, not broken)
 from comfy_api.latest import io
 
-from refdiff.text import ROOT_RULES
+from refdiff.text import NO_NOUN_POLICIES, ROOT_RULES
 from refdiff.tokenizer import clip_tokenizer
 
 from . import runtime, sockets, text_inputs, token_positions
@@ -15,11 +15,12 @@ from .wire_types import ParsedBatch, match_batch
 
 # ------------------------------------------------------------------------------------------ stage function
 def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", prompt_suffix: str = ", ",
-                root_word: str = "") -> tuple[ParsedBatch, str]:
+                root_word: str = "", no_noun: str = "error") -> tuple[ParsedBatch, str]:
     """Parse each line of ``text``; token positions use the CLIP's own tokenizer (offline SD 1.x one if None).
 
     ``root_word`` may hold one word for every line or one line per text line (an empty line: the parser's
-    choice).
+    choice). ``no_noun``: a line that names no object raises InputError ("error") or is warned about ("warn");
+    warnings (also prompts cut at the token limit) are logged, listed in the summary and kept on the parse.
     """
     from . import comfy_backend  # ComfyUI's model classes load only when a CLIP is given
 
@@ -29,16 +30,25 @@ def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", pr
     tokenizer = comfy_backend.sd_tokenizer(clip) if clip is not None else clip_tokenizer()
     items = [token_positions.parse_item(line, tokenizer, root_rule=root_rule, prompt_suffix=prompt_suffix, root_word=w)
              for line, w in zip(lines, words)]
+    notes = [token_positions.root_note(item.parsed, no_noun, item.root_overridden) for item in items]
+    warnings = [n for n in notes if n] + token_positions.parse_warnings(items, tokenizer)
     summary = token_positions.parse_summary(items)
-    warnings = token_positions.parse_warnings(items, tokenizer)
     if warnings:
         summary += "\n" + "\n".join("warning: " + w for w in warnings)
-        for w in warnings:
-            runtime.LOG.warning("[RefDiff] %s", w)
-    return ParsedBatch(items), summary
+        runtime.warn(warnings)
+    return ParsedBatch(items, warnings=warnings), summary
 
 
 # ------------------------------------------------------------------------------------------ node
+def no_noun_input() -> Any:
+    """The no_noun combo of the nodes that parse the text (optional: graphs saved without it keep "error")."""
+    return io.Combo.Input("no_noun", options=sorted(NO_NOUN_POLICIES), default="error", optional=True,
+                          tooltip="A text that names no object ('on the left'): 'error' refuses it when the prompt "
+                                  "is queued; 'warn' runs anyway (the attention map then follows a word such as "
+                                  "'left' and the mask may mean nothing) and says so on the node, in its text "
+                                  "output and in the console.")
+
+
 class RefDiffParseText(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -63,6 +73,7 @@ class RefDiffParseText(io.ComfyNode):
                 io.Clip.Input("clip", optional=True,
                               tooltip="The checkpoint's CLIP, whose tokenizer numbers the tokens (without it: "
                                       "SD 1.x's tokenizer, identical for SD 2.x)."),
+                no_noun_input(),
             ],
             outputs=[
                 sockets.Parse.Output(display_name="parse", tooltip="Root word, token positions and directions per "
@@ -72,12 +83,18 @@ class RefDiffParseText(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, text, preset, root_rule, root_word, clip=None) -> io.NodeOutput:
+    def validate_inputs(cls, text=None, no_noun="error") -> bool | str:
+        # At queue time, before any model loads: an empty text, or one naming no object under no_noun "error".
+        return token_positions.text_problem(text, no_noun) or True
+
+    @classmethod
+    def execute(cls, text, preset, root_rule, root_word, clip=None, no_noun="error") -> io.NodeOutput:
         p = sockets.preset(preset)
         parse, summary = parse_texts(text, clip, p.root_rule if root_rule == "preset" else root_rule,
-                                     p.prompt_suffix, root_word or "")
+                                     p.prompt_suffix, root_word or "", no_noun)
+        runtime.show_on_node(parse.warnings)
         return io.NodeOutput(parse, summary)
 
 
 NODES = [RefDiffParseText]
-__all__ = ["parse_texts", "NODES", "RefDiffParseText"]
+__all__ = ["parse_texts", "no_noun_input", "NODES", "RefDiffParseText"]

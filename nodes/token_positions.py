@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from refdiff.errors import InputError
-from refdiff.text import (parse_text, root_token_position, strip_prompt_weights, token_spans, truncation_warning,
-                          word_token_positions)
+from refdiff.errors import InputError, RefDiffWarning
+from refdiff.text import (NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position,
+                          strip_prompt_weights, token_spans, truncation_warning, word_token_positions)
 
-from .text_inputs import find_word
+from .text_inputs import find_word, split_lines
 from .wire_types import ParsedItem
 
 
@@ -39,6 +40,20 @@ def parse_item(text: str, tokenizer: Any, root_rule: str = "root_or_subj", promp
 
     ``root_word`` (optional) replaces the parser's choice by a whole word of the text.
     """
+    parsed, overridden = parse_line(text, root_rule=root_rule, root_word=root_word, nlp=nlp)
+    prompt = parsed.text + prompt_suffix
+    positions = word_token_positions(prompt, parsed.root_span, tokenizer)
+    position = root_token_position(parsed, tokenizer, prompt_suffix=prompt_suffix, max_length=max_length)
+    return ParsedItem(parsed=parsed, prompt=prompt, root_positions=[p for p in positions if p < max_length - 1],
+                      root_position=position, tokens=token_strings(prompt, tokenizer, max_length),
+                      root_rule=root_rule, root_overridden=overridden,
+                      word_positions=word_positions(prompt, parsed.words, tokenizer, max_length))
+
+
+def parse_line(text: str, root_rule: str = "root_or_subj", root_word: str = "",
+               nlp: Any = None) -> tuple[ParsedText, bool]:
+    """The spaCy parse of one expression with prompt-weight syntax removed, its root replaced by ``root_word``
+    when one is given; returns (parse, whether the root was given)."""
     plain = strip_prompt_weights(text)
     if not plain.strip():
         raise InputError(f"text {text!r} holds no words once prompt-weight syntax is removed")
@@ -47,13 +62,41 @@ def parse_item(text: str, tokenizer: Any, root_rule: str = "root_or_subj", promp
     if overridden:
         start, end = find_word(parsed.text, root_word)
         parsed = dataclasses.replace(parsed, root=parsed.text[start:end], root_span=(start, end))
-    prompt = parsed.text + prompt_suffix
-    positions = word_token_positions(prompt, parsed.root_span, tokenizer)
-    position = root_token_position(parsed, tokenizer, prompt_suffix=prompt_suffix, max_length=max_length)
-    return ParsedItem(parsed=parsed, prompt=prompt, root_positions=[p for p in positions if p < max_length - 1],
-                      root_position=position, tokens=token_strings(prompt, tokenizer, max_length),
-                      root_rule=root_rule, root_overridden=overridden,
-                      word_positions=word_positions(prompt, parsed.words, tokenizer, max_length))
+    return parsed, overridden
+
+
+def root_note(parsed: ParsedText, no_noun: str = "error", overridden: bool = False) -> str | None:
+    """The ``no_noun`` policy (refdiff.text.check_root) on one parse: InputError under "error" when the text
+    names no object; otherwise the warning to show, None when the root names an object or a ``root_word``
+    override picked one of the text's nouns. The nodes log and show the warning themselves, so the Python
+    warning check_root emits is not repeated."""
+    if overridden and parsed.root.lower() in {n.lower() for n in parsed.nouns}:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RefDiffWarning)
+            return check_root(parsed, no_noun)
+    except InputError as exc:
+        if no_noun not in NO_NOUN_POLICIES:
+            raise
+        raise InputError(f"{exc}; or set no_noun to 'warn' to run it anyway") from None
+
+
+def text_problem(text: str | None, no_noun: str = "error", nlp: Any = None) -> str | None:
+    """What a node's validate_inputs answers for its text widget before anything runs (None: nothing wrong): an
+    empty text, a line that is only prompt-weight syntax, and under ``no_noun`` "error" a line that names no
+    object (which does not depend on the root rule or a root_word override). A linked text is not passed to
+    validate_inputs (None here): it is checked when the node runs."""
+    if no_noun not in NO_NOUN_POLICIES:
+        return f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {no_noun!r}"
+    if text is None:
+        return None
+    try:
+        for line in split_lines(text, "text"):
+            root_note(parse_line(line, nlp=nlp)[0], no_noun)
+    except InputError as exc:
+        return str(exc)
+    return None
 
 
 def word_positions(prompt: str, words: Sequence[tuple[str, int, int]], tokenizer: Any,
@@ -144,5 +187,5 @@ def resolve_token(item: ParsedItem, override: str = "", num_tokens: int = 77,
                      f"the root word {item.parsed.root!r}")
 
 
-__all__ = ["token_strings", "parse_item", "word_positions", "parse_warnings", "parse_summary", "TokenChoice",
-           "item_word_positions", "resolve_token", "word_at"]
+__all__ = ["token_strings", "parse_item", "parse_line", "root_note", "text_problem", "word_positions",
+           "parse_warnings", "parse_summary", "TokenChoice", "item_word_positions", "resolve_token", "word_at"]

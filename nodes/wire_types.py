@@ -119,9 +119,11 @@ class ParsedItem:
 
 @dataclass
 class ParsedBatch:
-    """REFDIFF_PARSE: one ParsedItem per line of the text input."""
+    """REFDIFF_PARSE: one ParsedItem per line of the text input, and the warnings its parse gave (a text that
+    names no object, a prompt cut at the token limit), shown by the nodes that parse."""
 
     items: list[ParsedItem]
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -133,10 +135,12 @@ class ParsedBatch:
 
 @dataclass
 class ProposalBatch:
-    """REFDIFF_PROPOSALS: candidate masks of every image, bool [N_i, H, W] at the image's own size (CPU)."""
+    """REFDIFF_PROPOSALS: candidate masks of every image, bool [N_i, H, W] at the image's own size (CPU), and
+    per image index why it has none (``notes``: the post-filter removed every mask, SAM found none)."""
 
     masks: list[torch.Tensor]
     source: str  # "threshold", "sam" or "cluster"
+    notes: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -144,6 +148,11 @@ class ProposalBatch:
     def describe(self) -> str:
         """How many proposals each image got, for the nodes' info outputs."""
         return ", ".join(f"image {i}: {m.shape[0]} proposals" for i, m in enumerate(self.masks))
+
+    @property
+    def warnings(self) -> list[str]:
+        """The notes as lines "image i: why", in image order."""
+        return [f"image {i}: {self.notes[i]}" for i in sorted(self.notes)]
 
 
 @dataclass

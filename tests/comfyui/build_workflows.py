@@ -116,7 +116,7 @@ def sd_front(g: Graph) -> tuple[str, str]:
 
 
 def parse_node(g: Graph, clip: list | None) -> str:
-    inputs: dict[str, Any] = dict(text=TEXT, preset="official", root_rule="preset", root_word="")
+    inputs: dict[str, Any] = dict(text=TEXT, preset="official", root_rule="preset", root_word="", no_noun="error")
     if clip is not None:
         inputs["clip"] = clip
     return g.add("RefDiffParseText", "Parse the referring expression", **inputs)
@@ -141,7 +141,7 @@ def sam_chain(g: Graph, image: str) -> str:
     return g.add("RefDiffSAMProposals", "SAM proposals", sam=g.out(sam), image=g.out(image), preset="official",
                  points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_score_thresh=0.95,
                  box_nms_thresh=0.7, crop_n_layers=0, min_mask_region_area=0, post_filter="preset",
-                 keep_largest=10, min_area=10000)
+                 keep_largest=10, min_area=10000, area_filter="preset")
 
 
 def clip_score(g: Graph, image: str, proposals: str, parse: str, mode: str) -> str:
@@ -243,6 +243,7 @@ def inpainting() -> Graph:
     segment = g.add("RefDiffSegment", "Ref-Diff: the referred object", model=g.out(ckpt, 0), clip=g.out(ckpt, 1),
                     vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
                     image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
+                    keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error",
                     sam=g.out(sam), clip_scorer=g.out(clip_loader))
     positive = g.add("CLIPTextEncode", "What to paint there", text="a white horse, photo", clip=g.out(ckpt, 1))
     negative = g.add("CLIPTextEncode", "Negative prompt", text="blurry, low quality", clip=g.out(ckpt, 1))

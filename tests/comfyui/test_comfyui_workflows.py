@@ -84,9 +84,11 @@ def test_batch_gives_one_result_per_image(run_graph, comfy):
 
 
 def test_nothing_qualifies_gives_an_empty_mask_of_the_image_size(run_graph):
-    """The official post-filter drops masks of at most 10000 px: on a 53 x 77 image nothing survives."""
+    """The official post-filter in absolute pixels (the released code) drops masks of at most 10000 px: on a
+    53 x 77 image nothing survives, and the table says why."""
     graph = for_tests(load_api("ref-diff-DS"), TEST_IMAGE)
-    graph[find(graph, "RefDiffSAMProposals")]["inputs"]["post_filter"] = "preset"
+    graph[find(graph, "RefDiffSAMProposals")]["inputs"].update(post_filter="preset",
+                                                               area_filter="absolute pixels (released code)")
     saves = save_every_mask(graph, prefix="check-empty")
     out = run_graph(graph)
     assert out.ok, out.error()
@@ -94,19 +96,24 @@ def test_nothing_qualifies_gives_an_empty_mask_of_the_image_size(run_graph):
         for path in out.files[save_id]:
             with Image.open(path) as im:
                 assert (im.height, im.width) == (H, W) and im.getextrema() in ((0, 0), ((0, 0),) * 3)
-    assert "no proposal: empty mask" in out.text(find(graph, "PreviewAny"))
+    table = out.text(find(graph, "PreviewAny"))
+    assert "no proposal: empty mask" in table
+    assert "why: the SAM post-filter removed" in table or "why: SAM found no mask" in table
 
 
 def test_text_lines_must_match_the_batch(run_graph):
-    graph = batch_graph("one\ntwo\nthree")
+    graph = batch_graph("the dog\nthe cat\nthe bird")
     out = run_graph(graph)
     assert not out.ok
     assert "3 entries for a batch of 2 images" in out.error(), out.error()
 
 
 def test_empty_text_is_named(run_graph):
+    """A text widget is checked when the prompt is queued (test_comfyui_first_run.py); a linked text, which
+    validation does not see, when the node runs."""
     graph = for_tests(load_api("ref-diff-DS"), TEST_IMAGE)
-    graph[find(graph, "RefDiffParseText")]["inputs"]["text"] = "   "
+    graph["90"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "   "}}
+    graph[find(graph, "RefDiffParseText")]["inputs"]["text"] = ["90", 0]
     out = run_graph(graph)
     assert not out.ok
     assert "text is empty" in out.error(), out.error()

@@ -1,0 +1,67 @@
+"""What the all-in-one node checks before the heavy work: which models its variant needs, the capture factor it
+asks of the MODEL, and the types of its linked inputs. No ComfyUI import (tested offline).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from refdiff.config import Preset, get_variant
+from refdiff.errors import InputError
+
+VARIANT_CHOICES = ["full", "G", "GS", "DS", "sam-clip"]
+# The optional model inputs of RefDiffSegment: (input, what it is, the node that gives it).
+SAM_INPUT = ("sam", "a SAM model", "RefDiff SAM Loader")
+CLIP_INPUT = ("clip_scorer", "a CLIP scorer", "RefDiff CLIP Loader")
+
+
+def variant_inputs(variant: str) -> list[tuple[str, str, str]]:
+    """The optional model inputs a variant needs: SAM for SAM proposals, the CLIP scorer for s_D."""
+    v = get_variant(variant)
+    return [SAM_INPUT] * (v.proposals == "sam") + [CLIP_INPUT] * bool(v.discriminative)
+
+
+def variant_inputs_problem(variant: str, connected: Collection[str]) -> str | None:
+    """The message when ``variant`` needs a model input that is not ``connected`` (None when all are): it names
+    each missing input, the loader that fills it, and the variants that run with what is connected."""
+    if variant not in VARIANT_CHOICES:
+        return f"variant must be one of {VARIANT_CHOICES}, got {variant!r}"
+    needed = variant_inputs(variant)
+    missing = [need for need in needed if need[0] not in connected]
+    if not missing:
+        return None
+    others = [f"'{name}'" for name in VARIANT_CHOICES
+              if name != variant and all(need[0] in connected for need in variant_inputs(name))]
+    what = " and ".join(label for _, label, _ in missing)
+    fix = " and ".join(f"a {loader} to '{name}'" for name, _, loader in missing)
+    alternative = f", or choose variant {' or '.join(others)}" if others else ""
+    return f"variant '{variant}' needs {what}: connect {fix}{alternative}"
+
+
+def capture_factor(factor: int, preset: Preset) -> int:
+    """The capture factor of RefDiffSegment's ``factor`` input: -1 = the preset's; 0 (every level) is refused,
+    since the generative map reads one level."""
+    factor = int(factor)
+    if factor < 0:
+        return int(preset.capture_factor)
+    if factor == 0:
+        raise InputError(f"factor 0 (every UNet level) is for RefDiff Self-Attention Refine; the generative map "
+                         f"reads one level: give a power of two such as {preset.capture_factor} (-1 = the "
+                         f"preset's {preset.capture_factor})")
+    return factor
+
+
+def linked_type_problem(received: Mapping[str, Any], declared: Mapping[str, Mapping[str, tuple]],
+                        matches: Callable[[Any, Any], bool]) -> str | None:
+    """The check ComfyUI skips for a node whose validate_inputs asks for ``input_types``: each linked input's
+    type (``received``) against its declared type (INPUT_TYPES' required/optional), with ComfyUI's own
+    ``matches`` (comfy_execution.validation.validate_node_input)."""
+    for name, kind in received.items():
+        spec = declared.get("required", {}).get(name) or declared.get("optional", {}).get(name)
+        if spec is not None and not matches(kind, spec[0]):
+            return f"{name}: a {kind} output is linked, but {name} takes {spec[0]}; connect a {spec[0]} output"
+    return None
+
+
+__all__ = ["VARIANT_CHOICES", "SAM_INPUT", "CLIP_INPUT", "variant_inputs", "variant_inputs_problem",
+           "capture_factor", "linked_type_problem"]
