@@ -25,33 +25,12 @@ from refdiff.scoring import fuse_and_select, generative_scores
 from refdiff.stores import AttentionStore
 from refdiff.text import parse_text, root_token_position
 
-# Small settings so that random SAM yields proposals and everything runs in seconds on a CPU.
-FAST = dict(image_size=64, sam_points_per_side=4, sam_points_per_batch=16, sam_pred_iou_thresh=0.0,
-            sam_stability_score_thresh=0.0, sam_min_area=0)
+from tiny_runs import FAST
 TEXT = "the red box on the left"
 SEED = 2
 # Both sides run the same float32 operations on the CPU; the tolerance only allows for summation order.
 TOL = dict(rtol=1e-5, atol=1e-6)
 VARIANTS = ["full", "G", "GS", "DS", "sam-clip", "G-refine", "cluster"]
-
-
-@pytest.fixture(scope="module")
-def models():
-    from refdiff.testing.clip import tiny_clip
-    from refdiff.testing.sam import tiny_sam
-    from refdiff.testing.sd import tiny_sd
-
-    torch.manual_seed(0)
-    return tiny_sd(), tiny_sam(), tiny_clip()
-
-
-@pytest.fixture(scope="module")
-def image():
-    rng = np.random.default_rng(0)
-    rgb = np.zeros((45, 67, 3), dtype=np.uint8)
-    rgb[5:30, 4:25] = (200, 30, 30)
-    rgb[10:40, 40:60] = (30, 30, 200)
-    return rgb + rng.integers(0, 20, rgb.shape, dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,9 @@ import torch
 import refdiff.pipeline as pipeline_module
 from refdiff.pipeline import RefDiff
 
-SETTINGS = dict(image_size=64, sam_points_per_side=4, sam_points_per_batch=16, sam_pred_iou_thresh=0.0,
-                sam_stability_score_thresh=0.0, sam_min_area=0)
+from tiny_runs import FAST as SETTINGS
 VARIANTS = ("full", "G", "G-refine", "cluster", "sam-clip")
 TEXT = "the red box on the left"
-
-
-@pytest.fixture(scope="module")
-def models():
-    from refdiff.testing.clip import tiny_clip
-    from refdiff.testing.sam import tiny_sam
-    from refdiff.testing.sd import tiny_sd
-
-    return tiny_sd(), tiny_sam(), tiny_clip()
 
 
 def images(count: int) -> list[np.ndarray]:

@@ -36,22 +36,6 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def loud_loaders(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every model loader fails the test if called: an error must come before any model loads."""
-    import refdiff.clip
-    import refdiff.sam
-    import refdiff.sd
-
-    def loud(name: str):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"{name} called before the bad input was reported")
-        return fail
-
-    for module, name in ((refdiff.sd, "load_sd"), (refdiff.sam, "load_sam"), (refdiff.clip, "load_clip")):
-        monkeypatch.setattr(module, name, loud(name))
-
-
 def test_help_explains_every_option_with_defaults(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["segment", "--help"])

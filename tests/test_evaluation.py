@@ -321,22 +321,6 @@ def test_main_cli_mounts_eval_and_passes_model_options(data: Path, tmp_path: Pat
     assert json.loads((out / "results.json").read_text())["variants"]["full"]["mIoU"] == pytest.approx(50.0)
 
 
-@pytest.fixture()
-def loud_loaders(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every model loader fails the test if called: an error must come before any model loads."""
-    import refdiff.clip
-    import refdiff.sam
-    import refdiff.sd
-
-    def loud(name: str):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"{name} called before the bad input was reported")
-        return fail
-
-    for module, name in ((refdiff.sd, "load_sd"), (refdiff.sam, "load_sam"), (refdiff.clip, "load_clip")):
-        monkeypatch.setattr(module, name, loud(name))
-
-
 @pytest.mark.parametrize("case", ["sam", "sd", "clip", "data-root", "set"])
 def test_eval_checks_named_files_before_any_model_loads_or_result_is_written(case, data: Path, tmp_path: Path,
                                                                              loud_loaders, capsys) -> None:

@@ -58,15 +58,6 @@ SETTINGS = dict(image_size=128, sam_points_per_side=4, sam_points_per_batch=16, 
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    rgb = np.zeros((45, 67, 3), dtype=np.uint8)
-    rgb[5:30, 4:25] = (200, 30, 30)
-    rgb[10:40, 40:60] = (30, 30, 200)
-    return rgb + rng.integers(0, 20, rgb.shape, dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
 def weight_files(tmp_path_factory) -> dict[str, Path]:
     """The tiny models written as a user has them: a diffusers folder, a CLIP .safetensors, a SAM .pth."""
     root = tmp_path_factory.mktemp("weights")

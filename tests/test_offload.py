@@ -12,8 +12,7 @@ from refdiff.offload import OnDemand, all_on_device, offload_sd, on_device, sd_o
 from refdiff.pipeline import RefDiff
 
 # As tests/test_pipeline.py: small settings so that random SAM proposes masks and a run takes about a second.
-FAST = dict(image_size=64, sam_points_per_side=4, sam_points_per_batch=16, sam_pred_iou_thresh=0.0,
-            sam_stability_score_thresh=0.0, sam_min_area=0)
+from tiny_runs import FAST, two_box_image
 OTHER = torch.device("cpu", 1)  # a second "device" for recorded (not executed) moves
 
 
@@ -117,22 +116,8 @@ def test_device_without_offload_is_an_error():
 
 # ------------------------------------------------------------------------------------------ pipeline
 @pytest.fixture(scope="module")
-def models():
-    from refdiff.testing.clip import tiny_clip
-    from refdiff.testing.sam import tiny_sam
-    from refdiff.testing.sd import tiny_sd
-
-    torch.manual_seed(0)
-    return tiny_sd(), tiny_sam(), tiny_clip()
-
-
-@pytest.fixture(scope="module")
 def image():
-    rng = np.random.default_rng(0)
-    rgb = np.zeros((40, 56, 3), dtype=np.uint8)
-    rgb[5:30, 4:25] = (200, 30, 30)
-    rgb[10:36, 34:52] = (30, 30, 200)
-    return rgb + rng.integers(0, 20, rgb.shape, dtype=np.uint8)
+    return two_box_image(40, 56, blue=(10, 36, 34, 52))
 
 
 VARIANTS = ["full", "G", "G-refine", "cluster", "sam-clip"]

@@ -9,27 +9,7 @@ import torch
 from refdiff.errors import InputError, RefDiffWarning
 from refdiff.pipeline import RefDiff
 
-FAST = dict(image_size=64, sam_points_per_side=4, sam_points_per_batch=16, sam_pred_iou_thresh=0.0,
-            sam_stability_score_thresh=0.0, sam_min_area=0)
-
-
-@pytest.fixture(scope="module")
-def models():
-    from refdiff.testing.clip import tiny_clip
-    from refdiff.testing.sam import tiny_sam
-    from refdiff.testing.sd import tiny_sd
-
-    torch.manual_seed(0)
-    return tiny_sd(), tiny_sam(), tiny_clip()
-
-
-@pytest.fixture(scope="module")
-def image():
-    rng = np.random.default_rng(0)
-    rgb = np.zeros((45, 67, 3), dtype=np.uint8)
-    rgb[5:30, 4:25] = (200, 30, 30)
-    rgb[10:40, 40:60] = (30, 30, 200)
-    return rgb + rng.integers(0, 20, rgb.shape, dtype=np.uint8)
+from tiny_runs import FAST
 
 
 def make(models, preset="official", **overrides):
