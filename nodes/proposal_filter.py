@@ -99,15 +99,12 @@ def filter_image(masks: torch.Tensor, settings: FilterSettings,
     """The post-filter on one image's SAM masks [N, H, W]; with the note to show when none is left (None
     otherwise): SAM found none, or the filter removed them all (what was removed and how to keep them)."""
     n, height, width = masks.shape
-    kept, _, note = sam_post_filter(masks, keep_largest=settings.keep_largest, min_area=settings.min_area,
-                                    min_area_reference=settings.reference)
     if n == 0:
-        return kept, no_masks_message(height, width)
-    if note:
-        # the library's account of what was removed, then the fix in the node's inputs instead of its own
-        # (which names the Preset fields): the account ends where its fix begins, at the last "; "
-        return kept, f"{note.rsplit('; ', 1)[0]}; {node_fix(settings, height, width, lower_min_area)}"
-    return kept, None
+        return masks, no_masks_message(height, width)
+    kept, _, note = sam_post_filter(masks, keep_largest=settings.keep_largest, min_area=settings.min_area,
+                                    min_area_reference=settings.reference,
+                                    advice=node_fix(settings, height, width, lower_min_area))
+    return kept, note
 
 
 __all__ = ["POST_FILTER_OPTIONS", "RELATIVE", "ABSOLUTE", "AREA_FILTER_OPTIONS", "DEFAULT_REFERENCE",

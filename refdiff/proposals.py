@@ -132,12 +132,14 @@ def _px(value: float) -> str:
 
 
 def filtered_out_message(n_masks: int, largest_area: int, height: int, width: int, keep_largest: int | None,
-                         min_area: float, reference: int | None, threshold: float) -> str:
-    """What to tell the user when the post-filter removed all ``n_masks`` proposals of a width x height image."""
+                         min_area: float, reference: int | None, threshold: float, advice: str | None = None) -> str:
+    """What to tell the user when the post-filter removed all ``n_masks`` proposals of a width x height image:
+    what was removed, then how to keep them (``advice``, e.g. in a node's own inputs; default: the Preset fields)."""
     which = f"all {n_masks} masks" if n_masks > 1 else "the only mask"
     head = f"the SAM post-filter removed {which} of this {width} x {height} image, so the mask is empty"
     if keep_largest == 0:
-        return f"{head}: sam_keep_largest=0 keeps none; raise sam_keep_largest (None keeps all)"
+        account, fix = f"{head}: sam_keep_largest=0 keeps none", "raise sam_keep_largest (None keeps all)"
+        return f"{account}; {fix if advice is None else advice}"
     if reference is None:
         rule = f"sam_min_area={_px(min_area)} in absolute pixels, as sam_min_area_reference=None"
         scaled = effective_min_area(min_area, height, width, 640 * 480)
@@ -148,15 +150,16 @@ def filtered_out_message(n_masks: int, largest_area: int, height: int, width: in
                 f"scaled to this image's {height * width} px")
         fix = "lower sam_min_area (0 keeps every mask), or set sam_min_area_reference=None for absolute pixels"
     return (f"{head}: the largest has {largest_area} px, not above the area threshold of {_px(threshold)} px "
-            f"({rule}); {fix}")
+            f"({rule}); {fix if advice is None else advice}")
 
 
 def sam_post_filter(masks: torch.Tensor, keep_largest: int | None = 10, min_area: float = 10000,
-                    min_area_reference: int | None = 640 * 480) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+                    min_area_reference: int | None = 640 * 480, advice: str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """The ``official`` post-filter at the masks' image size (threshold ``effective_min_area``).
 
     Returns (kept masks, their indices, a message when it removed every mask, else None): an empty result is
-    never silent."""
+    never silent. ``advice`` replaces the message's closing fix (default: which Preset fields to change)."""
     _check_masks(masks)
     n, height, width = masks.shape
     threshold = effective_min_area(min_area, height, width, min_area_reference)
@@ -165,7 +168,7 @@ def sam_post_filter(masks: torch.Tensor, keep_largest: int | None = 10, min_area
         return kept, keep, None
     largest = int(masks.flatten(1).sum(dim=1).max())
     return kept, keep, filtered_out_message(n, largest, height, width, keep_largest, min_area,
-                                            min_area_reference, threshold)
+                                            min_area_reference, threshold, advice)
 
 
 __all__ = ["threshold_proposals", "dedupe_masks", "make_mask_generator", "sam_proposals", "filter_proposals",

@@ -148,6 +148,12 @@ def test_post_filter_says_when_it_removes_everything() -> None:
                          "sam_keep_largest=0 keeps none; raise sam_keep_largest (None keeps all)")
     one = sam_post_filter(masks[:1], 10, 10000, None)[2]
     assert one.startswith("the SAM post-filter removed the only mask of this 131 x 97 image")
+    # a caller's own advice replaces the closing fix, the account of what was removed stays
+    advised = sam_post_filter(masks, 10, 10000, 640 * 480, advice="on this node: lower min_area")[2]
+    assert advised == note.replace("lower sam_min_area (0 keeps every mask), or set sam_min_area_reference=None "
+                                   "for absolute pixels", "on this node: lower min_area")
+    assert sam_post_filter(masks, 0, 0, None, advice="raise keep_largest")[2].endswith(
+        "sam_keep_largest=0 keeps none; raise keep_largest")
     # nothing to remove, or something kept: no message
     assert sam_post_filter(torch.zeros(0, 97, 131, dtype=torch.bool), 10, 10000, None)[2] is None
     assert sam_post_filter(masks, 10, 50, None)[2] is None
