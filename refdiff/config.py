@@ -15,6 +15,8 @@ ResizeMode = Literal["bilinear", "lanczos"]
 RootRule = Literal["root", "root_or_subj"]
 ClipLayer = Literal["final", "penultimate"]
 BiasBranch = Literal["masked", "crop", "none"]
+ProposalMode = Literal["automatic", "prompted"]
+PromptKind = Literal["points", "boxes", "points+boxes"]
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
@@ -60,6 +62,18 @@ class Preset:
     # The image area at which sam_min_area holds as given; the threshold scales with the image area (10000 px
     # is ~3% of a 640 x 480 COCO image, at any size). None: sam_min_area in absolute pixels (the released code).
     sam_min_area_reference: int | None = 640 * 480
+    # Where SAM is prompted (beyond the paper; docs/METHOD.md section 6, "Prompted proposals"): "automatic" = the
+    # automatic mask generator's point grid (both presets); "prompted" = SAM's predictor at the peaks and regions of
+    # the generative map c (refdiff.prompted). The sam_* filter fields above apply to both.
+    proposal_mode: ProposalMode = "automatic"
+    prompt_threshold: float = 0.5  # peaks and their regions are where c >= this
+    prompt_max: int = 4  # at most this many peaks (the highest first)
+    prompt_min_distance: float = 0.1  # two peaks at least this far apart (fraction of the image's longer side)
+    prompt_grid: int = 64  # c is searched for peaks on a grid of this many cells along its longer side
+    prompt_kind: PromptKind = "points+boxes"  # per peak: its point, its region's box (with the point), or both
+    prompt_multimask: bool = True  # SAM's three masks per prompt (whole, part, subpart)
+    prompt_nms_iou: float = 0.8  # drop a mask whose IoU with a better-scored kept one is above this
+    prompt_min_score: float = 0.0  # drop masks whose predicted IoU is below this (0: keep all)
     # 7. generative matching
     score_eps: float = 1e-6
     # 8. discriminative matching
@@ -136,7 +150,7 @@ class Variant:
     """Which stages a variant uses (docs/METHOD.md section 10)."""
 
     name: str
-    proposals: Literal["threshold", "sam", "cluster"]
+    proposals: Literal["threshold", "sam", "cluster", "prompted"]
     generative: bool
     discriminative: bool
     sam_clip: bool = False  # crop branch only, no positional bias, sentence feature
@@ -144,7 +158,7 @@ class Variant:
 
     @property
     def needs_diffusion(self) -> bool:
-        return self.generative or self.refine or self.proposals in ("threshold", "cluster")
+        return self.generative or self.refine or self.proposals in ("threshold", "cluster", "prompted")
 
 
 VARIANTS: dict[str, Variant] = {
@@ -156,13 +170,17 @@ VARIANTS: dict[str, Variant] = {
     # Sibling methods on the same UNet internals (docs/SIBLING_METHODS.md):
     "g-refine": Variant("G-refine", "threshold", generative=True, discriminative=False, refine=True),
     "cluster": Variant("cluster", "cluster", generative=True, discriminative=True),
+    # Ref-Diff with SAM prompted at the generative map's peaks, whatever the preset's proposal_mode (beyond the paper)
+    "prompted": Variant("prompted", "prompted", generative=True, discriminative=True),
 }
 _ALIASES = {"ref-diff": "full", "refdiff": "full", "ref-diff/g": "g", "ref-diff/gs": "gs",
             "ref-diff/ds": "ds", "samclip": "sam-clip", "sam_clip": "sam-clip", "diffsegmenter": "g-refine",
-            "g_refine": "g-refine", "freeseg": "cluster", "freeseg-diff": "cluster"}
+            "g_refine": "g-refine", "freeseg": "cluster", "freeseg-diff": "cluster", "full-prompted": "prompted",
+            "ref-diff-prompted": "prompted"}
 VARIANT_HELP = ("full (Ref-Diff), G (threshold proposals + generative), GS (SAM + generative), DS (SAM + CLIP), "
                 "sam-clip (baseline), G-refine (G on the self-attention-refined map), cluster (feature-cluster "
-                "proposals + generative + CLIP)")
+                "proposals + generative + CLIP), prompted (Ref-Diff with SAM prompted at the peaks of the generative "
+                "map)")
 
 
 def get_variant(name: str | Variant) -> Variant:
@@ -174,6 +192,31 @@ def get_variant(name: str | Variant) -> Variant:
     if key not in VARIANTS:
         raise InputError(f"unknown variant {name!r}; choose one of {', '.join(v.name for v in VARIANTS.values())}")
     return VARIANTS[key]
+
+
+def proposal_source(variant: str | Variant, preset: Preset) -> str:
+    """Where a variant's proposals come from under a preset: "threshold", "cluster", "sam" (the automatic
+    generator) or "prompted" (SAM prompted at c's peaks: the prompted variant, or a SAM variant under
+    proposal_mode="prompted")."""
+    v = get_variant(variant)
+    if v.proposals == "sam" and preset.proposal_mode == "prompted":
+        return "prompted"
+    if preset.proposal_mode not in ("automatic", "prompted"):
+        raise InputError(f"proposal_mode must be 'automatic' or 'prompted', got {preset.proposal_mode!r}")
+    return v.proposals
+
+
+def needs_map(variant: str | Variant, preset: Preset) -> bool:
+    """Whether a variant needs the generative map c under a preset: for its scores or proposals, and for the
+    prompts of the prompted mode (so DS and sam-clip run the diffusion pass under proposal_mode="prompted")."""
+    return get_variant(variant).needs_diffusion or proposal_source(variant, preset) == "prompted"
+
+
+def prompt_kwargs(preset: Preset) -> dict[str, object]:
+    """refdiff.prompted.prompted_proposals keyword arguments of a preset."""
+    return dict(threshold=preset.prompt_threshold, max_prompts=preset.prompt_max,
+                min_distance=preset.prompt_min_distance, grid=preset.prompt_grid, kind=preset.prompt_kind,
+                multimask=preset.prompt_multimask, nms_iou=preset.prompt_nms_iou, min_score=preset.prompt_min_score)
 
 
 def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
@@ -190,4 +233,5 @@ def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
 
 
 __all__ = ["Preset", "OFFICIAL", "PAPER", "PRESETS", "get_preset", "Variant", "VARIANTS", "get_variant",
-           "sam_generator_kwargs", "DEFAULT_THRESHOLDS", "VARIANT_HELP"]
+           "sam_generator_kwargs", "DEFAULT_THRESHOLDS", "VARIANT_HELP", "proposal_source", "needs_map",
+           "prompt_kwargs", "ProposalMode", "PromptKind"]

@@ -1,7 +1,7 @@
 """The public API: ``RefDiff`` runs the stages of the method for (image, text) pairs and caches image-only work.
 
 One instance segments many pairs. Work that depends on the image alone (the prepared square, the VAE
-latent, SAM proposals, CLIP image features) is cached per image content, so several expressions on one
+latent, SAM proposals, SAM's image embedding, CLIP image features) is cached per image content, so several expressions on one
 image, or several variants of one expression, pay for it once.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from . import offload as _offload
 from .devices import resolve_device
-from .config import VARIANTS, Preset, Variant, get_preset, get_variant, sam_generator_kwargs
+from .config import (VARIANTS, Preset, Variant, get_preset, get_variant, needs_map, prompt_kwargs, proposal_source,
+                     sam_generator_kwargs)
 from .errors import InputError, RefDiffWarning
 from .image import PreparedImage, image_key, load_image, prepare_image
 from .text import NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position, truncation_warning
@@ -173,10 +174,12 @@ class RefDiff:
         self._nlp = nlp
         self._progress = progress
         self._generator = None
+        self._predictor: tuple[int, Any] | None = None  # (id of the SAM, its prompt predictor)
         self._prepared = _LRU(cache_size)
         self._latents = _LRU(cache_size)
         self._attention = _LRU(cache_size * 4)
         self._sam_masks = _LRU(cache_size, max_bytes=PROPOSAL_CACHE_BYTES)
+        self._sam_embeddings = _LRU(cache_size)  # SAM image embeddings of the prompted mode (vit_h: 4 MB each)
         self._clip_image = _LRU(cache_size * 4)
         self._clip_text = _LRU(256)
 
@@ -250,9 +253,10 @@ class RefDiff:
         return self._generator[1]
 
     def clear_cache(self) -> None:
-        """Forget every per-image result (prepared squares, latents, attention, SAM masks, CLIP features)."""
-        for cache in (self._prepared, self._latents, self._attention, self._sam_masks, self._clip_image,
-                      self._clip_text):
+        """Forget every per-image result (prepared squares, latents, attention, SAM masks and embeddings, CLIP
+        features)."""
+        for cache in (self._prepared, self._latents, self._attention, self._sam_masks, self._sam_embeddings,
+                      self._clip_image, self._clip_text):
             cache.clear()
 
     # -- public entry points --------------------------------------------------------------------------------
@@ -280,15 +284,29 @@ class RefDiff:
                 maps[refine] = self._generative_map(rgb, key, parsed, seed, timings, refine=refine)
             return maps[refine]
 
+        sources = {v.name: proposal_source(v, self.preset) for v in chosen}
         sam_masks, sam_note = None, None
-        if any(v.proposals == "sam" for v in chosen):
+        if "sam" in sources.values():
             sam_masks, sam_note = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
+        prompted: list[tuple[torch.Tensor, str | None]] = []  # computed once, from the unrefined map
+
+        def prompted_masks() -> tuple[torch.Tensor, str | None]:
+            if not prompted:
+                c_plain = generative(False)[0]
+                prompted.append(self._timed(timings, "sam_prompted",
+                                            lambda: self._prompted_proposals(rgb, key, c_plain)))
+            return prompted[0]
+
         results = {}
         for v in chosen:
-            c, root_position = generative(v.refine) if v.needs_diffusion else (None, None)
-            if v.proposals == "sam":
-                masks = sam_masks
-            elif v.proposals == "cluster":
+            source = sources[v.name]
+            c, root_position = generative(v.refine) if needs_map(v, self.preset) else (None, None)
+            note = None
+            if source == "sam":
+                masks, note = sam_masks, sam_note
+            elif source == "prompted":
+                masks, note = prompted_masks()
+            elif source == "cluster":
                 masks = self._timed(timings, "cluster", lambda: self._cluster_proposals(rgb, key, seed))
             else:
                 masks = self._timed(timings, "threshold", lambda: self._threshold(c))
@@ -298,7 +316,7 @@ class RefDiff:
             if v.discriminative and masks.shape[0]:
                 s_d = self._timed(timings, f"clip_{v.name}", lambda: self._discriminative(rgb, key, parsed, masks, v))
             results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings))
-            results[v.name].warnings = notes + ([sam_note] if sam_note and v.proposals == "sam" else [])
+            results[v.name].warnings = notes + ([note] if note else [])
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------
@@ -415,6 +433,37 @@ class RefDiff:
                 return sam_proposals(generator, rgb)
 
         raw = self._sam_masks.get((key, tuple(sorted(sam_generator_kwargs(p).items()))), generate)
+        masks, _, note = sam_post_filter(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area,
+                                         min_area_reference=p.sam_min_area_reference)
+        if note:
+            warnings.warn(note, RefDiffWarning, stacklevel=2)
+        return masks, note
+
+    def _prompt_predictor(self) -> Any:
+        """SAM's predictor for the prompted mode (one per SAM model; refdiff.prompted.make_predictor)."""
+        from .prompted import make_predictor
+
+        sam = self.sam
+        if self._predictor is None or self._predictor[0] != id(sam):
+            self._predictor = (id(sam), make_predictor(sam))
+        return self._predictor[1]
+
+    def _prompted_proposals(self, rgb: np.ndarray, key: str, c: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        """SAM prompted at the peaks of c (refdiff.prompted; the image embedding cached per image), then the
+        preset's post-filter as for the automatic masks; with the reason (also warned) when no mask is left."""
+        from .prompted import no_prompt_message, prompted_proposals, set_image_cached
+        from .proposals import sam_post_filter
+
+        p = self.preset
+        height, width = rgb.shape[:2]
+        with self._using(self.sam):  # the predictor reads its device from the SAM model
+            predictor = self._prompt_predictor()
+            set_image_cached(predictor, rgb, self._sam_embeddings, key)
+            raw, prompts = prompted_proposals(predictor, c, height, width, **prompt_kwargs(p))
+        if raw.shape[0] == 0:
+            note = no_prompt_message(prompts, p.prompt_threshold)
+            warnings.warn(note, RefDiffWarning, stacklevel=2)
+            return raw, note
         masks, _, note = sam_post_filter(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area,
                                          min_area_reference=p.sam_min_area_reference)
         if note:
