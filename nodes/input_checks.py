@@ -9,7 +9,9 @@ from typing import Any
 from refdiff.config import Preset, get_variant
 from refdiff.errors import InputError
 
-VARIANT_CHOICES = ["full", "G", "GS", "DS", "sam-clip"]
+VARIANT_CHOICES = ["full", "G", "GS", "DS", "sam-clip", "prompted"]
+# RefDiffSegment's proposal_mode input: the preset's, or SAM's automatic generator / prompts at c's peaks
+PROPOSAL_MODE_CHOICES = ["preset", "automatic", "prompted"]
 # The optional model inputs of RefDiffSegment: (input, what it is, the node that gives it).
 SAM_INPUT = ("sam", "a SAM model", "RefDiff SAM Loader")
 CLIP_INPUT = ("clip_scorer", "a CLIP scorer", "RefDiff CLIP Loader")
@@ -18,7 +20,7 @@ CLIP_INPUT = ("clip_scorer", "a CLIP scorer", "RefDiff CLIP Loader")
 def variant_inputs(variant: str) -> list[tuple[str, str, str]]:
     """The optional model inputs a variant needs: SAM for SAM proposals, the CLIP scorer for s_D."""
     v = get_variant(variant)
-    return [SAM_INPUT] * (v.proposals == "sam") + [CLIP_INPUT] * bool(v.discriminative)
+    return [SAM_INPUT] * (v.proposals in ("sam", "prompted")) + [CLIP_INPUT] * bool(v.discriminative)
 
 
 def variant_inputs_problem(variant: str, connected: Collection[str]) -> str | None:
@@ -63,5 +65,12 @@ def linked_type_problem(received: Mapping[str, Any], declared: Mapping[str, Mapp
     return None
 
 
-__all__ = ["VARIANT_CHOICES", "SAM_INPUT", "CLIP_INPUT", "variant_inputs", "variant_inputs_problem",
+def proposal_mode_preset(preset: Preset, proposal_mode: str = "preset") -> Preset:
+    """The preset with RefDiffSegment's ``proposal_mode`` input applied ('preset' keeps the preset's)."""
+    if proposal_mode not in PROPOSAL_MODE_CHOICES:
+        raise InputError(f"proposal_mode must be one of {PROPOSAL_MODE_CHOICES}, got {proposal_mode!r}")
+    return preset if proposal_mode == "preset" else preset.with_(proposal_mode=proposal_mode)
+
+
+__all__ = ["VARIANT_CHOICES", "PROPOSAL_MODE_CHOICES", "proposal_mode_preset", "SAM_INPUT", "CLIP_INPUT", "variant_inputs", "variant_inputs_problem",
            "capture_factor", "linked_type_problem"]

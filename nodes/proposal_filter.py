@@ -10,6 +10,7 @@ import torch
 
 from refdiff.config import Preset
 from refdiff.errors import InputError
+from refdiff.prompted import Prompts, no_prompt_message
 from refdiff.proposals import effective_min_area, sam_post_filter
 
 POST_FILTER_OPTIONS = ["preset", "none", "custom"]
@@ -107,6 +108,18 @@ def filter_image(masks: torch.Tensor, settings: FilterSettings,
     return kept, note
 
 
-__all__ = ["POST_FILTER_OPTIONS", "RELATIVE", "ABSOLUTE", "AREA_FILTER_OPTIONS", "DEFAULT_REFERENCE",
+def filter_prompted(masks: torch.Tensor, prompts: Prompts, settings: FilterSettings, threshold: float,
+                    min_score: float, lower_min_area: str = "lower min_area") -> tuple[torch.Tensor, str | None]:
+    """The post-filter on one image's prompted SAM masks (as ``filter_image``); an image without a prompt or
+    without a usable mask gets the reason and the fix with the prompted node's inputs."""
+    if masks.shape[0] == 0:
+        fix = (f"on this node: lower min_score (now {min_score:g}), or use RefDiff SAM Proposals (automatic)"
+               if len(prompts) else
+               f"on this node: lower threshold (now {threshold:g}), or use RefDiff SAM Proposals (automatic)")
+        return masks, no_prompt_message(prompts, threshold, min_score, advice=fix)
+    return filter_image(masks, settings, lower_min_area)
+
+
+__all__ = ["filter_prompted", "POST_FILTER_OPTIONS", "RELATIVE", "ABSOLUTE", "AREA_FILTER_OPTIONS", "DEFAULT_REFERENCE",
            "AREA_FILTER_TOOLTIP", "FilterSettings", "area_reference", "sam_filter_settings",
            "segment_filter_settings", "no_masks_message", "node_fix", "filter_image"]

@@ -1,17 +1,22 @@
-"""SAM nodes: load a Segment Anything checkpoint from models/sams; automatic mask proposals (docs/METHOD.md 6)."""
+"""SAM nodes: load a Segment Anything checkpoint from models/sams; automatic mask proposals and proposals prompted at
+the generative map's peaks (docs/METHOD.md 6)."""
 from __future__ import annotations
 
 import segment_anything  # noqa: F401  (without it these nodes are disabled, not broken)
 import torch
 from comfy_api.latest import io
 
-from refdiff.config import Preset, sam_generator_kwargs
+from refdiff.config import Preset, prompt_kwargs, sam_generator_kwargs
+from refdiff.errors import InputError
+from refdiff.image import image_key
+from refdiff.pipeline import LRUCache
+from refdiff.prompted import PROMPT_KINDS, image_prompted_proposals, make_predictor
 from refdiff.proposals import make_mask_generator, sam_proposals
 from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_type, load_sam
 
 from . import model_files, runtime, sockets, tensors
 from .proposal_filter import (AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FILTER_OPTIONS, FilterSettings,
-                              filter_image, sam_filter_settings)
+                              filter_image, filter_prompted, sam_filter_settings)
 from .wire_types import ProposalBatch, SamHandle
 
 SAM_WHERE = ("Download one of " + ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
@@ -46,6 +51,47 @@ def sam_proposal_batch(sam: SamHandle, image: torch.Tensor, amg: dict, settings:
                 notes[i] = note
             progress.step()
     batch = ProposalBatch(out, source="sam", notes=notes)
+    runtime.warn(batch.warnings)
+    return batch
+
+
+# SAM image embeddings of the prompted mode, per (checkpoint, model, image): a new text on the same image reruns
+# the node (its c changed) without rerunning SAM's image encoder.
+EMBEDDINGS = LRUCache(8)
+
+
+def prompted_proposal_batch(sam: SamHandle, image: torch.Tensor, c: torch.Tensor, prompts: dict,
+                            settings: FilterSettings,
+                            lower_min_area: str = "set post_filter to 'custom' and lower min_area") -> ProposalBatch:
+    """SAM prompted at the peaks of each image's generative map c (refdiff.prompted; ``prompts``: the keyword
+    arguments of ``config.prompt_kwargs``), then the post-filter; an image left without a mask gets a note
+    saying why (no peak in c, no usable mask, the filter), also logged as a warning. ``prompts_info`` of the
+    result lists each image's prompts."""
+    rgbs = tensors.images_to_rgb(image)
+    maps = tensors.mask_maps(c)
+    if len(maps) != len(rgbs):
+        raise InputError(f"c holds {len(maps)} map(s) but image holds {len(rgbs)}; connect the generative maps of "
+                         "these images (RefDiff Generative Map)")
+    out, notes, said = [], {}, []
+    progress = runtime.Progress(len(rgbs))
+    with runtime.on_compute_device(sam.model):
+        predictor = make_predictor(sam.model)
+        for i, (rgb, c_i) in enumerate(zip(rgbs, maps)):
+            runtime.check_interrupt()
+            if tuple(c_i.shape) != rgb.shape[:2]:
+                raise InputError(f"c: image {i}'s map is {c_i.shape[1]} x {c_i.shape[0]} but the image is "
+                                 f"{rgb.shape[1]} x {rgb.shape[0]}; connect c of the original images")
+            raw, found = image_prompted_proposals(predictor, rgb, c_i, EMBEDDINGS,
+                                                  (sam.path, id(sam.model), image_key(rgb)),
+                                                  check=runtime.check_interrupt, **prompts)
+            masks, note = filter_prompted(raw, found, settings, prompts["threshold"], prompts["min_score"],
+                                          lower_min_area)
+            out.append(masks.cpu())
+            said.append(f"image {i}: {found.describe()}; {raw.shape[0]} mask(s) after NMS, {masks.shape[0]} kept")
+            if note:
+                notes[i] = note
+            progress.step()
+    batch = ProposalBatch(out, source="prompted", notes=notes, prompts_info=said)
     runtime.warn(batch.warnings)
     return batch
 
@@ -143,6 +189,76 @@ class RefDiffSAMProposals(io.ComfyNode):
         return io.NodeOutput(proposals, info)
 
 
-NODES = [RefDiffSAMLoader, RefDiffSAMProposals]
-__all__ = ["load_sam_model", "sam_proposal_batch", "NODES", "RefDiffSAMLoader",
-           "RefDiffSAMProposals"]
+class RefDiffPromptedSAM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = prompt_kwargs(Preset(name="defaults"))
+        return io.Schema(
+            node_id="RefDiffPromptedSAM",
+            display_name="RefDiff Prompted SAM Proposals",
+            category=sockets.CATEGORY,
+            description="Fast proposals beyond the paper: SAM is prompted only at the peaks of the generative map c "
+                        "(each peak as a point and/or the box of its region of c >= threshold, three masks per "
+                        "prompt), with the image embedding computed once per image, instead of decoding a 32 x 32 "
+                        "point grid. Near-duplicate masks are suppressed, then the post-filter applies. Fewer, "
+                        "object-level masks; an object c misses gets no mask. An image whose map points nowhere "
+                        "is left without a mask, named with the reason.",
+            inputs=[
+                sockets.SamModel.Input("sam", tooltip="SAM from RefDiffSAMLoader."),
+                io.Image.Input("image", tooltip="The original images."),
+                io.Mask.Input("c", tooltip="Generative maps of the same images from RefDiffGenerativeMap (one per "
+                                           "image, at the image's size)."),
+                sockets.preset_input("Preset for 'post_filter: preset'."),
+                io.Float.Input("threshold", default=d["threshold"], min=0.01, max=1.0, step=0.01,
+                               tooltip="Peaks of c count from this value; a peak's box is its region of c >= this."),
+                io.Int.Input("max_prompts", default=d["max_prompts"], min=1, max=64,
+                             tooltip="At most this many peaks per image, the highest first."),
+                io.Float.Input("min_distance", default=d["min_distance"], min=0.0, max=0.99, step=0.01,
+                               tooltip="Two peaks at least this far apart, as a fraction of the image's longer "
+                                       "side."),
+                io.Combo.Input("prompt_kind", options=list(PROMPT_KINDS), default=d["kind"],
+                               tooltip="Per peak: its point, its region's box (with the point), or both (two SAM "
+                                       "calls)."),
+                io.Boolean.Input("multimask", default=d["multimask"],
+                                 tooltip="SAM's three masks per prompt (whole, part, subpart); off: one."),
+                io.Float.Input("nms_iou", default=d["nms_iou"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Drop a mask whose IoU with a better-scored kept mask is above this."),
+                io.Float.Input("min_score", default=d["min_score"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Drop masks whose SAM-predicted IoU is below this (0 keeps all)."),
+                io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default="preset",
+                               tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the "
+                                       "two values below."),
+                io.Int.Input("keep_largest", default=10, min=0, max=1000,
+                             tooltip="custom filter: keep only the N largest masks (0 = all)."),
+                io.Int.Input("min_area", default=10000, min=0, max=100000000,
+                             tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image "
+                                     "when area_filter is relative: see area_filter)."),
+                io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
+                               tooltip=AREA_FILTER_TOOLTIP),
+            ],
+            outputs=[
+                sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
+                                                                           "(REFDIFF_PROPOSALS)."),
+                io.String.Output(display_name="info", tooltip="The prompts of each image, how many masks they gave, "
+                                                              "the filter, and why an image has none."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, sam, image, c, preset, threshold, max_prompts, min_distance, prompt_kind, multimask, nms_iou,
+                min_score, post_filter, keep_largest, min_area, area_filter="preset") -> io.NodeOutput:
+        p = sockets.preset(preset)
+        prompts = {**prompt_kwargs(p), "threshold": float(threshold), "max_prompts": int(max_prompts),
+                   "min_distance": float(min_distance), "kind": prompt_kind, "multimask": bool(multimask),
+                   "nms_iou": float(nms_iou), "min_score": float(min_score)}
+        settings = sam_filter_settings(post_filter, p, keep_largest, min_area, area_filter)
+        proposals = prompted_proposal_batch(sam, image, c, prompts, settings)
+        runtime.show_on_node(proposals.warnings)
+        info = "\n".join([f"{proposals.describe()} ({settings.describe()})", *proposals.prompts_info,
+                          *(f"warning: {w}" for w in proposals.warnings)])
+        return io.NodeOutput(proposals, info)
+
+
+NODES = [RefDiffSAMLoader, RefDiffSAMProposals, RefDiffPromptedSAM]
+__all__ = ["load_sam_model", "sam_proposal_batch", "prompted_proposal_batch", "EMBEDDINGS", "NODES",
+           "RefDiffSAMLoader", "RefDiffSAMProposals", "RefDiffPromptedSAM"]

@@ -9,11 +9,12 @@ from comfy_api.latest import io, ui
 from comfy_execution.validation import validate_node_input
 
 from refdiff.capture import LayerSelector
-from refdiff.config import Preset, get_variant, sam_generator_kwargs
+from refdiff.config import Preset, get_variant, needs_map, prompt_kwargs, proposal_source, sam_generator_kwargs
 from refdiff.errors import InputError
 
 from . import comfy_backend, diffusion_nodes, map_nodes, runtime, select_nodes, sockets, text_nodes, token_positions
-from .input_checks import VARIANT_CHOICES, capture_factor, linked_type_problem, variant_inputs_problem
+from .input_checks import (PROPOSAL_MODE_CHOICES, VARIANT_CHOICES, capture_factor, linked_type_problem,
+                           proposal_mode_preset, variant_inputs_problem)
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
 
 
@@ -42,8 +43,10 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     problem = variant_inputs_problem(v.name, connected)
     if problem:
         raise InputError(problem)
+    source = proposal_source(v, p)
+    with_map = needs_map(v, p)  # prompted SAM proposals need c, even for DS and sam-clip
     layers = None
-    if v.needs_diffusion:
+    if with_map:
         # The MODEL is not known when ComfyUI validates the prompt (linked values are not passed to
         # validate_inputs), so its family and its cross-attention at the factor are checked here, first.
         comfy_backend.model_family(model)
@@ -54,7 +57,7 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     warnings = list(parse.warnings)
 
     c = None
-    if v.needs_diffusion:
+    if with_map:
         square = diffusion_nodes.prepare_images(image, p.image_size, p.resize_filter)
         latent = diffusion_nodes.inject_noise({"samples": vae.encode(square[:, :, :, :3])}, seed, p.strength,
                                               p.ddim_steps, p.num_train_timesteps)
@@ -68,6 +71,14 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
 
     if v.proposals == "threshold":
         proposals = map_nodes.threshold_batch(c, p.thresholds)
+    elif source == "prompted":
+        from . import sam_nodes
+
+        settings = filter_settings or segment_filter_settings(p)
+        proposals = sam_nodes.prompted_proposal_batch(sam, image, c, prompt_kwargs(p), settings,
+                                                      lower_min_area="lower min_area")
+        report.append(f"SAM prompted at c's peaks: {proposals.describe()} ({settings.describe()})\n"
+                      + "\n".join(proposals.prompts_info))
     else:
         from . import sam_nodes
 
@@ -119,7 +130,8 @@ class RefDiffSegment(io.ComfyNode):
                                 tooltip="Referring expression: one line for all images, or one line per image."),
                 io.Combo.Input("variant", options=VARIANT_CHOICES, default="full",
                                tooltip="full = SAM + s_G + s_D; G = threshold proposals + s_G; GS = SAM + s_G; "
-                                       "DS = SAM + s_D; sam-clip = SAM + CLIP crop baseline."),
+                                       "DS = SAM + s_D; sam-clip = SAM + CLIP crop baseline; prompted = full with "
+                                       "SAM prompted at the peaks of c (fast, beyond the paper)."),
                 sockets.preset_input(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the injected noise."),
@@ -146,6 +158,12 @@ class RefDiffSegment(io.ComfyNode):
                                      "this factor (4: 32x32 for a 1024 image); -1 = the preset's (4). A MODEL "
                                      "without cross-attention there is refused before any work, with the factors "
                                      "it has."),
+                io.Combo.Input("proposal_mode", options=PROPOSAL_MODE_CHOICES, default="preset", optional=True,
+                               tooltip="How the SAM variants get their proposals: 'automatic' = SAM's automatic "
+                                       "generator on the point grid (the paper); 'prompted' = SAM prompted at the "
+                                       "peaks of c (a few object-level masks, much faster; DS and sam-clip then "
+                                       "run the diffusion pass for c; beyond the paper); 'preset' = the preset's "
+                                       "(automatic in official and paper)."),
                 text_nodes.no_noun_input(),
                 sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
                 sockets.ClipModel.Input("clip_scorer", optional=True,
@@ -153,7 +171,7 @@ class RefDiffSegment(io.ComfyNode):
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
-                io.Mask.Output(display_name="c", tooltip="Generative map per image (zeros for DS / sam-clip)."),
+                io.Mask.Output(display_name="c", tooltip="Generative map per image (zeros for DS / sam-clip with automatic proposals)."),
                 io.String.Output(display_name="report", tooltip="Parse, capture, proposals, ranked scores, and "
                                                                 "warnings (why a mask is empty)."),
                 io.Image.Output(display_name="preview", tooltip="The selected mask over the image."),
@@ -174,8 +192,8 @@ class RefDiffSegment(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
                 pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
-                factor=-1, no_noun="error", sam=None, clip_scorer=None) -> io.NodeOutput:
-        p = sockets.preset(preset)
+                factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset") -> io.NodeOutput:
+        p = proposal_mode_preset(sockets.preset(preset), proposal_mode)
         if image_size:
             p = p.with_(image_size=int(image_size))
         amg = {**sam_generator_kwargs(p), "points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,

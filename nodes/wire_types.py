@@ -139,8 +139,9 @@ class ProposalBatch:
     per image index why it has none (``notes``: the post-filter removed every mask, SAM found none)."""
 
     masks: list[torch.Tensor]
-    source: str  # "threshold", "sam" or "cluster"
+    source: str  # "threshold", "sam", "prompted" or "cluster"
     notes: dict[int, str] = field(default_factory=dict)
+    prompts_info: list[str] = field(default_factory=list)  # "prompted": each image's prompts, for reports
 
     def __len__(self) -> int:
         return len(self.masks)

@@ -104,6 +104,9 @@ class _LRU:
         self._bytes.clear()
 
 
+LRUCache = _LRU  # the same bounded cache for callers outside RefDiff (the nodes' SAM embeddings)
+
+
 class _Lazy:
     """A model loaded on first use, so a variant that needs no diffusion never loads Stable Diffusion.
 
@@ -451,17 +454,15 @@ class RefDiff:
     def _prompted_proposals(self, rgb: np.ndarray, key: str, c: torch.Tensor) -> tuple[torch.Tensor, str | None]:
         """SAM prompted at the peaks of c (refdiff.prompted; the image embedding cached per image), then the
         preset's post-filter as for the automatic masks; with the reason (also warned) when no mask is left."""
-        from .prompted import no_prompt_message, prompted_proposals, set_image_cached
+        from .prompted import image_prompted_proposals, no_prompt_message
         from .proposals import sam_post_filter
 
         p = self.preset
-        height, width = rgb.shape[:2]
         with self._using(self.sam):  # the predictor reads its device from the SAM model
-            predictor = self._prompt_predictor()
-            set_image_cached(predictor, rgb, self._sam_embeddings, key)
-            raw, prompts = prompted_proposals(predictor, c, height, width, **prompt_kwargs(p))
+            raw, prompts = image_prompted_proposals(self._prompt_predictor(), rgb, c, self._sam_embeddings, key,
+                                                    **prompt_kwargs(p))
         if raw.shape[0] == 0:
-            note = no_prompt_message(prompts, p.prompt_threshold)
+            note = no_prompt_message(prompts, p.prompt_threshold, p.prompt_min_score)
             warnings.warn(note, RefDiffWarning, stacklevel=2)
             return raw, note
         masks, _, note = sam_post_filter(raw, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area,

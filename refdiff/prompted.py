@@ -294,15 +294,25 @@ def set_image_cached(predictor: Any, rgb: np.ndarray, cache: Any = None, key: An
     return bool(ran)
 
 
-def no_prompt_message(prompts: Prompts, threshold: float) -> str:
-    """Why an image is left without a prompted proposal, and what to change."""
+def image_prompted_proposals(predictor: Predictor, rgb: np.ndarray, c: torch.Tensor, cache: Any = None,
+                             key: Any = None, check: Any = None, **settings: Any) -> tuple[torch.Tensor, Prompts]:
+    """One image's prompted proposals before the post-filter: its embedding (``set_image_cached``), then
+    ``prompted_proposals`` at the image's size with ``settings`` (``config.prompt_kwargs`` of a preset)."""
+    set_image_cached(predictor, rgb, cache, key)
+    height, width = rgb.shape[:2]
+    return prompted_proposals(predictor, c, height, width, check=check, **settings)
+
+
+def no_prompt_message(prompts: Prompts, threshold: float, min_score: float = 0.0, advice: str | None = None) -> str:
+    """Why an image is left without a prompted proposal, and what to change (``advice`` replaces the default,
+    which names the Preset fields)."""
     if len(prompts):
-        return ("SAM returned no usable mask at the prompts of the generative map, so the mask is empty: lower "
-                "prompt_min_score, or use proposal_mode='automatic'")
-    return (f"{prompts.reason}; no SAM prompt, so the mask is empty: lower prompt_threshold (now {threshold:g}), "
-            "or use proposal_mode='automatic'")
+        fix = advice or (f"lower prompt_min_score (now {min_score:g}), or use proposal_mode='automatic'")
+        return f"SAM returned no usable mask at the {prompts.describe()}, so the mask is empty: {fix}"
+    fix = advice or f"lower prompt_threshold (now {threshold:g}), or use proposal_mode='automatic'"
+    return f"{prompts.reason}; no SAM prompt, so the mask is empty: {fix}"
 
 
 __all__ = ["PromptKind", "PROMPT_KINDS", "Predictor", "Prompts", "map_prompts", "prompt_queries", "mask_nms",
            "predict_prompts", "prompted_proposals", "make_predictor", "image_state", "restore_image",
-           "set_image_cached", "predictor_device", "no_prompt_message", "FLAT_EPS"]
+           "set_image_cached", "predictor_device", "image_prompted_proposals", "no_prompt_message", "FLAT_EPS"]

@@ -48,7 +48,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                       help="sentence field: 'sent' (lower-cased, tokenised) or 'raw' (as typed)")
     data.add_argument("--limit", type=int, default=None, help="only the first N sentences (in image order)")
     run = parser.add_argument_group("run")
-    run.add_argument("--variants", default="full", help="comma-separated, any of full,G,GS,DS,sam-clip,G-refine,cluster; "
+    run.add_argument("--variants", default="full", help="comma-separated, any of full,G,GS,DS,sam-clip,G-refine,cluster,prompted; "
                      "all listed variants share one model call per sentence")
     run.add_argument("-o", "--output", type=Path, default=None, help="results folder (JSONL per sentence, "
                      "run.json, results.json, results.md)")

@@ -42,6 +42,11 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="side S of the square fed to Stable Diffusion (default: the preset's, 1024); "
                              "512 is about 4x faster and changes results")
+    parser.add_argument("--proposal-mode", choices=("automatic", "prompted"), default=None,
+                        help="how SAM proposals are made: automatic (SAM's automatic mask generator on a 32 x 32 point "
+                             "grid, as the paper) or prompted (SAM prompted at the peaks of the generative map c: "
+                             "a few object-level masks, much faster, misses what c misses; beyond the paper). "
+                             "Same as --set proposal_mode=... (default: the preset's, automatic)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"override any preset field, e.g. {SET_EXAMPLE} or --set sam_min_area=0 (repeatable; "
                              "the value is read as JSON when it parses: numbers, true/false, null, [lists]; "
@@ -91,6 +96,12 @@ def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"--image-size {args.image_size} and --set image_size={out['image_size']} disagree; "
                              "give one of them")
         out["image_size"] = args.image_size
+    mode = getattr(args, "proposal_mode", None)
+    if mode is not None:
+        if out.get("proposal_mode", mode) != mode:
+            raise InputError(f"--proposal-mode {mode} and --set proposal_mode={out['proposal_mode']} disagree; "
+                             "give one of them")
+        out["proposal_mode"] = mode
     return out
 
 

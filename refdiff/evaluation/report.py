@@ -14,9 +14,9 @@ from .metrics import PR_THRESHOLDS, pr_key, summarize_ious
 from .records import jsonable, read_manifest, read_records, result_files
 
 # rows in the order of the paper's tables, with the names it prints
-VARIANT_ORDER = ("sam-clip", "G", "GS", "DS", "full", "G-refine", "cluster")
+VARIANT_ORDER = ("sam-clip", "G", "GS", "DS", "full", "prompted", "G-refine", "cluster")
 DISPLAY_NAMES = {"sam-clip": "SAM-CLIP", "G": "Ref-Diff/G", "GS": "Ref-Diff/GS", "DS": "Ref-Diff/DS",
-                 "full": "Ref-Diff", "G-refine": "G + self-attention refine", "cluster": "feature clusters"}
+                 "full": "Ref-Diff", "prompted": "Ref-Diff, prompted SAM", "G-refine": "G + self-attention refine", "cluster": "feature clusters"}
 DATASET_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "phrasecut": "PhraseCut"}
 SPLIT_ORDER = ("val", "testA", "testB", "test", "miniv", "train")
 # (dataset, split_by, split, variant) -> (mIoU, oIoU) in percent, as printed in the paper
