@@ -88,7 +88,7 @@ class Preset:
     cluster_normalize: bool = True  # L2-normalise each block's features before concatenating
     cluster_split: bool = True  # split clusters into connected components
     cluster_min_area: int = 0  # drop cluster proposals smaller than this many pixels
-    # Spatial language, beyond the paper (docs/METHOD.md section 11): terms added to the fused score between
+    # Spatial language, beyond the paper (docs/METHOD.md section 13): terms added to the fused score between
     # scoring and selection. Each is off in `paper` and `official` and can be switched on alone.
     spatial_position: bool = False  # left/right/top/bottom: order of box centres among the pool
     spatial_middle: bool = False  # middle/center: the pool member nearest the middle of the pool's span
@@ -139,7 +139,7 @@ PAPER = Preset(
 
 SPATIAL_TERMS: tuple[str, ...] = ("position", "middle", "ordinals", "size", "relations", "negatives")
 
-# Beyond the paper: the `official` stages with every spatial term on (docs/METHOD.md section 11).
+# Beyond the paper: the `official` stages with every spatial term on (docs/METHOD.md section 13).
 PLUS = OFFICIAL.with_(name="plus", **{f"spatial_{t}": True for t in SPATIAL_TERMS})
 
 PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER, "plus": PLUS}

@@ -1,5 +1,5 @@
 """A structured parse of a referring expression: the target, its attributes, its place in the frame and its
-relations to the other objects named (docs/METHOD.md section 11, beyond the paper).
+relations to the other objects named (docs/METHOD.md section 13, beyond the paper).
 
 Only word forms that say where or how big the target is become terms; lexical exclusions keep idioms and
 compounds out ("the left-handed pitcher", "the man who left", "the right answer", "a second helping",

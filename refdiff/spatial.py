@@ -1,4 +1,4 @@
-"""Spatial terms on the candidates, beyond the paper (docs/METHOD.md section 11): what the words of an expression
+"""Spatial terms on the candidates, beyond the paper (docs/METHOD.md section 13): what the words of an expression
 say about the target's place, size and relations, scored from the candidates' masks and from the other objects'
 own cross-attention maps, and added to the fused score between scoring and selection.
 
