@@ -1,4 +1,4 @@
-"""The two presets of Ref-Diff (``paper`` and ``official``) and the five variants.
+"""The presets (``paper`` and ``official`` of Ref-Diff; ``plus``, beyond the paper) and the variants.
 
 Every constant of the method lives here as a named field with the default of docs/METHOD.md; stage functions take
 these values as arguments, so a preset is only a bundle of defaults and any field can be overridden.
@@ -102,6 +102,25 @@ class Preset:
     cluster_normalize: bool = True  # L2-normalise each block's features before concatenating
     cluster_split: bool = True  # split clusters into connected components
     cluster_min_area: int = 0  # drop cluster proposals smaller than this many pixels
+    # Spatial language, beyond the paper (docs/METHOD.md section 13): terms added to the fused score between
+    # scoring and selection. Each is off in `paper` and `official` and can be switched on alone.
+    spatial_position: bool = False  # left/right/top/bottom: order of box centres among the pool
+    spatial_middle: bool = False  # middle/center: the pool member nearest the middle of the pool's span
+    spatial_ordinals: bool = False  # "second from the left", "leftmost": the n-th of the pool from a side
+    spatial_size: bool = False  # "biggest", "smaller", "tallest": the extreme of the pool by area/height/width
+    spatial_relations: bool = False  # "next to", "behind", "on", "holding" X: a rule against X's own map
+    spatial_negatives: bool = False  # the other nouns of the sentence subtracted in the CLIP score
+    spatial_pool: int = 5  # the terms rank this many best candidates by fused score (duplicates skipped)
+    spatial_pool_overlap: float = 0.8  # a candidate overlapping a better pool member by this share is a duplicate
+    spatial_position_weight: float = 0.5
+    spatial_middle_weight: float = 1.0
+    spatial_ordinal_weight: float = 1.0
+    spatial_size_weight: float = 1.0
+    spatial_relation_weight: float = 0.5
+    spatial_negative_weight: float = 0.5
+    spatial_relation_threshold: float = 0.5  # the other object's region: its map >= this (maps are in [0, 1])
+    spatial_near_scale: float = 0.1  # "near": exp(-gap / scale), the box gap as a share of the image diagonal
+    spatial_order_margin: float = 0.05  # above/below/left/right: a difference of this share of the side is sure
 
     def with_(self, **overrides: object) -> "Preset":
         """A copy with some fields changed; unknown names raise InputError."""
@@ -132,11 +151,22 @@ PAPER = Preset(
     disc_weight=0.9,  # 1 - alpha
 )
 
-PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER}
+SPATIAL_TERMS: tuple[str, ...] = ("position", "middle", "ordinals", "size", "relations", "negatives")
+
+# Beyond the paper: the `official` stages with every spatial term on (docs/METHOD.md section 13).
+PLUS = OFFICIAL.with_(name="plus", proposal_mode="prompted", **{f"spatial_{t}": True for t in SPATIAL_TERMS})
+
+PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER, "plus": PLUS}
+
+
+def spatial_terms_of(preset: Preset, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The spatial terms a preset switches on, plus ``extra`` (a variant's), in SPATIAL_TERMS order."""
+    on = {t for t in SPATIAL_TERMS if getattr(preset, f"spatial_{t}")} | set(extra)
+    return tuple(t for t in SPATIAL_TERMS if t in on)
 
 
 def get_preset(preset: str | Preset) -> Preset:
-    """Return a Preset by name ("official", "paper") or pass one through."""
+    """Return a Preset by name ("official", "paper", "plus") or pass one through."""
     if isinstance(preset, Preset):
         return preset
     key = str(preset).strip().lower()
@@ -155,6 +185,7 @@ class Variant:
     discriminative: bool
     sam_clip: bool = False  # crop branch only, no positional bias, sentence feature
     refine: bool = False  # the map c is refined with the UNet's self-attention (DiffSegmenter)
+    spatial: tuple[str, ...] = ()  # spatial terms switched on for this variant on top of the preset's
 
     @property
     def needs_diffusion(self) -> bool:
@@ -184,10 +215,14 @@ VARIANT_HELP = ("full (Ref-Diff), G (threshold proposals + generative), GS (SAM 
 
 
 def get_variant(name: str | Variant) -> Variant:
-    """Return a Variant by (case-insensitive) name: full, G, GS, DS, sam-clip."""
+    """Return a Variant by (case-insensitive) name: full, G, GS, DS, sam-clip, ...; a name may add spatial terms
+    after "+" ("full+ordinals", "full+size+middle"; "full+spatial": all of SPATIAL_TERMS)."""
     if isinstance(name, Variant):
         return name
-    key = str(name).strip().lower()
+    base, *extra = str(name).strip().lower().split("+")
+    if extra:
+        return _with_spatial(get_variant(base), extra, str(name))
+    key = base
     key = _ALIASES.get(key, key)
     if key not in VARIANTS:
         raise InputError(f"unknown variant {name!r}; choose one of {', '.join(v.name for v in VARIANTS.values())}")
@@ -219,6 +254,28 @@ def prompt_kwargs(preset: Preset) -> dict[str, object]:
                 multimask=preset.prompt_multimask, nms_iou=preset.prompt_nms_iou, min_score=preset.prompt_min_score)
 
 
+def _with_spatial(base: Variant, extra: list[str], name: str) -> Variant:
+    """A variant with spatial terms on, named "<base>+<term>+..."."""
+    terms: list[str] = []
+    for word in (w.strip() for w in extra):
+        for t in (SPATIAL_TERMS if word == "spatial" else (word,)):
+            if t not in SPATIAL_TERMS:
+                raise InputError(f"unknown spatial term {word!r} in variant {name!r}; choose among "
+                                 f"{', '.join(SPATIAL_TERMS)} or 'spatial' (all)")
+            if t not in terms:
+                terms.append(t)
+    ordered = tuple(t for t in SPATIAL_TERMS if t in terms)
+    label = "spatial" if ordered == SPATIAL_TERMS else "+".join(ordered)
+    return replace(base, name=f"{base.name}+{label}", spatial=tuple(sorted(set(base.spatial) | set(ordered),
+                                                                        key=SPATIAL_TERMS.index)))
+
+
+def spatial_rows(base: str = "full") -> list[str]:
+    """Eval rows of the spatial terms: the base variant, each term alone on it, and all of them."""
+    name = get_variant(base).name
+    return [name, *(f"{name}+{t}" for t in SPATIAL_TERMS), f"{name}+spatial"]
+
+
 def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
     """SamAutomaticMaskGenerator keyword arguments of a preset."""
     return dict(
@@ -232,6 +289,6 @@ def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
     )
 
 
-__all__ = ["Preset", "OFFICIAL", "PAPER", "PRESETS", "get_preset", "Variant", "VARIANTS", "get_variant",
-           "sam_generator_kwargs", "DEFAULT_THRESHOLDS", "VARIANT_HELP", "proposal_source", "needs_map",
-           "prompt_kwargs", "ProposalMode", "PromptKind"]
+__all__ = ["Preset", "OFFICIAL", "PAPER", "PLUS", "PRESETS", "SPATIAL_TERMS", "spatial_terms_of", "spatial_rows",
+           "get_preset", "Variant", "VARIANTS", "get_variant", "sam_generator_kwargs", "DEFAULT_THRESHOLDS",
+           "VARIANT_HELP", "proposal_source", "needs_map", "prompt_kwargs", "ProposalMode", "PromptKind"]

@@ -20,7 +20,7 @@ import torch
 from . import offload as _offload
 from .devices import resolve_device
 from .config import (VARIANTS, Preset, Variant, get_preset, get_variant, needs_map, prompt_kwargs, proposal_source,
-                     sam_generator_kwargs)
+                     sam_generator_kwargs, spatial_terms_of)
 from .errors import InputError, RefDiffWarning
 from .image import PreparedImage, image_key, load_image, prepare_image
 from .text import NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position, truncation_warning
@@ -318,8 +318,13 @@ class RefDiff:
                 s_g = self._timed(timings, "generative_score", lambda: self._generative_scores(c, masks))
             if v.discriminative and masks.shape[0]:
                 s_d = self._timed(timings, f"clip_{v.name}", lambda: self._discriminative(rgb, key, parsed, masks, v))
-            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings))
-            results[v.name].warnings = notes + ([note] if note else [])
+            spatial = None
+            terms = spatial_terms_of(self.preset, v.spatial)
+            if terms and masks.shape[0]:
+                spatial = self._timed(timings, "spatial", lambda: self._spatial_inputs(
+                    rgb, key, parsed, masks, v, terms, seed, timings))
+            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings), spatial)
+                        results[v.name].warnings = notes + ([note] if note else [])
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------
@@ -364,7 +369,6 @@ class RefDiff:
         With ``refine`` the low-resolution map is DiffSegmenter's: cross-attention fused over resolutions and
         propagated through the UNet's self-attention (refdiff.refine)."""
         from .capture import token_map
-        from .diffusion import run_capture
         from .maps import generative_map
 
         p, sd = self.preset, self.sd
@@ -375,9 +379,7 @@ class RefDiff:
         position = root_token_position(parsed, sd.tokenizer, prompt_suffix=p.prompt_suffix)
         prep = self._prepare(rgb, key, timings)
         latent = self._latent(prep, key, seed, timings)
-        schedule = dict(strength=p.strength, ddim_steps=p.ddim_steps, num_train_timesteps=p.num_train_timesteps,
-                        use_cfg=p.use_cfg, guidance_scale=p.guidance_scale, capture_kind=p.capture_kind,
-                        capture_blocks=p.capture_blocks, seed=seed, max_steps=p.max_steps)
+        schedule = self._schedule(seed)
         base_key = (key, p.image_size, p.resize_filter, p.latent_from, prompt, *sorted(schedule.items()))
         if refine:
             from .refine import diffsegmenter_map
@@ -392,15 +394,85 @@ class RefDiff:
                 ("refine", *base_key, position, p.layer_norm_eps, p.refine_iterations, p.refine_max_tokens,
                  p.refine_factor_weights, p.refine_self_factor), refined))
         else:
-            def capture() -> Any:
-                with self._using_sd("unet", "text_encoder"):
-                    return run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)
-
-            captured = self._timed(timings, "unet", lambda: self._attention.get(
-                ("capture", *base_key, p.capture_factor), capture))
+            captured = self._captured(rgb, key, prompt, seed, timings)
             small = token_map(captured.combined(p.guidance_scale), position, eps=p.layer_norm_eps)
         c = self._timed(timings, "map", lambda: generative_map(small, prep, mode=p.map_resize, eps=p.map_eps))
         return c, position
+
+    def _schedule(self, seed: int) -> dict[str, Any]:
+        p = self.preset
+        return dict(strength=p.strength, ddim_steps=p.ddim_steps, num_train_timesteps=p.num_train_timesteps,
+                    use_cfg=p.use_cfg, guidance_scale=p.guidance_scale, capture_kind=p.capture_kind,
+                    capture_blocks=p.capture_blocks, seed=seed, max_steps=p.max_steps)
+
+    def _captured(self, rgb: np.ndarray, key: str, prompt: str, seed: int, timings: dict[str, float]) -> Any:
+        """The cross-attention captured on the noised latent for ``prompt`` (cached: one UNet call per image,
+        prompt and schedule, shared by the root word's map and the other objects' maps)."""
+        from .diffusion import run_capture
+
+        p, sd = self.preset, self.sd
+        prep = self._prepare(rgb, key, timings)
+        latent = self._latent(prep, key, seed, timings)
+        schedule = self._schedule(seed)
+        base_key = (key, p.image_size, p.resize_filter, p.latent_from, prompt, *sorted(schedule.items()))
+
+        def capture() -> Any:
+            with self._using_sd("unet", "text_encoder"):
+                return run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)
+
+        return self._timed(timings, "unet", lambda: self._attention.get(("capture", *base_key, p.capture_factor),
+                                                                       capture))
+
+    def _other_maps(self, rgb: np.ndarray, key: str, expr: Any, seed: int, timings: dict[str, float]
+                    ) -> dict[str, torch.Tensor]:
+        """The map of each related object's noun at the image's size, from the same capture as the root word's
+        (its last BPE piece, per-layer min-max, Eq. 4-5 as for the root)."""
+        from .capture import token_map
+        from .maps import generative_map
+        from .text import word_token_positions
+
+        p, sd = self.preset, self.sd
+        prompt = expr.text + p.prompt_suffix
+        captured = self._captured(rgb, key, prompt, seed, timings)
+        combined = captured.combined(p.guidance_scale)
+        prep = self._prepare(rgb, key, timings)
+        out: dict[str, torch.Tensor] = {}
+        for rel in expr.relations:
+            positions = word_token_positions(prompt, rel.other_span, sd.tokenizer)
+            if rel.other in out or not positions or positions[-1] >= combined.shape[-1] - 1:
+                continue
+            small = token_map(combined, positions[-1], eps=p.layer_norm_eps)
+            out[rel.other] = generative_map(small, prep, mode=p.map_resize, eps=p.map_eps).cpu()
+        return out
+
+    def _spatial_inputs(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor, v: Variant,
+                        terms: tuple[str, ...], seed: int, timings: dict[str, float]) -> tuple[Any, ...]:
+        """What the spatial terms need: the structured parse, the other objects' maps (relations) and the
+        candidates' similarity to the other nouns (negatives, variants with CLIP only)."""
+        from .expression import parse_expression
+        from .spatial import needs_maps, needs_negatives
+
+        expr = parse_expression(parsed.text, nlp=self._nlp, parsed=parsed)
+        maps = self._other_maps(rgb, key, expr, seed, timings) if needs_maps(expr, terms) else None
+        negatives = None
+        if needs_negatives(expr, terms) and v.discriminative:
+            negatives = self._negatives(rgb, key, expr, masks)
+        return expr, terms, maps, negatives
+
+    def _negatives(self, rgb: np.ndarray, key: str, expr: Any, masks: torch.Tensor) -> torch.Tensor:
+        """negative_similarity of the candidates' unbiased CLIP crop features with the other nouns."""
+        from .spatial import negative_prompts, negative_similarity
+
+        p = self.preset
+        masks_key = image_key(masks.numpy().view(np.uint8))
+        with self._on_demand(self.clip) as need:
+            def crop() -> torch.Tensor:
+                need()
+                return _on_host(self.clip.crop_features(torch.from_numpy(rgb), masks, None, layer=p.clip_layer))
+
+            feats = self._clip_image.get((key, masks_key, "crop", p.clip_layer, (), p.bias_extent), crop)
+            texts = self._text_features(negative_prompts(expr), need)
+        return negative_similarity(feats, texts)
 
     def _cluster_proposals(self, rgb: np.ndarray, key: str, seed: int) -> torch.Tensor:
         """FreeSeg-Diff proposals: UNet features of the image clustered (cached per image and seed)."""
@@ -521,18 +593,32 @@ class RefDiff:
 
     def _select(self, v: Variant, masks: torch.Tensor, s_g: torch.Tensor | None, s_d: torch.Tensor | None,
                 parsed: ParsedText, root_position: int | None, c: torch.Tensor | None,
-                timings: dict[str, float]) -> Result:
-        """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none)."""
+                timings: dict[str, float], spatial: tuple[Any, ...] | None = None) -> Result:
+        """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none). With
+        ``spatial`` (from _spatial_inputs) the spatial terms adjust the fused score before the choice."""
         from .scoring import fuse_and_select
+        from .spatial import spatial_scores
 
         p = self.preset
-        choice = fuse_and_select(masks, s_g, s_d, p)
+        applied: list[Any] = []
+
+        def adjust(fused: torch.Tensor) -> torch.Tensor:
+            expr, terms, maps, negatives = spatial
+            applied.append(spatial_scores(expr, masks, fused, p, terms, maps, negatives))
+            return applied[0].total.to(fused.device)
+
+        choice = fuse_and_select(masks, s_g, s_d, p, adjust=adjust if spatial is not None else None)
 
         def arr(x: torch.Tensor | None) -> np.ndarray | None:
             return None if x is None else x.detach().float().cpu().numpy()
 
+        extra: dict[str, np.ndarray | None] = {}
+        if applied:
+            extra["fused_base"] = arr(applied[0].base)
+            extra.update({f"spatial_{k}": arr(t) for k, t in applied[0].contributions.items()})
         return Result(mask=choice.mask.cpu().numpy().astype(bool), proposals=masks.cpu().numpy().astype(bool),
-                      scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(choice.fused)},
+                      scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(choice.fused),
+                              **extra},
                       index=choice.index, top_k=list(choice.top_k), root_token=parsed.root,
                       root_position=root_position, direction=parsed.directions,
                       attention=arr(c), variant=v.name, preset=p.name, timings=timings)

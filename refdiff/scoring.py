@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -112,16 +113,19 @@ class Choice:
     mask: torch.Tensor  # bool [H, W]: masks[index], all False when index is -1 (never the whole image)
     gen_weight: float  # the weights the fusion used
     disc_weight: float
+    base: torch.Tensor | None = None  # the fused scores before ``adjust`` (None: no adjustment)
 
 
 def fuse_and_select(masks: torch.Tensor, generative: torch.Tensor | None, discriminative: torch.Tensor | None,
                     preset: Preset | None = None, top_k: int | None = None, pin_index: int = -1,
-                    gen_weight: float | None = None, disc_weight: float | None = None) -> Choice:
+                    gen_weight: float | None = None, disc_weight: float | None = None,
+                    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Choice:
     """Eq. 1, 2 and the selection, the one assembly every caller uses: fuse s_G and s_D of proposals ``masks``
     [N, H, W] with ``fusion_weights`` (given weights, else the preset's), rank the ``top_k`` (None: the
     preset's) and choose the best proposal,
     or ``pin_index`` when it is >= 0 (and there are proposals). No proposal, or only NaN scores (unpinned):
-    index -1 and an empty mask."""
+    index -1 and an empty mask. ``adjust`` (fused [N] -> [N]) changes the fused scores before the ranking: the
+    spatial terms beyond the paper (refdiff.spatial); ``Choice.fused`` is then the adjusted score."""
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         raise InputError("masks: expected a bool tensor [N, H, W]")
     n, height, width = (int(v) for v in masks.shape)
@@ -135,6 +139,11 @@ def fuse_and_select(masks: torch.Tensor, generative: torch.Tensor | None, discri
     fused = fuse_scores(generative, discriminative, gen_weight=gw, disc_weight=dw)
     if fused.shape[0] != n:
         raise InputError(f"{n} proposals but {fused.shape[0]} scores; give one score per proposal")
+    base = None
+    if adjust is not None:
+        base, fused = fused, adjust(fused)
+        if fused.shape != base.shape:
+            raise InputError(f"adjust returned scores of shape {tuple(fused.shape)} for {n} proposals")
     order = [int(i) for i in rank(fused, k)]
     if pin_index >= 0:
         if pin_index >= n:
@@ -145,7 +154,7 @@ def fuse_and_select(masks: torch.Tensor, generative: torch.Tensor | None, discri
         best = int(rank(fused, 1)[0])
         index = -1 if bool(torch.isnan(fused[best])) else best
     mask = masks[index].to(torch.bool) if index >= 0 else empty
-    return Choice(fused, order, index, mask, gw, dw)
+    return Choice(fused, order, index, mask, gw, dw, base)
 
 
 __all__ = ["generative_scores", "fuse_scores", "rank", "select_mask", "fusion_weights", "Choice",

@@ -1,0 +1,342 @@
+"""A structured parse of a referring expression: the target, its attributes, its place in the frame and its
+relations to the other objects named (docs/METHOD.md section 13, beyond the paper).
+
+Only word forms that say where or how big the target is become terms; lexical exclusions keep idioms and
+compounds out ("the left-handed pitcher", "the man who left", "the right answer", "a second helping",
+"top hat", "big ben"). The parse is built on the spaCy parse of ``refdiff.text`` and its root word.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .text import DIRECTIONS, ParsedText, _DIRECTION_FORMS, _is_on_top_of, _is_verb_use, load_spacy, names_object, \
+    parse_text
+
+SIDES = DIRECTIONS  # left, right, top, bottom
+FRAME_KINDS = ("position", "middle", "ordinal", "size")
+SIZE_MEASURES = ("area", "height", "width")
+RELATION_FAMILIES = ("near", "behind", "front", "on", "under", "left_of", "right_of", "holding")
+
+_ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
+             "eighth": 8, "ninth": 9, "tenth": 10, "1st": 1, "2nd": 2, "3rd": 3, "4th": 4, "5th": 5, "6th": 6}
+# extreme positions: "leftmost" = first from the left
+_EXTREMES = {"leftmost": "left", "rightmost": "right", "topmost": "top", "uppermost": "top",
+             "bottommost": "bottom", "lowermost": "bottom", "lowest": "bottom", "highest": "top"}
+_FAR = ("far", "farthest", "furthest", "extreme")  # "far left", "furthest right" = the extreme
+_MIDDLE = frozenset({"middle", "center", "centre", "central", "centered", "centred", "midst"})
+# size superlatives and comparatives: word -> (sign, measure); +1 the biggest, -1 the smallest
+_SIZE: dict[str, tuple[int, str]] = {
+    "biggest": (1, "area"), "bigger": (1, "area"), "largest": (1, "area"), "larger": (1, "area"),
+    "smallest": (-1, "area"), "smaller": (-1, "area"), "tiniest": (-1, "area"), "tinier": (-1, "area"),
+    "littlest": (-1, "area"), "tallest": (1, "height"), "taller": (1, "height"), "shortest": (-1, "height"),
+    "shorter": (-1, "height"), "widest": (1, "width"), "wider": (1, "width"), "narrowest": (-1, "width"),
+    "narrower": (-1, "width"), "longest": (1, "area"), "longer": (1, "area"),
+}
+# words after a side word that make it part of a compound, not a place: "left-handed", "right wing"
+_SIDE_COMPOUNDS = frozenset({"handed", "hander", "handers", "wing", "winger", "wingers", "leaning", "minded",
+                             "angled", "angle", "hat", "hats", "notch", "gun", "answer", "answers", "way",
+                             "time", "choice", "choices", "decision", "idea", "moment", "question", "word",
+                             "words", "size", "fit", "price", "thing", "things", "call", "move", "spot", "now",
+                             "away", "here", "there", "then"})
+# words before "top" that make it a garment or a thing: "tank top", "big top"
+_TOP_COMPOUNDS = frozenset({"tank", "crop", "tube", "halter", "spinning", "big", "tip", "bottle", "table",
+                            "roof", "desk", "lap", "counter", "hill", "tree", "mountain"})
+_MIDDLE_COMPOUNDS = frozenset({"school", "class", "age", "ages", "aged", "finger", "name", "east", "eastern",
+                               "earth", "ground", "man", "weight", "distance"})
+# relation phrases (lower-case word sequences) by family; the longest match wins
+_RELATION_PHRASES: dict[tuple[str, ...], str] = {
+    ("next", "to"): "near", ("close", "to"): "near", ("beside",): "near", ("besides",): "near",
+    ("near",): "near", ("nearest",): "near", ("nearest", "to"): "near", ("closest", "to"): "near",
+    ("near", "to"): "near", ("alongside",): "near", ("adjacent", "to"): "near", ("by",): "near",
+    ("behind",): "behind", ("in", "back", "of"): "behind",
+    ("in", "front", "of"): "front", ("infront", "of"): "front",
+    ("on",): "on", ("on", "top", "of"): "on", ("atop",): "on", ("above",): "on", ("over",): "on",
+    ("onto",): "on", ("upon",): "on", ("riding",): "on", ("sitting", "on"): "on", ("standing", "on"): "on",
+    ("under",): "under", ("underneath",): "under", ("beneath",): "under", ("below",): "under",
+    ("left", "of"): "left_of", ("to", "the", "left", "of"): "left_of", ("on", "the", "left", "of"): "left_of",
+    ("right", "of"): "right_of", ("to", "the", "right", "of"): "right_of",
+    ("on", "the", "right", "of"): "right_of",
+    ("holding",): "holding", ("carrying",): "holding", ("with",): "holding", ("wearing",): "holding",
+    ("has",): "holding", ("having",): "holding", ("holds",): "holding", ("carries",): "holding",
+}
+_MAX_PHRASE = max(len(k) for k in _RELATION_PHRASES)
+_ATTRIBUTE_DEPS = ("amod", "compound", "nummod", "nmod", "poss")
+_HYPHEN_RE = re.compile(r"\w+(?:-\w+)+")
+
+
+@dataclass(frozen=True)
+class FrameTerm:
+    """A place or size of the target among its candidates.
+
+    kind "position": ``side`` (left/right/top/bottom); "middle"; "ordinal": the ``order``-th from ``side``
+    ("leftmost" = 1st from the left); "size": ``sign`` +1 the biggest / -1 the smallest by ``measure``."""
+
+    kind: str
+    word: str
+    span: tuple[int, int]
+    side: str | None = None
+    order: int | None = None
+    sign: int = 0
+    measure: str | None = None
+
+
+@dataclass(frozen=True)
+class Relation:
+    """The target related to another named object: ``family`` (RELATION_FAMILIES), the ``phrase`` as written
+    and the other object's head noun ``other`` (with its character span in the text)."""
+
+    family: str
+    phrase: str
+    other: str
+    other_span: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Expression:
+    """What a referring expression says: the target noun (the preset's root word), the target noun phrase,
+    its attributes, its terms in the frame, its relations, and the other objects it names (CLIP negatives)."""
+
+    text: str
+    target: str
+    target_span: tuple[int, int]
+    target_phrase: str
+    attributes: tuple[str, ...] = ()
+    frame: tuple[FrameTerm, ...] = ()
+    relations: tuple[Relation, ...] = ()
+    others: tuple[str, ...] = ()
+    parsed: ParsedText | None = field(default=None, compare=False, repr=False)
+
+    def frame_of(self, kind: str) -> tuple[FrameTerm, ...]:
+        """The frame terms of one kind."""
+        return tuple(t for t in self.frame if t.kind == kind)
+
+    def summary(self) -> dict[str, Any]:
+        """A plain-data view (for JSON, the CLI and the nodes)."""
+        def term(t: FrameTerm) -> dict[str, Any]:
+            return {k: v for k, v in (("kind", t.kind), ("word", t.word), ("side", t.side), ("order", t.order),
+                                      ("sign", t.sign or None), ("measure", t.measure)) if v is not None}
+
+        return {"target": self.target, "target_phrase": self.target_phrase, "attributes": list(self.attributes),
+                "frame": [term(t) for t in self.frame],
+                "relations": [{"family": r.family, "phrase": r.phrase, "other": r.other} for r in self.relations],
+                "others": list(self.others)}
+
+
+def _lower(doc: Any, i: int) -> str:
+    return doc[i].lower_ if 0 <= i < len(doc) else ""
+
+
+def _hyphenated(doc: Any, i: int) -> bool:
+    """Token i is joined by a hyphen to the next word ("left-handed", "middle-aged")."""
+    return _lower(doc, i + 1) == "-" and doc[i].idx + len(doc[i].text) == doc[i + 1].idx
+
+
+def _compound_after(doc: Any, i: int, words: frozenset[str]) -> bool:
+    """Token i is followed (directly or after a hyphen) by one of ``words``."""
+    j = i + 2 if _hyphenated(doc, i) else i + 1
+    return _lower(doc, j) in words
+
+
+def _side_is_place(doc: Any, i: int) -> bool:
+    """Whether the side word at token i places the target: not a verb ("who left"), not "on top of", not part of
+    a compound or idiom ("left-handed", "right answer", "top hat", "tank top", "right behind")."""
+    tok = doc[i]
+    word = tok.lower_
+    if _is_verb_use(tok) or _is_on_top_of(tok) or _compound_after(doc, i, _SIDE_COMPOUNDS):
+        return False
+    if _hyphenated(doc, i) and _lower(doc, i + 2) not in ("hand", "side", "most", "corner"):
+        return False
+    if word == "top" and _lower(doc, i - 1) in _TOP_COMPOUNDS:
+        return False
+    if word == "right" and _phrase_at(doc, i + 1) is not None:  # "right next to": an intensifier
+        return False
+    return True
+
+
+def _phrase_at(doc: Any, i: int) -> tuple[str, int] | None:
+    """The relation family of the longest relation phrase starting at token i, with its length."""
+    for n in range(_MAX_PHRASE, 0, -1):
+        key = tuple(_lower(doc, j) for j in range(i, i + n))
+        if key in _RELATION_PHRASES:
+            return _RELATION_PHRASES[key], n
+    return None
+
+
+def _ordinal_side(doc: Any, i: int) -> str | None:
+    """The side of "second [man] from (the) left" / "third to the right": a side word after "from"/"to" within
+    a few tokens of the ordinal at token i; None for an ordinal that counts no position ("a second helping")."""
+    for j in range(i + 1, min(len(doc), i + 7)):
+        if doc[j].lower_ in ("from", "to", "on", "at"):
+            k = j + 1
+            while _lower(doc, k) in ("the", "far", "very"):
+                k += 1
+            return _DIRECTION_FORMS.get(_lower(doc, k))
+        if doc[j].is_punct or doc[j].pos_ in ("VERB", "AUX") or _phrase_at(doc, j) is not None:
+            return None
+    return None
+
+
+def _frame_terms(doc: Any) -> tuple[tuple[FrameTerm, ...], set[int]]:
+    """The frame terms in order of appearance, and the token indices they use."""
+    terms: list[FrameTerm] = []
+    used: set[int] = set()
+    relation_tokens = _relation_token_set(doc)
+    for i, tok in enumerate(doc):
+        if i in used:
+            continue
+        word = tok.lower_
+        span = (tok.idx, tok.idx + len(tok.text))
+        if word in _ORDINALS:
+            side = _ordinal_side(doc, i)
+            if side is not None:
+                terms.append(FrameTerm("ordinal", word, span, side=side, order=_ORDINALS[word]))
+                used.add(i)
+                for j in range(i + 1, min(len(doc), i + 10)):  # the side word belongs to the ordinal
+                    if _DIRECTION_FORMS.get(doc[j].lower_) == side:
+                        used.add(j)
+                        break
+            continue
+        if word in _EXTREMES and not _compound_after(doc, i, _SIDE_COMPOUNDS):
+            if word in ("lowest", "highest") and _lower(doc, i + 1) not in ("", "one", "ones") \
+                    and tok.dep_ != "amod":
+                continue
+            terms.append(FrameTerm("ordinal", word, span, side=_EXTREMES[word], order=1))
+            used.add(i)
+            continue
+        if word in _DIRECTION_FORMS and i not in relation_tokens and _side_is_place(doc, i):
+            if _lower(doc, i - 1) in _FAR:
+                terms.append(FrameTerm("ordinal", f"{doc[i - 1].text} {tok.text}", (doc[i - 1].idx, span[1]),
+                                       side=_DIRECTION_FORMS[word], order=1))
+            else:
+                terms.append(FrameTerm("position", word, span, side=_DIRECTION_FORMS[word]))
+            used.add(i)
+            continue
+        if word in _MIDDLE and not _compound_after(doc, i, _MIDDLE_COMPOUNDS) \
+                and not (_hyphenated(doc, i) and _lower(doc, i + 2) in _MIDDLE_COMPOUNDS):
+            terms.append(FrameTerm("middle", word, span))
+            used.add(i)
+            continue
+        if word in _SIZE and not _hyphenated(doc, i):
+            sign, measure = _SIZE[word]
+            terms.append(FrameTerm("size", word, span, sign=sign, measure=measure))
+            used.add(i)
+    return tuple(terms), used
+
+
+def _phrase_token_set(doc: Any) -> set[int]:
+    """Tokens inside any relation phrase ("front" of "in front of")."""
+    out: set[int] = set()
+    for i in range(len(doc)):
+        hit = _phrase_at(doc, i)
+        if hit is not None:
+            out.update(range(i, i + hit[1]))
+    return out
+
+
+def _relation_token_set(doc: Any) -> set[int]:
+    """Tokens inside relation phrases that name a side ("left of", "to the right of")."""
+    out: set[int] = set()
+    i = 0
+    while i < len(doc):
+        hit = _phrase_at(doc, i)
+        if hit is not None and hit[0] in ("left_of", "right_of"):
+            out.update(range(i, i + hit[1]))
+            i += hit[1]
+        else:
+            i += 1
+    return out
+
+
+def _object_after(doc: Any, start: int) -> Any:
+    """The head noun of the first noun phrase at or after token ``start`` that names an object, stopping at a
+    verb, a punctuation mark or another relation phrase; None when there is none."""
+    chunks = {c.start: c for c in doc.noun_chunks}
+    i = start
+    while i < len(doc):
+        if i in chunks:
+            root = chunks[i].root
+            return root if names_object(root) else None
+        tok = doc[i]
+        if tok.is_punct or (tok.pos_ in ("VERB", "AUX") and i > start):
+            return None
+        if names_object(tok) and not (i + 1 < len(doc) and names_object(doc[i + 1])):
+            return tok
+        i += 1
+    return None
+
+
+def _relations(doc: Any, target: Any) -> tuple[Relation, ...]:
+    """Relation phrases after the target followed by a noun phrase naming another object."""
+    out: list[Relation] = []
+    i = target.i + 1
+    while i < len(doc):
+        hit = _phrase_at(doc, i)
+        if hit is None:
+            i += 1
+            continue
+        family, n = hit
+        if family == "near" and doc[i].lower_ == "by" and doc[i - 1].pos_ == "VERB":  # "taken by", "pulled by"
+            i += 1
+            continue
+        if family in ("left_of", "right_of") and i > 0 and doc[i - 1].lower_ == "who":
+            i += n
+            continue
+        other = _object_after(doc, i + n)
+        if other is not None and other.i != target.i:
+            phrase = doc[i:i + n].text
+            out.append(Relation(family, phrase, other.text, (other.idx, other.idx + len(other.text))))
+            i = other.i + 1
+        else:
+            i += n
+    return tuple(out)
+
+
+def _target_token(doc: Any, parsed: ParsedText) -> Any:
+    """The token of the parsed root; a non-object root ("larger", "one") hands over to the first object noun
+    after it ("the larger of the two dogs" -> dogs), else stays."""
+    root = next((t for t in doc if t.idx == parsed.root_span[0]), doc[0])
+    if names_object(root):
+        return root
+    for tok in doc[root.i + 1:]:
+        if names_object(tok):
+            if tok.dep_ == "pobj" and tok.head.lower_ == "of" and tok.head.head.i == root.i:
+                return tok
+            break
+    return root
+
+
+def parse_expression(text: str, root_rule: str = "root_or_subj", nlp: Any = None,
+                     parsed: ParsedText | None = None) -> Expression:
+    """The structured parse of ``text`` (the root by ``root_rule``, as the method's own parse)."""
+    nlp = nlp if nlp is not None else load_spacy()
+    parsed = parsed if parsed is not None else parse_text(text, root_rule=root_rule, nlp=nlp)
+    doc = nlp(parsed.text)
+    target = _target_token(doc, parsed)
+    frame, used = _frame_terms(doc)
+    relations = _relations(doc, target)
+    chunk = next((c for c in doc.noun_chunks if c.start <= target.i < c.end), None)
+    phrase = chunk.text if chunk is not None else target.text
+    lo = chunk.start if chunk is not None else target.i
+    attributes = tuple(t.text for t in doc[lo:target.i] if t.dep_ in _ATTRIBUTE_DEPS and t.i not in used
+                       and t.lower_ not in _ORDINALS and not t.is_punct)
+    related = {r.other_span for r in relations}
+    others: list[str] = []
+    phrase_tokens = _phrase_token_set(doc)
+    for tok in doc:
+        if (names_object(tok) and tok.i != target.i and tok.lemma_.lower() != target.lemma_.lower()
+                and tok.i not in used and tok.i not in phrase_tokens and tok.lower_ not in _MIDDLE
+                and tok.dep_ not in ("amod", "compound") and tok.text not in others
+                and not (chunk is not None and chunk.start <= tok.i < chunk.end)):
+            others.append(tok.text)
+    for r in relations:  # every related object is a negative, in the order of appearance
+        if r.other not in others and r.other_span in related:
+            others.append(r.other)
+    return Expression(text=parsed.text, target=target.text, target_span=(target.idx, target.idx + len(target.text)),
+                      target_phrase=phrase, attributes=attributes, frame=frame, relations=relations,
+                      others=tuple(others), parsed=parsed)
+
+
+__all__ = ["Expression", "FrameTerm", "Relation", "parse_expression", "FRAME_KINDS", "RELATION_FAMILIES",
+           "SIZE_MEASURES", "SIDES"]
