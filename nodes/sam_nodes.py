@@ -1,5 +1,5 @@
-"""SAM nodes: load a Segment Anything checkpoint from models/sams; automatic mask proposals and proposals prompted at
-the generative map's peaks (docs/METHOD.md 6)."""
+"""SAM nodes: load a Segment Anything (models/sams) or SAM 2 / 2.1 (models/sam2) checkpoint; automatic mask proposals
+and proposals prompted at the generative map's peaks (docs/METHOD.md 6)."""
 from __future__ import annotations
 
 import segment_anything  # noqa: F401  (without it these nodes are disabled, not broken)
@@ -12,7 +12,9 @@ from refdiff.image import image_key
 from refdiff.pipeline import LRUCache
 from refdiff.prompted import PROMPT_KINDS, image_prompted_proposals, make_predictor
 from refdiff.proposals import make_mask_generator, sam_proposals
-from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_type, load_sam
+from refdiff.errors import ModelLoadError
+from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_type
+from refdiff.sam2_models import is_sam2_model, load_any_sam, sam_model_name
 
 from . import model_files, runtime, sockets, tensors
 from .proposal_filter import (AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FILTER_OPTIONS, FilterSettings,
@@ -20,16 +22,26 @@ from .proposal_filter import (AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FIL
 from .wire_types import ProposalBatch, SamHandle
 
 SAM_WHERE = ("Download one of " + ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
-             + " (the method uses vit_h).")
+             + " (the method uses vit_h); or a SAM 2 / 2.1 checkpoint (sam2.1_hiera_*.safetensors or .pt) in "
+               "models/sam2.")
 
 
 # ------------------------------------------------------------------------------------------ stage functions
 def load_sam_model(sam_name: str, model_type: str = "auto") -> SamHandle:
-    """Load a SAM checkpoint of models/sams onto the offload device (moved to the GPU only while it runs)."""
-    path = model_files.resolve_model_file(model_files.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
+    """Load a SAM (models/sams) or SAM 2 / 2.1 (models/sam2) checkpoint onto the offload device (moved to the
+    GPU only while it runs); the kind and architecture are read from the weights."""
+    path = model_files.resolve_sam_file(sam_name, "SAM checkpoint", SAM_WHERE)
     wanted = None if model_type == "auto" else canonical_model_type(model_type)
-    model = load_sam(path, model_type=wanted, device=runtime.offload_device())
-    found = wanted or infer_model_type(model.state_dict()) or "custom"
+    model = load_any_sam(path, device=runtime.offload_device())
+    if is_sam2_model(model):
+        if wanted is not None:
+            raise ModelLoadError(f"sam_name {sam_name!r} is a SAM 2 checkpoint ({sam_model_name(model)}), not "
+                                 f"{wanted}; set model_type to 'auto'")
+        return SamHandle(model=model, model_type=sam_model_name(model), path=path)
+    found = infer_model_type(model.state_dict()) or "custom"
+    if wanted is not None and found != wanted:
+        raise ModelLoadError(f"sam_name {sam_name!r} holds a {found} SAM, not the {wanted} of model_type; pick "
+                             "the matching model_type or 'auto'")
     return SamHandle(model=model, model_type=found, path=path)
 
 
@@ -105,19 +117,27 @@ class RefDiffSAMLoader(io.ComfyNode):
             display_name="RefDiff SAM Loader",
             category=sockets.CATEGORY,
             description="Load a Segment Anything checkpoint (sam_vit_h/l/b .pth or .safetensors) from "
-                        "ComfyUI/models/sams. The weights are read without running pickled code.",
+                        "ComfyUI/models/sams, or a SAM 2 / 2.1 one (sam2.1_hiera_tiny/small/base_plus/large) from "
+                        "ComfyUI/models/sam2; the kind and size are read from the weights, which are read "
+                        "without running pickled code.",
             inputs=[
-                io.Combo.Input("sam_name", options=model_files.weight_files(model_files.SAM_FOLDER),
-                               tooltip="Checkpoint file in ComfyUI/models/sams (e.g. sam_vit_h_4b8939.pth)."),
+                io.Combo.Input("sam_name", options=model_files.sam_files(),
+                               tooltip="Checkpoint file in ComfyUI/models/sams (e.g. sam_vit_h_4b8939.pth) or "
+                                       "ComfyUI/models/sam2 (e.g. sam2.1_hiera_large.safetensors)."),
                 io.Combo.Input("model_type", options=["auto", "vit_h", "vit_l", "vit_b"], default="auto",
-                               tooltip="Architecture; 'auto' reads it from the weights (a given type must match)."),
+                               tooltip="SAM v1 architecture; 'auto' reads it from the weights (a given type must "
+                                       "match; SAM 2 files need 'auto')."),
             ],
             outputs=[sockets.SamModel.Output(display_name="sam", tooltip="The loaded SAM (REFDIFF_SAM).")],
         )
 
     @classmethod
     def validate_inputs(cls, sam_name) -> bool | str:
-        return model_files.missing_file_message(model_files.SAM_FOLDER, sam_name, "SAM checkpoint", SAM_WHERE)
+        try:
+            model_files.resolve_sam_file(sam_name, "SAM checkpoint", SAM_WHERE)
+        except ModelLoadError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def execute(cls, sam_name, model_type) -> io.NodeOutput:

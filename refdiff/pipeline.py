@@ -191,13 +191,13 @@ class RefDiff:
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         sd_config: str | None = None, offload: bool = False, **kwargs: Any) -> "RefDiff":
         """Build from weights: ``sd`` a diffusers folder, hub id or single .safetensors/.ckpt file; ``sam`` a SAM
-        .pth checkpoint; ``clip`` an open_clip "MODEL/TAG" or a local file. None means the published weights
+        (.pth) or SAM 2 / 2.1 (.pt, .safetensors) checkpoint, detected from its keys; ``clip`` an open_clip "MODEL/TAG" or a local file. None means the published weights
         (SD 1.5, SAM vit_h, CLIP ViT-B/16 openai), downloaded by the libraries' own caches. Models load on
         first use. ``sd_config`` names the configuration of a single-file checkpoint (sd1, sd2, sd2-v or a
         diffusers-layout folder) when it cannot be detected. ``offload=True`` loads the models on the CPU and
         moves each to ``device`` only for its stage (see ``RefDiff``); dtype defaults follow ``device``."""
         from .clip import load_clip
-        from .sam import load_sam
+        from .sam2_models import load_any_sam
         from .devices import resolve_dtype
         from .sd import load_sd
 
@@ -207,7 +207,7 @@ class RefDiff:
         else:
             sd_dtype, load_to = dtype, device
         return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=load_to, dtype=sd_dtype, config=sd_config)),
-                   sam=_Lazy(loader=lambda: load_sam(sam, device=load_to)),
+                   sam=_Lazy(loader=lambda: load_any_sam(sam, device=load_to)),
                    clip=_Lazy(loader=lambda: load_clip(clip, device=load_to, dtype=dtype)),
                    preset=preset, offload=offload, device=compute, **kwargs)
 

@@ -225,6 +225,10 @@ def make_predictor(model: Any) -> Predictor:
     has ``set_image`` and ``predict`` (e.g. SAM 2's ``SAM2ImagePredictor``) is used as it is."""
     if hasattr(model, "set_image") and hasattr(model, "predict"):
         return model
+    from .sam2_models import is_sam2_model, make_sam2_predictor
+
+    if is_sam2_model(model):
+        return make_sam2_predictor(model)
     if hasattr(model, "image_encoder") and hasattr(model, "mask_decoder") and hasattr(model, "prompt_encoder"):
         from segment_anything import SamPredictor
 

@@ -53,12 +53,18 @@ def make_mask_generator(sam: "Sam", points_per_side: int = 32, points_per_batch:
                         pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                         box_nms_thresh: float = 0.7, crop_n_layers: int = 0, min_mask_region_area: int = 0,
                         chunk_mb: float = 512, **extra: Any) -> "SamAutomaticMaskGenerator":
-    """A SamAutomaticMaskGenerator with SAM's AMG defaults (docs/METHOD.md section 6), returning binary masks.
+    """A SamAutomaticMaskGenerator with SAM's AMG defaults (a SAM2AutomaticMaskGenerator for a SAM 2 model) (docs/METHOD.md section 6), returning binary masks.
 
     It is ``refdiff.amg.MemoryBoundedMaskGenerator``: the stock generator's records, with at most ``chunk_mb``
     megabytes of candidate masks upsampled at once. ``extra`` goes to the generator unchanged (e.g.
     crop_overlap_ratio); ``config.sam_generator_kwargs`` gives the named arguments of a preset.
     """
+    from .sam2_models import is_sam2_model, make_sam2_mask_generator
+    if is_sam2_model(sam):  # SAM 2 / 2.1: sam2's generator with the same settings (refdiff.sam2_models)
+        return make_sam2_mask_generator(
+            sam, points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers, min_mask_region_area=min_mask_region_area, chunk_mb=chunk_mb, **extra)
     from .amg import MemoryBoundedMaskGenerator
     mode = extra.pop("output_mode", "binary_mask")
     if mode != "binary_mask":

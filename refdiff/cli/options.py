@@ -60,7 +60,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                    help="configuration for a single-file checkpoint: sd1, sd2, sd2-v, or a diffusers-layout folder "
                         "(default: detected from the weights)")
     g.add_argument("--sam", metavar="FILE", default=None,
-                   help="SAM checkpoint (sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth). "
+                   help="SAM checkpoint (sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth) or SAM 2 / 2.1 "
+                        "checkpoint (sam2.1_hiera_tiny/small/base_plus/large .pt or .safetensors; detected). "
                         f"Default: vit_h, downloaded once to {SAM_DOWNLOAD_NOTE}")
     g.add_argument("--clip", metavar="TAG_OR_FILE", default=None,
                    help="CLIP scorer: an open_clip MODEL/TAG such as ViT-B-16/openai, or a local weights file. "
