@@ -310,7 +310,59 @@ def check_by_hand(family: str) -> dict:
             "concept_rows": float(got_c.cond[..., [1, 5]].sum(-1).max())}
 
 
+def check_positions() -> dict:
+    nodes = load_pack()
+    dit = importlib.import_module(nodes.__name__ + ".dit_backend")
+    from comfy.text_encoders.flux import FluxTokenizer
+    from comfy.text_encoders.sd3_clip import SD3Tokenizer
+
+    text = "the snowboarder beside the xylophonist on the left"
+    out = {}
+    for name, tok in (("Flux", FluxTokenizer()), ("SD3", SD3Tokenizer())):
+        clip = types.SimpleNamespace(tokenizer=tok)
+        item = dit.dit_parse_item(text, clip)
+        t5 = tok.t5xxl.tokenizer
+        ids = [int(t[0]) for t in tok.t5xxl.tokenize_with_weights(item.prompt)[0]]  # ComfyUI's own T5 ids
+        pieces = t5.convert_ids_to_tokens(ids)
+        offset = dit.SD3_CLIP_TOKENS if name == "SD3" else 0
+        words = {w: p for (w, _, _), p in zip(item.parsed.words, item.word_positions)}
+        t5_of = {w: [q - offset for q in p if q >= offset] for w, p in words.items()}
+        out[name] = {"root": item.parsed.root, "root_positions": item.root_positions,
+                     "root_position": item.root_position,
+                     "root_pieces": "".join(pieces[q] for q in t5_of[item.parsed.root]).replace("▁", ""),
+                     "xylo_pieces": [pieces[q] for q in t5_of["xylophonist"]],
+                     "clip_positions": [q for q in words["xylophonist"] if q < offset]}
+        if name == "SD3":
+            clip_ids = [int(t[0]) for t in tok.clip_l.tokenize_with_weights(item.prompt)[0]]
+            clip_tok = tok.clip_l.tokenizer
+            out[name]["clip_xylo"] = "".join(clip_tok.convert_ids_to_tokens([clip_ids[q] for q in
+                                                                             out[name]["clip_positions"]]))
+    return out
+
+
+def check_families() -> dict:
+    nodes = load_pack()
+    dit = importlib.import_module(nodes.__name__ + ".dit_backend")
+    import comfy.supported_models as sm
+    from refdiff.errors import InputError
+
+    out = {}
+    for cls in (sm.SD15, sm.SDXL, sm.FluxInpaint):
+        fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=cls({})))
+        try:
+            dit.check_dit_family(fake)
+            out[cls.__name__] = "accepted"
+        except InputError as exc:
+            out[cls.__name__] = str(exc)
+    out["flux"] = dit.check_dit_family(tiny_flux())
+    out["schnell"] = dit.check_dit_family(tiny_flux(guidance=False))
+    out["sd3"] = dit.check_dit_family(tiny_sd3())
+    return out
+
+
 CHECKS = {
+    "positions": check_positions,
+    "families": check_families,
     "flux_transparent": lambda: check_transparent("Flux"),
     "sd3_transparent": lambda: check_transparent("SD3"),
     "flux_by_hand": lambda: check_by_hand("Flux"),

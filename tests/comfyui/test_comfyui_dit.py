@@ -37,3 +37,22 @@ def test_both_map_kinds_equal_plain_torch_by_hand(family):
     assert 0.0 < r["concept_rows"] <= 1.0 + 1e-5  # two of three concepts in the text: their shares sum to <= 1
     if family == "sd3":  # CFG batch: the conditional rows were read, not the unconditional ones
         assert r["uncond_branch_diff"] > 1e-3
+
+
+def test_root_word_maps_to_all_its_t5_pieces():
+    """Positions by character offsets equal the pieces of ComfyUI's own T5 (and, for SD 3, CLIP-L) token ids."""
+    r = run_check("positions")
+    flux, sd3 = r["Flux"], r["SD3"]
+    assert flux["root"] == sd3["root"] == "snowboarder"
+    assert flux["root_positions"] == [1, 2] and flux["root_position"] == 2  # "▁snow", "boarder" after "▁the"
+    assert flux["root_pieces"] == sd3["root_pieces"] == "snowboarder"
+    assert flux["xylo_pieces"] == ["\u2581", "x", "y", "l", "o", "phon", "ist"]  # one word, seven T5 pieces
+    assert sd3["root_positions"] == [2, 3, 78, 79] and sd3["root_position"] == 79  # CLIP-L pieces, 77 + T5
+    assert sd3["clip_xylo"] == "xylophonist</w>" and flux["clip_positions"] == []
+
+
+def test_other_families_are_refused_by_name():
+    r = run_check("families")
+    for name in ("SD15", "SDXL", "FluxInpaint"):
+        assert f"this MODEL is {name}" in r[name]
+    assert (r["flux"], r["schnell"], r["sd3"]) == ("Flux", "Flux", "SD3")
