@@ -225,7 +225,6 @@ def sd3_block_by_hand(block, x, context, c_mod, concepts):
 def check_transparent(family: str) -> dict:
     nodes = load_pack()
     dit = importlib.import_module(nodes.__name__ + ".dit_backend")
-    from refdiff.capture import COND  # noqa: F401
     from refdiff.stores import AttentionStore
 
     model = tiny_flux() if family == "Flux" else tiny_sd3()
