@@ -1,0 +1,58 @@
+"""Flux / SD 3 joint-attention capture on tiny random models of ComfyUI's own classes (tests/comfyui/dit_checks.py,
+run in a subprocess; no server needed)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from comfy_helpers import COMFYUI_PATH, HERE, REPO, TIMINGS, child_env
+
+
+def run_check(name: str) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(HERE / "dit_checks.py"), str(REPO), name], cwd=COMFYUI_PATH,
+                          env=child_env(), capture_output=True, text=True, timeout=900)
+    TIMINGS[f"dit check {name}"] = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_capture_leaves_the_model_output_unchanged(family):
+    r = run_check(f"{family}_transparent")
+    assert r["diffs"]["attention"] == 0.0 and r["diffs"]["concept"] == 0.0
+    assert r["diffs"]["attention_layers"] == ["step0/double_blocks.0", "step0/double_blocks.1"]
+    assert r["options_equal"] and r["again"] == 0.0 and r["scale"] > 0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_both_map_kinds_equal_plain_torch_by_hand(family):
+    r = run_check(f"{family}_by_hand")
+    assert r["attention_shape"] == [2, 3, 4, 7]  # 2 blocks, 3 x 4 token grid, 7 text tokens
+    assert r["attention_diff"] < 1e-5 and r["concept_diff"] < 1e-5
+    assert r["row_sums_below_one"] and not r["uncond"]
+    assert 0.0 < r["concept_rows"] <= 1.0 + 1e-5  # two of three concepts in the text: their shares sum to <= 1
+    if family == "sd3":  # CFG batch: the conditional rows were read, not the unconditional ones
+        assert r["uncond_branch_diff"] > 1e-3
+
+
+def test_root_word_maps_to_all_its_t5_pieces():
+    """Positions by character offsets equal the pieces of ComfyUI's own T5 (and, for SD 3, CLIP-L) token ids."""
+    r = run_check("positions")
+    flux, sd3 = r["Flux"], r["SD3"]
+    assert flux["root"] == sd3["root"] == "snowboarder"
+    assert flux["root_positions"] == [1, 2] and flux["root_position"] == 2  # "▁snow", "boarder" after "▁the"
+    assert flux["root_pieces"] == sd3["root_pieces"] == "snowboarder"
+    assert flux["xylo_pieces"] == ["\u2581", "x", "y", "l", "o", "phon", "ist"]  # one word, seven T5 pieces
+    assert sd3["root_positions"] == [2, 3, 78, 79] and sd3["root_position"] == 79  # CLIP-L pieces, 77 + T5
+    assert sd3["clip_xylo"] == "xylophonist</w>" and flux["clip_positions"] == []
+
+
+def test_other_families_are_refused_by_name():
+    r = run_check("families")
+    for name in ("SD15", "SDXL", "FluxInpaint"):
+        assert f"this MODEL is {name}" in r[name]
+    assert (r["flux"], r["schnell"], r["sd3"]) == ("Flux", "Flux", "SD3")
