@@ -263,17 +263,37 @@ class RefDiff:
             cache.clear()
 
     # -- public entry points --------------------------------------------------------------------------------
-    def __call__(self, image: Any, text: str, variant: str | Variant = "full", seed: int = 0) -> Result:
-        """Segment the object ``text`` refers to in ``image`` with one variant (full, G, GS, DS, sam-clip)."""
+    def __call__(self, image: Any, text: str, variant: str | Variant = "full", seed: int = 0,
+                 proposals: Any = None, proposals_resize: str = "error", proposals_post_filter: bool = False) -> Result:
+        """Segment the object ``text`` refers to in ``image`` with one variant (full, G, GS, DS, sam-clip).
+
+        ``proposals``: masks of this image from elsewhere (bool/float tensor or array [N, H, W]; rules in
+        ``refdiff.external``) that replace SAM's proposals; see ``segment_variants``."""
         v = get_variant(variant)
-        return self.segment_variants(image, text, [v], seed=seed)[v.name]
+        return self.segment_variants(image, text, [v], seed=seed, proposals=proposals,
+                                     proposals_resize=proposals_resize,
+                                     proposals_post_filter=proposals_post_filter)[v.name]
 
     def segment_variants(self, image: Any, text: str, variants: Sequence[str | Variant] = ("full",),
-                         seed: int = 0) -> dict[str, Result]:
-        """Run several variants on one (image, text); stages they share run once. Keys are variant names."""
+                         seed: int = 0, proposals: Any = None, proposals_resize: str = "error",
+                         proposals_post_filter: bool = False) -> dict[str, Result]:
+        """Run several variants on one (image, text); stages they share run once. Keys are variant names.
+
+        ``proposals`` (optional) are masks of this image made elsewhere: they replace the SAM proposals of the
+        variants that use them (full, GS, DS, sam-clip; SAM is then never run nor loaded), and s_G, s_D, fusion and
+        selection run on them as on SAM's. A variant with its own proposals (G, G-refine, cluster) is refused.
+        ``proposals_resize`` "nearest" resizes masks of another size (same aspect ratio); "error" refuses them.
+        The preset's SAM post-filter is not applied to them unless ``proposals_post_filter``. Empty masks are
+        left out, and no mask left gives index -1 and an empty mask; each such fact is in ``Result.warnings``."""
         chosen = [get_variant(v) for v in variants]
         if not chosen:
             raise InputError("variants is empty; choose at least one of " + ", ".join(VARIANTS))
+        if proposals is not None:
+            own = [v.name for v in chosen if v.proposals != "sam"]
+            if own:
+                raise InputError(f"proposals: variant(s) {', '.join(own)} make their own proposals, so external "
+                                 "masks have no place there; use full, GS, DS or sam-clip (GS scores the given masks "
+                                 "with the generative map alone)")
         rgb = load_image(image)
         parsed = self._parse(text)
         root_note = check_root(parsed, self.no_noun)  # raises under "error" when the text names no object
@@ -288,9 +308,14 @@ class RefDiff:
             return maps[refine]
 
         sources = {v.name: proposal_source(v, self.preset) for v in chosen}
-        sam_masks, sam_note = None, None
-        if "sam" in sources.values():
+        sam_masks, sam_notes = None, []
+        if proposals is not None:  # the caller's masks stand in for SAM's, automatic or prompted
+            sam_masks, sam_notes = self._timed(timings, "external", lambda: self._external_proposals(
+                proposals, rgb, proposals_resize, proposals_post_filter))
+            sources = {name: ("sam" if src == "prompted" else src) for name, src in sources.items()}
+        elif "sam" in sources.values():
             sam_masks, sam_note = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
+            sam_notes = [sam_note] if sam_note else []
         prompted: list[tuple[torch.Tensor, str | None]] = []  # computed once, from the unrefined map
 
         def prompted_masks() -> tuple[torch.Tensor, str | None]:
@@ -304,11 +329,12 @@ class RefDiff:
         for v in chosen:
             source = sources[v.name]
             c, root_position = generative(v.refine) if needs_map(v, self.preset) else (None, None)
-            note = None
+            extra: list[str] = []
             if source == "sam":
-                masks, note = sam_masks, sam_note
+                masks, extra = sam_masks, sam_notes
             elif source == "prompted":
                 masks, note = prompted_masks()
+                extra = [note] if note else []
             elif source == "cluster":
                 masks = self._timed(timings, "cluster", lambda: self._cluster_proposals(rgb, key, seed))
             else:
@@ -324,7 +350,7 @@ class RefDiff:
                 spatial = self._timed(timings, "spatial", lambda: self._spatial_inputs(
                     rgb, key, parsed, masks, v, terms, seed, timings))
             results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings), spatial)
-                        results[v.name].warnings = notes + ([note] if note else [])
+            results[v.name].warnings = notes + extra
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------
@@ -542,6 +568,30 @@ class RefDiff:
         if note:
             warnings.warn(note, RefDiffWarning, stacklevel=2)
         return masks, note
+
+    def _external_proposals(self, masks: Any, rgb: np.ndarray, resize: str, post_filter: bool
+                            ) -> tuple[torch.Tensor, list[str]]:
+        """Masks given by the caller as proposals (refdiff.external), optionally through the preset's SAM
+        post-filter; with the notes of what was left out or resized (also warned)."""
+        from .external import external_proposals
+        from .proposals import sam_post_filter
+
+        p = self.preset
+        given = external_proposals(masks, rgb.shape[0], rgb.shape[1], resize=resize)
+        out, notes = given.masks, list(given.notes)
+        if post_filter and out.shape[0]:
+            out, keep, note = sam_post_filter(out, keep_largest=p.sam_keep_largest, min_area=p.sam_min_area,
+                                              min_area_reference=p.sam_min_area_reference,
+                                              advice="lower sam_min_area or pass proposals_post_filter=False to "
+                                                     "keep every external mask")
+            if note:
+                notes.append(note)
+            elif keep.numel() < given.masks.shape[0]:
+                notes.append(f"the preset's post-filter kept {keep.numel()} of the {given.masks.shape[0]} external "
+                             f"masks: the given masks {[given.kept[int(i)] for i in keep]}")
+        for note in notes:
+            warnings.warn(note, RefDiffWarning, stacklevel=3)
+        return out, notes
 
     def _threshold(self, c: torch.Tensor) -> torch.Tensor:
         from .proposals import threshold_proposals
