@@ -159,7 +159,7 @@ TINY_SDXL_TEXT_G_CONFIG: dict[str, Any] = {**SDXL_TEXT_G_CONFIG, "hidden_size": 
 
 # The smallest SDXL that ComfyUI detects as SDXL (model_channels 320, transformer depths 2 and 10 in the down
 # blocks, context 2048, added conditioning 2816), with one width for every level and fewer transformers in the
-# up blocks; and text encoders of SDXL's widths (768 + 1280) but 2 layers and narrow MLPs.
+# up blocks; and text encoders of SDXL's widths (768 + 1280) but 3 layers (ComfyUI needs more than the penultimate) and narrow MLPs.
 COMFY_SDXL_UNET_CONFIG: dict[str, Any] = {
     **SDXL_UNET_CONFIG,
     "sample_size": 16,
@@ -167,8 +167,8 @@ COMFY_SDXL_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": (5, 5, 5),
     "reverse_transformer_layers_per_block": ((2, 2, 2), (1, 1, 1), (1, 1, 1)),
 }
-COMFY_SDXL_TEXT_L_CONFIG: dict[str, Any] = {**SDXL_TEXT_L_CONFIG, "intermediate_size": 256, "num_hidden_layers": 2}
-COMFY_SDXL_TEXT_G_CONFIG: dict[str, Any] = {**SDXL_TEXT_G_CONFIG, "intermediate_size": 256, "num_hidden_layers": 2}
+COMFY_SDXL_TEXT_L_CONFIG: dict[str, Any] = {**SDXL_TEXT_L_CONFIG, "intermediate_size": 256, "num_hidden_layers": 3}
+COMFY_SDXL_TEXT_G_CONFIG: dict[str, Any] = {**SDXL_TEXT_G_CONFIG, "intermediate_size": 256, "num_hidden_layers": 3}
 
 
 @contextmanager
@@ -247,25 +247,24 @@ def tiny_sd(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def sdxl_components(unet: Any, vae: Any, text_l: Any, text_g: Any, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> SDComponents:
-    """SDComponents of SDXL parts: the SD schedule, CLIP-L's tokenizer and CLIP-G's (padded with id 0)."""
+    """SDComponents of SDXL parts (``vae`` may be None: scaling 0.13025): the SD schedule, CLIP-L's tokenizer
+    and CLIP-G's (padded with id 0)."""
     from ..tokenizer import OPEN_CLIP_PAD_TOKEN, clip_tokenizer
-    sd = _components(unet, vae, text_l, device, dtype)
-    sd.text_encoder_2, sd.tokenizer_2 = text_g, clip_tokenizer(pad_token=OPEN_CLIP_PAD_TOKEN)
-    return sd
+    return SDComponents(unet=unet, vae=vae, text_encoder=text_l, tokenizer=clip_tokenizer(),
+                        alphas_cumprod=scaled_linear_alphas_cumprod(SD_BETA_START, SD_BETA_END, SD_TRAIN_STEPS),
+                        scaling_factor=float(vae.config.scaling_factor) if vae is not None else 0.13025,
+                        prediction_type="epsilon", device=torch.device(device), dtype=dtype, text_encoder_2=text_g,
+                        tokenizer_2=clip_tokenizer(pad_token=OPEN_CLIP_PAD_TOKEN))
 
 
-def tiny_sdxl(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              vae: bool = True) -> SDComponents:
+def tiny_sdxl(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDComponents:
     """Tiny random-weight SDXL-shaped components (UNet with added conditioning, VAE, two 2-layer text encoders)."""
     with _seeded(seed):
         unet = unet_from_config(TINY_SDXL_UNET_CONFIG, device, dtype)
-        autoencoder = vae_from_config({**TINY_VAE_CONFIG, "scaling_factor": 0.13025}, device, dtype) if vae else None
+        vae = vae_from_config({**TINY_VAE_CONFIG, "scaling_factor": 0.13025}, device, dtype)
         text_l = text_encoder_from_config(TINY_SDXL_TEXT_L_CONFIG, device, dtype)
         text_g = text_encoder_with_projection_from_config(TINY_SDXL_TEXT_G_CONFIG, device, dtype)
-    sd = sdxl_components(unet, autoencoder or vae_from_config(TINY_VAE_CONFIG, "meta"), text_l, text_g, device, dtype)
-    if not vae:
-        sd.vae, sd.scaling_factor = None, 0.13025
-    return sd
+    return sdxl_components(unet, vae, text_l, text_g, device, dtype)
 
 
 def full_sdxl_unet(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
