@@ -90,19 +90,21 @@ class SizeInputs:
 
 
 @contextmanager
-def reuse_prompt_states(context: torch.Tensor) -> Iterator[None]:
-    """Make ``refdiff.diffusion.run_capture`` use precomputed text-encoder states, so that the UNet stage
-    is timed without the text encoder (measured as its own stage)."""
-    original = diffusion.encode_prompts
+def reuse_prompt_states(context: torch.Tensor, pooled: torch.Tensor | None = None) -> Iterator[None]:
+    """Make ``refdiff.diffusion.run_capture`` use precomputed text-encoder states (and SDXL's pooled text), so
+    that the UNet stage is timed without the text encoder (measured as its own stage)."""
+    original = diffusion.encode_text
 
-    def cached(sd: Any, text: str, use_cfg: bool = True) -> torch.Tensor:
-        return context if use_cfg else context[1:]
+    def cached(sd: Any, text: str, use_cfg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if use_cfg:
+            return context, pooled
+        return context[1:], (pooled[1:] if pooled is not None else None)
 
-    diffusion.encode_prompts = cached  # type: ignore[assignment]
+    diffusion.encode_text = cached  # type: ignore[assignment]
     try:
         yield
     finally:
-        diffusion.encode_prompts = original  # type: ignore[assignment]
+        diffusion.encode_text = original  # type: ignore[assignment]
 
 
 def capture_kwargs(p: Preset) -> dict[str, Any]:

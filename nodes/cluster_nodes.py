@@ -38,6 +38,7 @@ def cluster_proposal_batch(model: Any, latent: dict, image: torch.Tensor, *, cli
             raise InputError("clip: connect the checkpoint's CLIP (the pass is conditioned on the empty prompt), or "
                              "give conditioning")
         conditioning = comfy_backend.encode_text(clip, "")
+    comfy_backend.check_conditioning(model, conditioning, "conditioning")
     query_layers, blocks = comfy_backend.select_feature_sources(model, features, feature_factor)
     noise = injection_noise((1, *samples.shape[1:]), seed).expand(*samples.shape).contiguous()
     progress = runtime.Progress(1 + batch)
@@ -65,7 +66,7 @@ class RefDiffFeatureClusterProposals(io.ComfyNode):
                         "the UNet's features, one mask per cluster (or per connected piece of one). Use them where "
                         "SAM or threshold proposals go. The MODEL is cloned; the one you connect is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL."),
+                io.Model.Input("model", tooltip="An SD 1.x, 2.x or SDXL MODEL."),
                 io.Latent.Input("latent", tooltip="VAEEncode of RefDiffPrepareImage's square (the plain latent, or "
                                                   "the noised latent of RefDiffNoiseInjection: only its samples are "
                                                   "used)."),

@@ -42,8 +42,19 @@ from refdiff.stores import AttentionStore, FeatureStore, SelfAttentionStore, spl
 
 from .wire_types import Injection
 
-# Families whose UNet and schedule the method supports, by ComfyUI model-config class.
-SUPPORTED_FAMILIES: dict[type, str] = {supported_models.SD15: "SD1.x", supported_models.SD20: "SD2.x"}
+# Families whose UNet and schedule the method supports, by ComfyUI model-config class (exact class: an SD 2.x
+# unCLIP or upscaler config derives from SD20 but is not supported). SSD-1B, Segmind Vega and KOALA are distilled
+# SDXL UNets (fewer transformers, the same conditioning): model_base.SDXL runs them all.
+SDXL_CONFIGS: tuple[str, ...] = ("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B")
+SUPPORTED_FAMILIES: dict[type, str] = {supported_models.SD15: "SD1.x", supported_models.SD20: "SD2.x",
+                                       **{getattr(supported_models, n): "SDXL" for n in SDXL_CONFIGS
+                                          if hasattr(supported_models, n)}}
+# Families refused with a reason of their own (the generic message names what is supported).
+REFUSED_FAMILIES: dict[str, str] = {
+    "SDXLRefiner": "the SDXL refiner is trained on the last low-noise steps only and conditioned on CLIP-G and an "
+                   "aesthetic score; connect the SDXL base checkpoint (or a fine-tune of it such as Pony or "
+                   "Illustrious) instead",
+}
 # What the feature-cluster proposals can record: cross-attention query projections or decoder block outputs.
 FEATURE_OPTIONS = ["queries", "output blocks"]
 
@@ -75,14 +86,17 @@ class Attn1Layer(Attn2Layer):
 
 # ---------------------------------------------------------------------------------------------- family
 def model_family(model: Any) -> str:
-    """"SD1.x" or "SD2.x" for a supported MODEL; InputError naming the family otherwise."""
+    """"SD1.x", "SD2.x" or "SDXL" for a supported MODEL; InputError naming the family otherwise."""
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     family = SUPPORTED_FAMILIES.get(type(config))
     name = type(config).__name__ if config is not None else type(base).__name__
     if family is None:
-        raise InputError(f"model: Ref-Diff runs on Stable Diffusion 1.x and 2.x UNets; this MODEL is {name}. "
-                         "Load an SD 1.x/2.x checkpoint (e.g. v1-5-pruned-emaonly) for the capture")
+        reason = REFUSED_FAMILIES.get(name, "")
+        raise InputError(f"model: Ref-Diff runs on Stable Diffusion 1.x, 2.x and SDXL UNets; this MODEL is {name}"
+                         + (f": {reason}" if reason else
+                            ". Load an SD 1.x/2.x or SDXL checkpoint (e.g. v1-5-pruned-emaonly or "
+                            "sd_xl_base_1.0) for the capture"))
     in_channels = int(config.unet_config.get("in_channels", 4))
     if in_channels != 4:
         raise InputError(f"model: {name} with {in_channels} input channels (an inpainting or image-conditioned "
@@ -90,6 +104,29 @@ def model_family(model: Any) -> str:
     if not isinstance(getattr(base, "diffusion_model", None), UNetModel):
         raise InputError(f"model: {name} has no ComfyUI UNetModel to capture from")
     return family
+
+
+def conditioning_problem(model: Any, conditioning: list, name: str) -> str:
+    """Why a CONDITIONING cannot drive this MODEL ('' when it can): text width against the UNet's
+    context_dim, and SDXL's pooled text (its added conditioning) present."""
+    config = model.model.model_config
+    want = config.unet_config.get("context_dim")
+    for tensor, extra in conditioning:
+        width = int(tensor.shape[-1])
+        if want is not None and width != int(want):
+            return (f"{name}: the text conditioning is {width} wide but this {type(config).__name__} UNet takes "
+                    f"{want} (a CLIP of another family?); connect the CLIP of the same checkpoint as the MODEL")
+        if SUPPORTED_FAMILIES.get(type(config)) == "SDXL" and extra.get("pooled_output") is None:
+            return (f"{name}: SDXL needs the pooled text (pooled_output) of its CLIP-G for the added conditioning; "
+                    "encode with the SDXL checkpoint's CLIP (CLIPTextEncode or CLIPTextEncodeSDXL)")
+    return ""
+
+
+def check_conditioning(model: Any, conditioning: list, name: str) -> None:
+    """InputError when ``conditioning_problem`` finds one."""
+    problem = conditioning_problem(model, conditioning, name)
+    if problem:
+        raise InputError(problem)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -150,7 +187,7 @@ def select_layers(model: Any, selector: LayerSelector) -> list[Attn2Layer]:
     chosen = [layer for layer in layers if selector.wants(layer.block, layer.factor)]
     if not layers:
         raise InputError("model: this MODEL's UNet has no cross-attention layer, so there is no attention to "
-                         "capture; connect an SD 1.x or 2.x checkpoint's MODEL")
+                         "capture; connect an SD 1.x/2.x or SDXL checkpoint's MODEL")
     if not chosen:
         have = sorted({(normalise_block(la.block), la.factor) for la in layers}, key=lambda x: (x[1], x[0]))
         factors = sorted({la.factor for la in layers if normalise_block(la.block) in selector.blocks})
@@ -385,7 +422,7 @@ def alphas_cumprod(model: Any) -> torch.Tensor:
     sigmas = getattr(sampling, "sigmas", None)
     if sigmas is None or not hasattr(sampling, "log_sigmas"):
         raise InputError(f"model: its sampling ({type(sampling).__name__}) has no discrete DDPM schedule; "
-                         "Ref-Diff needs SD 1.x/2.x's discrete timesteps")
+                         "Ref-Diff needs the discrete timesteps of SD 1.x/2.x and SDXL")
     return alphas_cumprod_of(sigmas)
 
 
@@ -504,13 +541,16 @@ def run_features(model: Any, latent: torch.Tensor, noise: torch.Tensor, timestep
 
 # ---------------------------------------------------------------------------------------------- text
 def sd_tokenizer(clip: Any) -> Any:
-    """The SD 1.x/2.x tokenizer inside a ComfyUI CLIP (clip_l for SD1, clip_h for SD2)."""
+    """The CLIP-L/H tokenizer inside a ComfyUI CLIP (clip_l for SD1, clip_h for SD2, clip_l for SDXL: CLIP-L and
+    CLIP-G use the same BPE vocabulary and share the 77 positions, only their padding differs)."""
     outer = getattr(clip, "tokenizer", None)
     name = getattr(outer, "clip", None)
+    if not isinstance(name, str) and hasattr(outer, "clip_l") and hasattr(outer, "clip_g"):
+        name = "clip_l"  # SDXL's two tokenizers
     inner = getattr(outer, name, None) if isinstance(name, str) else None
     if inner is None or not hasattr(inner, "tokenizer"):
-        raise InputError(f"clip: {type(outer).__name__} is not the single CLIP text encoder of SD 1.x/2.x; "
-                         "connect the CLIP output of the SD 1.x/2.x checkpoint loader")
+        raise InputError(f"clip: {type(outer).__name__} is not the CLIP text encoder of SD 1.x/2.x or SDXL; "
+                         "connect the CLIP output of the SD 1.x/2.x or SDXL checkpoint loader")
     return inner
 
 
@@ -553,7 +593,8 @@ def conditioning_item(cond: list, index: int, batch: int) -> list:
     return out
 
 
-__all__ = ["SUPPORTED_FAMILIES", "Attn2Layer", "Attn1Layer", "model_family", "attn2_layers", "attn1_layers",
+__all__ = ["SUPPORTED_FAMILIES", "REFUSED_FAMILIES", "Attn2Layer", "Attn1Layer", "model_family",
+           "conditioning_problem", "check_conditioning", "attn2_layers", "attn1_layers",
            "output_block_levels", "select_layers", "select_self_attention_layers", "comfy_attention",
            "kept_branches", "make_capture_patch", "patched_clone", "make_self_attention_patch",
            "add_self_attention_patches", "make_query_feature_patch", "query_feature_name", "block_feature_names",

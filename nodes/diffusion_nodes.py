@@ -106,6 +106,10 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
         negatives = ([comfy_backend.conditioning_item(negative, i, batch) for i in range(batch)]
                      if negative is not None else [None] * batch)
 
+    for name, conds in (("positive", positives), ("negative", negatives)):
+        for cond in conds[:1] if positive is None else conds:  # encoded prompts: one check covers the CLIP
+            if cond is not None:
+                comfy_backend.check_conditioning(model, cond, name if positive is not None else "clip")
     progress = runtime.Progress(batch * len(plan.step_timesteps))
     maps = []
     affinities = []
@@ -214,7 +218,8 @@ class RefDiffCaptureAttention(io.ComfyNode):
                         "self-attention too (for RefDiff Self-Attention Refine). The MODEL is cloned; the one you "
                         "connect is not changed.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL."),
+                io.Model.Input("model", tooltip="An SD 1.x, 2.x or SDXL MODEL (SDXL fine-tunes such as Pony and "
+                                                     "Illustrious included; not the SDXL refiner)."),
                 io.Latent.Input("latent", tooltip="The noised latent from RefDiffNoiseInjection."),
                 sockets.preset_input("Preset for 'kind: preset' and the prompt suffix (', ' in both)."),
                 io.Combo.Input("kind", options=KIND_OPTIONS, default="preset",

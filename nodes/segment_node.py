@@ -122,7 +122,8 @@ class RefDiffSegment(io.ComfyNode):
                         "image. Runs the same stages as the separate RefDiff nodes. An image left without a "
                         "mask, or a text naming no object, is named on the node, in the report and the console.",
             inputs=[
-                io.Model.Input("model", tooltip="SD 1.x/2.x MODEL (used by the variants with the generative map)."),
+                io.Model.Input("model", tooltip="SD 1.x/2.x or SDXL MODEL (used by the variants with the generative "
+                                                     "map; not the SDXL refiner)."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP (prompt encoding and token positions)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
                 io.Image.Input("image", tooltip="Images to segment."),

@@ -72,7 +72,7 @@ class RefDiffParseText(io.ComfyNode):
                                         "choice (one line per text line, or one word for all)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The checkpoint's CLIP, whose tokenizer numbers the tokens (without it: "
-                                      "SD 1.x's tokenizer, identical for SD 2.x)."),
+                                      "SD 1.x's tokenizer, identical in its positions for SD 2.x and SDXL)."),
                 no_noun_input(),
             ],
             outputs=[

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .capture import COND, downsampled_grid
-from .diffusion import capture_block_features, cross_attention_layers, encode_prompts
+from .diffusion import capture_block_features, cross_attention_layers, encode_text, unet_output
 from .errors import InputError
 from .schedule import injection_noise, noise_latent
 from .image import frame_placement
@@ -262,10 +262,10 @@ def feature_cluster_proposals(sd: Any, latent: torch.Tensor, prompt: str, prep: 
     names = query_feature_modules(sd.unet, feature_factor) if blocks is None else tuple(blocks)
     noise = injection_noise(latent.shape, seed)
     x = noise_latent(latent.float().cpu(), float(ac[int(timestep)]), noise).to(device=sd.device, dtype=sd.dtype)
-    context = encode_prompts(sd, prompt if condition_on_prompt else "", use_cfg=False)
+    context, pooled = encode_text(sd, prompt if condition_on_prompt else "", use_cfg=False)
     t = torch.full((1,), int(timestep), device=sd.device, dtype=torch.long)
     with torch.no_grad(), capture_block_features(sd.unet, names) as store:
-        sd.unet(x, t, encoder_hidden_states=context)
+        unet_output(sd, x, t, context, pooled)
     grid = downsampled_grid((int(latent.shape[-2]), int(latent.shape[-1])), cluster_factor)
     labels = cluster_features(store.tensors(COND), n_clusters=n_clusters, grid=grid, seed=seed, normalize=normalize)
     return cluster_proposals(labels, prep, min_area=min_area, split_components=split_components,

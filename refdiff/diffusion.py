@@ -39,7 +39,8 @@ DEFAULT_FEATURE_BLOCKS: tuple[str, ...] = ("up_blocks.1", "up_blocks.2")
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion 1.x/2.x model the generative stage needs."""
+    """The parts of a Stable Diffusion 1.x/2.x or SDXL model the generative stage needs (SDXL: two text encoders
+    and the added conditioning of its UNet, see ``is_sdxl``)."""
 
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
@@ -50,10 +51,18 @@ class SDComponents:
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection (CLIP-G: hidden states + pooled)
+    tokenizer_2: Any = None  # SDXL: CLIP-G's tokenizer (the same BPE, padded with "!" = id 0)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's added conditioning (pooled text + size/crop ids)."""
+        return getattr(getattr(self.unet, "config", None), "addition_embed_type", None) == "text_time"
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> "SDComponents":
-        """Take the parts of a diffusers StableDiffusionPipeline (alphas_cumprod from its scheduler)."""
+        """Take the parts of a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline (alphas_cumprod
+        from its scheduler)."""
         sched = pipe.scheduler
         if getattr(sched, "alphas_cumprod", None) is not None:
             ac = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32).cpu()
@@ -65,7 +74,8 @@ class SDComponents:
         return cls(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                    alphas_cumprod=ac, scaling_factor=float(pipe.vae.config.get("scaling_factor", 0.18215)),
                    prediction_type=str(sched.config.get("prediction_type", "epsilon")),
-                   device=param.device, dtype=param.dtype)
+                   device=param.device, dtype=param.dtype, text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                   tokenizer_2=getattr(pipe, "tokenizer_2", None))
 
 
 def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
@@ -429,18 +439,66 @@ def capture_block_features(unet: Any, blocks: Sequence[str] = DEFAULT_FEATURE_BL
             handle.remove()
 
 
-def encode_prompts(sd: SDComponents, text: str, use_cfg: bool = True) -> torch.Tensor:
-    """Text-encoder hidden states [1 or 2, 77, D] ([uncond "", cond] with CFG) on the UNet's device/dtype."""
-    texts = ["", text] if use_cfg else [text]
-    max_len = int(sd.tokenizer.model_max_length)
-    limit = getattr(getattr(sd.text_encoder, "config", None), "max_position_embeddings", None)
+def _token_ids(tokenizer: Any, encoder: Any, texts: list[str]) -> torch.Tensor:
+    """Token ids [n, 77] of texts, padded to the encoder's positions."""
+    max_len = int(tokenizer.model_max_length)
+    limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
     if limit is not None:
         max_len = min(max_len, int(limit))
-    ids = sd.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True,
-                       return_tensors="pt").input_ids
+    return tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
+
+
+def encode_text(sd: SDComponents, text: str, use_cfg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states [1 or 2, 77, D], pooled text [1 or 2, P] or None) of ["", text] (with CFG) or [text].
+
+    SD 1.x/2.x: the text encoder's last hidden state, no pooled text. SDXL: the penultimate hidden states of
+    CLIP-L and CLIP-G (no final layer norm) concatenated along D, and CLIP-G's projected pooled output, as
+    ComfyUI's SDXL CLIP and diffusers' SDXL pipeline compute them. The unconditional branch is the encoded
+    empty prompt (as ComfyUI's CLIPTextEncode gives it), not zeros."""
+    texts = ["", text] if use_cfg else [text]
     with torch.no_grad():
-        hidden = sd.text_encoder(ids.to(module_device(sd.text_encoder)))[0]
-    return hidden.to(device=sd.device, dtype=sd.dtype)
+        ids = _token_ids(sd.tokenizer, sd.text_encoder, texts)
+        if not sd.is_sdxl:
+            hidden = sd.text_encoder(ids.to(module_device(sd.text_encoder)))[0]
+            return hidden.to(device=sd.device, dtype=sd.dtype), None
+        if sd.text_encoder_2 is None or sd.tokenizer_2 is None:
+            raise InputError("an SDXL UNet needs its second text encoder and tokenizer (text_encoder_2, "
+                             "tokenizer_2: CLIP-G); load the whole SDXL model")
+        out_l = sd.text_encoder(ids.to(module_device(sd.text_encoder)), output_hidden_states=True)
+        ids_g = _token_ids(sd.tokenizer_2, sd.text_encoder_2, texts)
+        out_g = sd.text_encoder_2(ids_g.to(module_device(sd.text_encoder_2)), output_hidden_states=True)
+        hidden = torch.cat([out_l.hidden_states[-2].to(sd.device), out_g.hidden_states[-2].to(sd.device)], dim=-1)
+        pooled = out_g.text_embeds.to(device=sd.device, dtype=sd.dtype)
+    return hidden.to(device=sd.device, dtype=sd.dtype), pooled
+
+
+def encode_prompts(sd: SDComponents, text: str, use_cfg: bool = True) -> torch.Tensor:
+    """Text-encoder hidden states [1 or 2, 77, D] ([uncond "", cond] with CFG) on the UNet's device/dtype."""
+    return encode_text(sd, text, use_cfg)[0]
+
+
+def added_conditioning(sd: SDComponents, pooled: torch.Tensor | None, batch: int,
+                       latent_hw: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+    """SDXL's added_cond_kwargs for a UNet batch: the pooled text and the time ids (original size, crop (0, 0),
+    target size, all the image size h x w = latent x 8), as ComfyUI's SDXL model and diffusers' SDXL pipeline
+    set them by default; None for SD 1.x/2.x."""
+    if not sd.is_sdxl:
+        return None
+    if pooled is None:
+        raise InputError("an SDXL UNet needs the pooled text of CLIP-G; encode the prompt with encode_text")
+    h, w = (int(v) * 8 for v in latent_hw)
+    ids = torch.tensor([[h, w, 0, 0, h, w]], device=sd.device, dtype=sd.dtype)
+    if pooled.shape[0] != batch:
+        pooled = pooled.expand(batch, -1) if pooled.shape[0] == 1 else pooled
+    return {"text_embeds": pooled.to(device=sd.device, dtype=sd.dtype), "time_ids": ids.expand(batch, -1)}
+
+
+def unet_output(sd: SDComponents, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """One call of the diffusers UNet on a batch (SDXL's added conditioning built here); its prediction."""
+    added = added_conditioning(sd, pooled, int(x.shape[0]), (int(x.shape[-2]), int(x.shape[-1])))
+    kwargs = {"added_cond_kwargs": added} if added is not None else {}
+    return sd.unet(x, t, encoder_hidden_states=context, **kwargs).sample
 
 
 def encode_image(sd: SDComponents, pixels: torch.Tensor, latent_from: str = "sample", seed: int = 0) -> torch.Tensor:
@@ -453,14 +511,16 @@ def encode_image(sd: SDComponents, pixels: torch.Tensor, latent_from: str = "sam
 
 
 def unet_predictor(sd: SDComponents, context: torch.Tensor, use_cfg: bool = True,
-                   guidance_scale: float = 9.0) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+                   guidance_scale: float = 9.0,
+                   pooled: torch.Tensor | None = None) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
     """The diffusers UNet as ``schedule.ddim_loop``'s ``predict``: one call on the batch [uncond, cond] (with
-    ``use_cfg``; ``context`` from encode_prompts) guided as u + g (c - u), or on the conditional branch alone."""
+    ``use_cfg``; ``context`` and SDXL's ``pooled`` from encode_text) guided as u + g (c - u), or on the
+    conditional branch alone."""
 
     def predict(x: torch.Tensor, t: int, _step: int) -> torch.Tensor:
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = torch.full((x_in.shape[0],), int(t), device=sd.device, dtype=torch.long)
-        out = sd.unet(x_in.to(sd.dtype), t_in, encoder_hidden_states=context).sample.float()
+        out = unet_output(sd, x_in.to(sd.dtype), t_in, context, pooled).float()
         if not use_cfg:
             return out
         uncond, cond = out.chunk(2)
@@ -490,7 +550,8 @@ def run_capture(sd: SDComponents, latent: torch.Tensor, prompt: str, *, strength
     plan = injection_plan(strength, ddim_steps, num_train_timesteps, max_steps)
     selector = LayerSelector(capture_factor, tuple(capture_blocks))
     store = AttentionStore(kind=capture_kind)
-    predict = unet_predictor(sd, encode_prompts(sd, prompt, use_cfg), use_cfg, guidance_scale)
+    context, pooled = encode_text(sd, prompt, use_cfg)
+    predict = unet_predictor(sd, context, use_cfg, guidance_scale, pooled)
     layout = [1, 0] if use_cfg else [0]
     total = len(plan.steps)
 
@@ -511,5 +572,6 @@ def run_capture(sd: SDComponents, latent: torch.Tensor, prompt: str, *, strength
 
 __all__ = ["SDComponents", "DEFAULT_FEATURE_BLOCKS", "encode_latent", "CrossAttentionLayer", "cross_attention_layers",
            "CaptureAttnProcessor", "capture_processors", "SelfAttentionLayer", "self_attention_layers",
-           "capture_self_attention", "resolve_modules", "capture_block_features", "encode_prompts", "encode_image",
+           "capture_self_attention", "resolve_modules", "capture_block_features", "encode_text", "encode_prompts",
+           "added_conditioning", "unet_output", "encode_image",
            "unet_predictor", "run_capture"]

@@ -26,6 +26,7 @@ EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 49408
 N_MERGES = 49152 - 256 - 2  # 48,894 merges, as in OpenAI's and open_clip's tokenizer
 MODEL_MAX_LENGTH = 77
+OPEN_CLIP_PAD_TOKEN = "!"  # id 0: OpenCLIP's padding (SD 2.x's text encoder and SDXL's CLIP-G were trained so)
 _CACHE_VERSION = "clip-tokenizer-sd1-v1"
 _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -136,8 +137,11 @@ def clip_tokenizer_folder() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def clip_tokenizer(model_max_length: int = MODEL_MAX_LENGTH) -> "CLIPTokenizer":
-    """SD 1.x's CLIPTokenizer (pad = <|endoftext|>), loaded offline from the cached files; shared instance."""
+def clip_tokenizer(model_max_length: int = MODEL_MAX_LENGTH, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
+    """SD 1.x's CLIPTokenizer (pad = <|endoftext|>), loaded offline from the cached files; shared instance.
+
+    ``pad_token=OPEN_CLIP_PAD_TOKEN`` gives the tokenizer of OpenCLIP encoders (SD 2.x, SDXL's CLIP-G): the same
+    BPE and the same ids up to the end token, padded with id 0 instead of the end token."""
     try:
         from transformers import CLIPTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is a hard requirement
@@ -145,7 +149,7 @@ def clip_tokenizer(model_max_length: int = MODEL_MAX_LENGTH) -> "CLIPTokenizer":
     folder = clip_tokenizer_folder()
     try:
         tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=int(model_max_length),
-                                            pad_token=EOS_TOKEN, local_files_only=True)
+                                            pad_token=pad_token, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the CLIP tokenizer from {folder}: {exc}; delete that folder "
                              "so it is written again") from exc

@@ -93,6 +93,83 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
     "num_attention_heads": 4,
 }
 
+# SDXL base's UNet: attention at factors 2 (2 transformers per block) and 4 (10 per block), none at factor 1.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),  # diffusers' legacy name: heads of 64 channels
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # pooled CLIP-G 1280 + 6 size/crop ids x 256
+}
+
+SDXL_VAE_CONFIG: dict[str, Any] = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025}
+
+SDXL_TEXT_L_CONFIG: dict[str, Any] = {**SD15_TEXT_CONFIG, "eos_token_id": 49407}  # CLIP ViT-L/14 (penultimate)
+
+SDXL_TEXT_G_CONFIG: dict[str, Any] = {  # OpenCLIP ViT-bigG/14's text tower, as SDXL ships it
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+# Toy SDXL: SDXL's block layout (attention at factors 2 and 4, 2 and 3 transformers there), added conditioning
+# of width 32 + 6 x 8, two 2-layer text encoders of widths 16 and 32 (context 48).
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "sample_size": 16,
+    "block_out_channels": (32, 32, 64),
+    "layers_per_block": 1,
+    "transformer_layers_per_block": (1, 2, 3),
+    "cross_attention_dim": 48,
+    "attention_head_dim": (2, 4, 4),
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+
+TINY_SDXL_TEXT_L_CONFIG: dict[str, Any] = {**SDXL_TEXT_L_CONFIG, "hidden_size": 16, "intermediate_size": 32,
+                                           "projection_dim": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_SDXL_TEXT_G_CONFIG: dict[str, Any] = {**SDXL_TEXT_G_CONFIG, "hidden_size": 32, "intermediate_size": 64,
+                                           "projection_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+# The smallest SDXL that ComfyUI detects as SDXL (model_channels 320, transformer depths 2 and 10 in the down
+# blocks, context 2048, added conditioning 2816), with one width for every level and fewer transformers in the
+# up blocks; and text encoders of SDXL's widths (768 + 1280) but 3 layers (ComfyUI needs more than the penultimate) and narrow MLPs.
+COMFY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "sample_size": 16,
+    "block_out_channels": (320, 320, 320),
+    "attention_head_dim": (5, 5, 5),
+    "reverse_transformer_layers_per_block": ((2, 2, 2), (1, 1, 1), (1, 1, 1)),
+}
+COMFY_SDXL_TEXT_L_CONFIG: dict[str, Any] = {**SDXL_TEXT_L_CONFIG, "intermediate_size": 256, "num_hidden_layers": 3}
+COMFY_SDXL_TEXT_G_CONFIG: dict[str, Any] = {**SDXL_TEXT_G_CONFIG, "intermediate_size": 256, "num_hidden_layers": 3}
+
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
@@ -134,6 +211,15 @@ def text_encoder_from_config(config: dict[str, Any], device: str | torch.device 
     return _cast(model, dtype)
 
 
+def text_encoder_with_projection_from_config(config: dict[str, Any], device: str | torch.device = "cpu",
+                                             dtype: torch.dtype = torch.float32) -> Any:
+    """A random-weight transformers CLIPTextModelWithProjection of a configuration (SDXL's CLIP-G)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    with torch.device(device):
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    return _cast(model, dtype)
+
+
 def sd_scheduler() -> Any:
     """The DDIM scheduler of SD 1.x (scaled_linear betas 0.00085..0.012 over 1000 steps)."""
     from diffusers import DDIMScheduler
@@ -157,6 +243,34 @@ def tiny_sd(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtyp
         vae = vae_from_config(TINY_VAE_CONFIG, device, dtype)
         text = text_encoder_from_config(TINY_TEXT_CONFIG, device, dtype)
     return _components(unet, vae, text, device, dtype)
+
+
+def sdxl_components(unet: Any, vae: Any, text_l: Any, text_g: Any, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> SDComponents:
+    """SDComponents of SDXL parts (``vae`` may be None: scaling 0.13025): the SD schedule, CLIP-L's tokenizer
+    and CLIP-G's (padded with id 0)."""
+    from ..tokenizer import OPEN_CLIP_PAD_TOKEN, clip_tokenizer
+    return SDComponents(unet=unet, vae=vae, text_encoder=text_l, tokenizer=clip_tokenizer(),
+                        alphas_cumprod=scaled_linear_alphas_cumprod(SD_BETA_START, SD_BETA_END, SD_TRAIN_STEPS),
+                        scaling_factor=float(vae.config.scaling_factor) if vae is not None else 0.13025,
+                        prediction_type="epsilon", device=torch.device(device), dtype=dtype, text_encoder_2=text_g,
+                        tokenizer_2=clip_tokenizer(pad_token=OPEN_CLIP_PAD_TOKEN))
+
+
+def tiny_sdxl(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Tiny random-weight SDXL-shaped components (UNet with added conditioning, VAE, two 2-layer text encoders)."""
+    with _seeded(seed):
+        unet = unet_from_config(TINY_SDXL_UNET_CONFIG, device, dtype)
+        vae = vae_from_config({**TINY_VAE_CONFIG, "scaling_factor": 0.13025}, device, dtype)
+        text_l = text_encoder_from_config(TINY_SDXL_TEXT_L_CONFIG, device, dtype)
+        text_g = text_encoder_with_projection_from_config(TINY_SDXL_TEXT_G_CONFIG, device, dtype)
+    return sdxl_components(unet, vae, text_l, text_g, device, dtype)
+
+
+def full_sdxl_unet(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+    """SDXL base's UNet (2.6 B parameters) with random weights (pass device="meta" for the structure alone)."""
+    with _seeded(seed):
+        return unet_from_config(SDXL_UNET_CONFIG, device, dtype)
 
 
 def tiny_sd_pipeline(seed: int = 0) -> Any:
@@ -195,4 +309,8 @@ def full_sd15(device: str | torch.device = "cpu", dtype: torch.dtype = torch.flo
 
 __all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "SD15_TEXT_CONFIG", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG",
            "TINY_TEXT_CONFIG", "unet_from_config", "vae_from_config", "text_encoder_from_config", "sd_scheduler",
-           "tiny_sd", "tiny_sd_pipeline", "full_sd15_unet", "full_sd15_vae", "full_sd15_text_encoder", "full_sd15"]
+           "tiny_sd", "tiny_sd_pipeline", "full_sd15_unet", "full_sd15_vae", "full_sd15_text_encoder", "full_sd15",
+           "SDXL_UNET_CONFIG", "SDXL_VAE_CONFIG", "SDXL_TEXT_L_CONFIG", "SDXL_TEXT_G_CONFIG", "TINY_SDXL_UNET_CONFIG",
+           "TINY_SDXL_TEXT_L_CONFIG", "TINY_SDXL_TEXT_G_CONFIG", "COMFY_SDXL_UNET_CONFIG", "COMFY_SDXL_TEXT_L_CONFIG",
+           "COMFY_SDXL_TEXT_G_CONFIG", "text_encoder_with_projection_from_config", "sdxl_components", "tiny_sdxl",
+           "full_sdxl_unet"]

@@ -328,7 +328,7 @@ def check_families() -> dict:
 
     cs = import_module(nodes.__name__ + ".comfy_backend")
     out = {}
-    for cls in (sm.SDXL, sm.Flux, sm.SD3):
+    for cls in (sm.SDXLRefiner, sm.Flux, sm.SD3):
         fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=cls.__new__(cls)))
         try:
             cs.model_family(fake)
