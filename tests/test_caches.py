@@ -73,7 +73,8 @@ def test_the_same_run_five_times_adds_nothing_to_the_caches(models):
     rgb = images(1)[0]
     run(model, rgb)
     first = census(model)
-    assert all(entries > 0 for entries, _, _ in first.values()), first  # every cache is in use
+    unused = {"_sam_embeddings"}  # the prompted proposal mode's cache: these variants run the automatic generator
+    assert all(entries > 0 for name, (entries, _, _) in first.items() if name not in unused), first
     for _ in range(4):
         run(model, rgb)
         assert census(model) == first
