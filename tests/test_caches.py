@@ -94,6 +94,9 @@ def test_five_images_fill_the_caches_up_to_their_bounds_and_no_further(models):
                     largest[name] = max(largest.get(name, 0), sum(nbytes(t) for t in tensors_in(v)))
         # bytes never exceed (entries allowed) x (largest entry seen) per cache
         for name, (entries, _, size) in now.items():
+            if name not in largest:  # a cache these variants never fill (the prompted mode's embeddings)
+                assert entries == 0, name
+                continue
             assert size <= vars(model)[name].size * largest[name], name
     # per image: 1 prepared square, 1 latent, 2 attention entries (plain, refined), 2 proposal sets (SAM, clusters),
     # 5 CLIP feature sets (crop and masked of both proposal sets, sam-clip's plain crops); the text features are shared
