@@ -109,6 +109,22 @@ def prompted_proposal_batch(sam: SamHandle, image: torch.Tensor, c: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ nodes
+def post_filter_inputs() -> list:
+    """The post-filter inputs both SAM proposal nodes end with (read by proposal_filter.sam_filter_settings)."""
+    return [
+        io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default="preset",
+                       tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the two values "
+                               "below."),
+        io.Int.Input("keep_largest", default=10, min=0, max=1000,
+                     tooltip="custom filter: keep only the N largest masks (0 = all)."),
+        io.Int.Input("min_area", default=10000, min=0, max=100000000,
+                     tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image when "
+                             "area_filter is relative: see area_filter)."),
+        io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
+                       tooltip=AREA_FILTER_TOOLTIP),
+    ]
+
+
 class RefDiffSAMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -174,16 +190,7 @@ class RefDiffSAMProposals(io.ComfyNode):
                              tooltip="Extra passes on image crops (0 = whole image only)."),
                 io.Int.Input("min_mask_region_area", default=d["min_mask_region_area"], min=0, max=100000,
                              tooltip="Remove islands and holes smaller than this (needs OpenCV when > 0)."),
-                io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default="preset",
-                               tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the "
-                                       "two values below."),
-                io.Int.Input("keep_largest", default=10, min=0, max=1000,
-                             tooltip="custom filter: keep only the N largest masks (0 = all)."),
-                io.Int.Input("min_area", default=10000, min=0, max=100000000,
-                             tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image "
-                                     "when area_filter is relative: see area_filter)."),
-                io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
-                               tooltip=AREA_FILTER_TOOLTIP),
+                *post_filter_inputs(),
             ],
             outputs=[
                 sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
@@ -245,16 +252,7 @@ class RefDiffPromptedSAM(io.ComfyNode):
                                tooltip="Drop a mask whose IoU with a better-scored kept mask is above this."),
                 io.Float.Input("min_score", default=d["min_score"], min=0.0, max=1.0, step=0.01,
                                tooltip="Drop masks whose SAM-predicted IoU is below this (0 keeps all)."),
-                io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default="preset",
-                               tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the "
-                                       "two values below."),
-                io.Int.Input("keep_largest", default=10, min=0, max=1000,
-                             tooltip="custom filter: keep only the N largest masks (0 = all)."),
-                io.Int.Input("min_area", default=10000, min=0, max=100000000,
-                             tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image "
-                                     "when area_filter is relative: see area_filter)."),
-                io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
-                               tooltip=AREA_FILTER_TOOLTIP),
+                *post_filter_inputs(),
             ],
             outputs=[
                 sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "

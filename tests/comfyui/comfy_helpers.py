@@ -35,6 +35,22 @@ def library_on_path() -> None:
         sys.path.append(str(REPO))
 
 
+def load_pack(repo: str | Path) -> "types.ModuleType":
+    """Import the pack at ``repo`` the way ComfyUI does (a package named by its path) and return its nodes
+    package (for scripts run by ComfyUI's Python)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    name = "refdiff_pack_under_test"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "__init__.py"),
+                                                  submodule_search_locations=[str(repo)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(name + ".nodes")
+
+
 def comfy_available() -> bool:
     return bool(COMFYUI_PATH) and (Path(COMFYUI_PATH) / "main.py").is_file()
 

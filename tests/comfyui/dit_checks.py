@@ -24,7 +24,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.getcwd())
-from comfy_helpers import library_on_path  # noqa: E402
+from comfy_helpers import library_on_path, load_pack  # noqa: E402
 
 library_on_path()
 from comfy.cli_args import args as _comfy_args  # noqa: E402
@@ -39,15 +39,6 @@ FLUX_CONTEXT = 64  # the tiny Flux's T5 width (4096 in Flux.1)
 LATENT_HW = (6, 8)  # a 3 x 4 token grid
 
 
-def load_pack() -> types.ModuleType:
-    """Import the pack the way ComfyUI does (a package named by its path) and return its nodes package."""
-    name = "refdiff_pack_under_test"
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(name + ".nodes")
 
 
 def init_random(module: torch.nn.Module, seed: int) -> None:
@@ -223,7 +214,7 @@ def sd3_block_by_hand(block, x, context, c_mod, concepts):
 
 # ------------------------------------------------------------------------------------------- checks
 def check_transparent(family: str) -> dict:
-    nodes = load_pack()
+    nodes = load_pack(REPO)
     dit = importlib.import_module(nodes.__name__ + ".dit_backend")
     from refdiff.stores import AttentionStore
 
@@ -248,7 +239,7 @@ def check_transparent(family: str) -> dict:
 
 
 def check_by_hand(family: str) -> dict:
-    nodes = load_pack()
+    nodes = load_pack(REPO)
     dit = importlib.import_module(nodes.__name__ + ".dit_backend")
 
     model = tiny_flux() if family == "Flux" else tiny_sd3()
@@ -310,7 +301,7 @@ def check_by_hand(family: str) -> dict:
 
 
 def check_positions() -> dict:
-    nodes = load_pack()
+    nodes = load_pack(REPO)
     dit = importlib.import_module(nodes.__name__ + ".dit_backend")
     from comfy.text_encoders.flux import FluxTokenizer
     from comfy.text_encoders.sd3_clip import SD3Tokenizer
@@ -340,7 +331,7 @@ def check_positions() -> dict:
 
 
 def check_families() -> dict:
-    nodes = load_pack()
+    nodes = load_pack(REPO)
     dit = importlib.import_module(nodes.__name__ + ".dit_backend")
     import comfy.supported_models as sm
     from refdiff.errors import InputError

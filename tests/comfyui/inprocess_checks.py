@@ -22,14 +22,13 @@ Checks:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import types
 
 sys.path.insert(0, os.getcwd())
-from comfy_helpers import library_on_path  # noqa: E402  (this script's folder is on the path)
+from comfy_helpers import library_on_path, load_pack as _load_pack  # noqa: E402  (this script's folder is on the path)
 
 library_on_path()
 from comfy.cli_args import args as _comfy_args  # noqa: E402
@@ -43,14 +42,8 @@ CKPT = os.path.join(MODELS, "checkpoints", "refdiff_test_sd15.safetensors")
 
 
 def load_pack() -> types.ModuleType:
-    """Import the pack the way ComfyUI does (a package named by its path) and return its nodes package."""
-    name = "refdiff_pack_under_test"
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(name + ".nodes")
+    """The pack's nodes package, imported the way ComfyUI does (comfy_helpers.load_pack)."""
+    return _load_pack(REPO)
 
 
 def load_sd15():

@@ -26,7 +26,7 @@ import types
 
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfy_helpers import library_on_path  # noqa: E402
+from comfy_helpers import library_on_path, load_pack  # noqa: E402
 
 library_on_path()
 from comfy.cli_args import args as _comfy_args  # noqa: E402
@@ -43,14 +43,6 @@ SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32
                  adm_in_channels=2816, num_classes="sequential", context_dim=2048, use_checkpoint=False)
 
 
-def load_pack() -> types.ModuleType:
-    name = "refdiff_pack_under_test"
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(name + ".nodes")
 
 
 def init_random(module: torch.nn.Module, seed: int) -> None:
@@ -253,7 +245,7 @@ def check_planted(nodes, model) -> dict:
 
 
 if __name__ == "__main__":
-    pack = load_pack()
+    pack = load_pack(REPO)
     sdxl = sdxl_model()
     result = {"family": check_family(pack, sdxl), "transparent": check_transparent(pack, sdxl),
               "planted": check_planted(pack, sdxl)}
