@@ -21,7 +21,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
                ("RefDiffCLIPLoader", "clip_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
-            "ref-diff-G-refine", "ref-diff-clusters"}
+            "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted"}
 NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
 EXAMPLE = REPO / "assets" / "refdiff-example.png"
 
@@ -289,6 +289,18 @@ def test_sibling_workflows_swap_only_their_stage():
     source = next(k for k, n in clusters.items() if n["class_type"] == "RefDiffFeatureClusterProposals")
     for consumer in ("RefDiffGenerativeScore", "RefDiffCLIPScore", "RefDiffFuseSelect"):
         node = next(n for n in clusters.values() if n["class_type"] == consumer)
+        assert node["inputs"]["proposals"] == [source, 0], consumer
+
+
+def test_prompted_workflow_feeds_c_to_prompted_sam():
+    prompted = load(WORKFLOWS / "api" / "ref-diff-prompted.json")
+    kinds = {n["class_type"] for n in prompted.values()}
+    assert "RefDiffSAMProposals" not in kinds and "RefDiffPromptedSAM" in kinds
+    source = next(k for k, n in prompted.items() if n["class_type"] == "RefDiffPromptedSAM")
+    gen_map = next(k for k, n in prompted.items() if n["class_type"] == "RefDiffGenerativeMap")
+    assert prompted[source]["inputs"]["c"] == [gen_map, 0]
+    for consumer in ("RefDiffGenerativeScore", "RefDiffCLIPScore", "RefDiffFuseSelect"):
+        node = next(n for n in prompted.values() if n["class_type"] == consumer)
         assert node["inputs"]["proposals"] == [source, 0], consumer
 
 

@@ -82,6 +82,14 @@ TEMPLATES = {
         "The full method with FreeSeg-Diff's proposals: clusters of the UNet's features become the masks, "
         "scored by s_G and s_D and fused. Cut from the full graph: SAM's proposals wires into the two scores "
         "and FuseSelect, which FeatureClusterProposals feeds instead."),
+    "ref-diff-prompted": Template(
+        "Ref-Diff with attention-guided SAM prompts", "SAM prompted at the peaks of c: fast proposals",
+        "A fast proposal mode beyond the paper: instead of decoding SAM's 32 x 32 point grid, PromptedSAM "
+        "prompts SAM only at the peaks of the generative map c (points and boxes), with the image embedding "
+        "computed once per image, so a new sentence on the same image costs almost nothing. Fewer, object-level "
+        "masks; an object c misses gets no mask. Cut from the full graph: the SAMProposals node, replaced "
+        "by PromptedSAM fed with the generative map; the scores and the fusion are unchanged. A SAM 2 / 2.1 "
+        "checkpoint from models/sam2 works in the same loader."),
 }
 # The model files a graph's loaders ask for, named in its note.
 MODEL_NOTES = {
@@ -181,6 +189,24 @@ def ref_diff() -> Graph:
                 preset="official")
     s_d = clip_score(g, image, proposals, parse, "ref-diff")
     outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff")
+    return g
+
+
+def ref_diff_prompted() -> Graph:
+    """The full method with SAM prompted at the peaks of c instead of its automatic point grid."""
+    g = Graph()
+    ckpt, image = sd_front(g)
+    parse = parse_node(g, g.out(ckpt, 1))
+    c = generative_chain(g, ckpt, image, parse)
+    sam = g.add("RefDiffSAMLoader", "Load SAM", sam_name=SAM, model_type="auto")
+    proposals = g.add("RefDiffPromptedSAM", "Prompted SAM proposals (peaks of c)", sam=g.out(sam),
+                      image=g.out(image), c=g.out(c), preset="official", threshold=0.5, max_prompts=4,
+                      min_distance=0.1, prompt_kind="points+boxes", multimask=True, nms_iou=0.8, min_score=0.0,
+                      post_filter="preset", keep_largest=10, min_area=10000, area_filter="preset")
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-prompted")
     return g
 
 
@@ -297,7 +323,8 @@ def ref_diff_clusters() -> Graph:
 
 WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS": ref_diff_gs,
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
-                  "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters}
+                  "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
+                  "ref-diff-prompted": ref_diff_prompted}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion

@@ -175,6 +175,7 @@ FAST = {
                        "stability_score_thresh": 0.0, "preset": "paper"},
     "RefDiffSAMProposals": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
                             "post_filter": "none"},
+    "RefDiffPromptedSAM": {"post_filter": "none"},
     "KSampler": {"steps": 2},
 }
 

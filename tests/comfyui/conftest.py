@@ -67,6 +67,7 @@ def comfy_env(tmp_path_factory) -> ComfyEnv:
                     "    checkpoints: models/checkpoints\n"
                     "    diffusion_models: models/diffusion_models\n"
                     "    sams: models/sams\n"
+                    "    sam2: models/sam2\n"
                     "    open_clip: models/open_clip\n", encoding="utf-8")
     from PIL import Image
 

@@ -7,6 +7,8 @@
 - diffusion_models/refdiff_test_sd2_unet.safetensors: the same small UNet with SD 2.x's layout
   (context 1024, linear projections), detected as SD20.
 - sams/refdiff_test_sam.pth: refdiff.testing.sam's tiny SAM.
+- sam2/refdiff_test_sam2.safetensors: refdiff.testing.sam2's tiny SAM 2.1 (skipped when the sam2 package is
+  missing).
 - open_clip/refdiff_test_clip.safetensors + .json: refdiff.testing.clip's tiny CLIP and its architecture.
 
 Usage: python make_models.py OUT_MODELS_DIR   (cwd: the ComfyUI folder; the refdiff library is found without
@@ -101,6 +103,22 @@ def write_sam(path: str) -> None:
     torch.save(tiny_sam_state_dict(0), path)
 
 
+def write_sam2(path: str) -> None:
+    from refdiff.testing.sam2 import save_sam2_checkpoint, tiny_sam2
+
+    staged = save_sam2_checkpoint(tiny_sam2(0), path + ".safetensors")  # the suffix picks the format
+    os.replace(staged, path)
+
+
+def sam2_installed() -> bool:
+    """Whether the sam2 package imports (its models are written and tested only then)."""
+    try:
+        import sam2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_clip(path: str) -> None:
     from safetensors.torch import save_file
 
@@ -118,6 +136,8 @@ def main(out: str) -> None:
             ("diffusion_models", "refdiff_test_sd2_unet.safetensors", write_sd2_unet),
             ("sams", "refdiff_test_sam.pth", write_sam),
             ("open_clip", "refdiff_test_clip.safetensors", write_clip))
+    if sam2_installed():
+        jobs += (("sam2", "refdiff_test_sam2.safetensors", write_sam2),)
     for folder, name, write in jobs:
         os.makedirs(os.path.join(out, folder), exist_ok=True)
         path = os.path.join(out, folder, name)
