@@ -53,12 +53,13 @@ def masks_per_image(counts: str | None, total: int, images: int, name: str = "co
 
 
 def mask_proposal_batch(masks: Any, image: torch.Tensor, counts: str | None = "", resize: str = "error",
-                        settings: FilterSettings | None = None, name: str = "masks"
+                        settings: FilterSettings | None = None, name: str = "masks", counts_name: str = "counts"
                         ) -> tuple[ProposalBatch, list[str]]:
     """REFDIFF_PROPOSALS of a MASK batch [N, H, W] (or one mask [H, W]) for an IMAGE batch [B, H, W, C]: the
     masks split between the images by ``counts``, each image's normalised by ``refdiff.external`` (empty masks
     left out, resized when ``resize`` is "nearest"), then the post-filter ``settings`` (None: none). Returns
-    the batch (``notes``: why an image has no proposal) and one info line per image."""
+    the batch (``notes``: why an image has no proposal) and one info line per image. ``name`` and
+    ``counts_name`` are the node inputs the messages name."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
         raise InputError(f"image: expected an IMAGE [B, H, W, C], got {getattr(image, 'shape', type(image))}")
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
@@ -66,7 +67,7 @@ def mask_proposal_batch(masks: Any, image: torch.Tensor, counts: str | None = ""
         masks = masks[None]
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         raise InputError(f"{name}: expected a MASK batch [N, H, W], got {getattr(masks, 'shape', type(masks))}")
-    per_image = masks_per_image(counts, int(masks.shape[0]), batch)
+    per_image = masks_per_image(counts, int(masks.shape[0]), batch, counts_name)
     out, notes, info = [], {}, []
     first = 0
     for i, n in enumerate(per_image):

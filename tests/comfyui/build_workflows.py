@@ -244,7 +244,7 @@ def inpainting() -> Graph:
                     vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
                     image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
                     keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error", proposal_mode="preset",
-                    sam=g.out(sam), clip_scorer=g.out(clip_loader))
+                    sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error")
     positive = g.add("CLIPTextEncode", "What to paint there", text="a white horse, photo", clip=g.out(ckpt, 1))
     negative = g.add("CLIPTextEncode", "Negative prompt", text="blurry, low quality", clip=g.out(ckpt, 1))
     latent = g.add("VAEEncodeForInpaint", pixels=g.out(image), vae=g.out(ckpt, 2), mask=g.out(segment, 0),
