@@ -91,4 +91,17 @@ def mask_proposal_batch(masks: Any, image: torch.Tensor, counts: str | None = ""
     return ProposalBatch(out, source=SOURCE, notes=notes), info
 
 
-__all__ = ["SOURCE", "counts_problem", "masks_per_image", "mask_proposal_batch"]
+def proposals_to_masks(proposals: ProposalBatch) -> tuple[torch.Tensor, str]:
+    """Every image's proposals as one MASK batch float32 [N, H, W] on the CPU (image 0's first) and the counts
+    text ("3, 5") that splits it back (``masks_per_image``)."""
+    if not len(proposals):
+        raise InputError("proposals: no image in the batch")
+    sizes = {tuple(m.shape[1:]) for m in proposals.masks}
+    if len(sizes) > 1:
+        raise InputError(f"proposals: the images have different sizes {sorted(sizes)}, which one MASK batch "
+                         "cannot hold; split the image batch")
+    masks = torch.cat([m.cpu() for m in proposals.masks]).float()
+    return masks, ", ".join(str(int(m.shape[0])) for m in proposals.masks)
+
+
+__all__ = ["SOURCE", "counts_problem", "masks_per_image", "mask_proposal_batch", "proposals_to_masks"]

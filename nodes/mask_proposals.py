@@ -1,5 +1,5 @@
 """Masks from any node as proposals: a ComfyUI MASK batch (SAM 2, SAM 3, GroundingDINO + SAM, a drawing) turned
-into REFDIFF_PROPOSALS for the scoring and fusion nodes (docs/NODES.md, "RefDiff Mask Proposals")."""
+into REFDIFF_PROPOSALS for the scoring and fusion nodes, and back (docs/NODES.md, "RefDiff Mask Proposals")."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from refdiff.external import RESIZE_MODES
 
 from . import runtime, sockets
-from .external_masks import counts_problem, mask_proposal_batch
+from .external_masks import counts_problem, mask_proposal_batch, proposals_to_masks
 from .proposal_filter import sam_filter_settings
 
 COUNTS_TOOLTIP = ("How many masks of the batch belong to each image, in batch order: '3, 5' = the first 3 masks "
@@ -65,5 +65,31 @@ class RefDiffMaskProposals(io.ComfyNode):
         return io.NodeOutput(proposals, info)
 
 
-NODES = [RefDiffMaskProposals]
-__all__ = ["NODES", "RefDiffMaskProposals", "COUNTS_TOOLTIP", "RESIZE_TOOLTIP"]
+class RefDiffProposalsToMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefDiffProposalsToMasks",
+            display_name="RefDiff Proposals to MASK",
+            category=sockets.CATEGORY,
+            description="The proposals of every image as one ComfyUI MASK batch (image 0's first), with the "
+                        "number of masks of each image: to edit them with mask nodes (grow, combine, draw) and "
+                        "score them again through RefDiff Mask Proposals, or to use them elsewhere.",
+            inputs=[sockets.Proposals.Input("proposals", tooltip="Candidate masks per image (REFDIFF_PROPOSALS) "
+                                                                 "from any RefDiff proposal node.")],
+            outputs=[
+                io.Mask.Output(display_name="masks", tooltip="Every proposal as a MASK batch [N, H, W], image by "
+                                                             "image in batch order."),
+                io.String.Output(display_name="counts", tooltip="The masks of each image ('3, 5'), as RefDiff Mask "
+                                                                "Proposals' counts input takes them."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, proposals) -> io.NodeOutput:
+        masks, counts = proposals_to_masks(proposals)
+        return io.NodeOutput(masks, counts)
+
+
+NODES = [RefDiffMaskProposals, RefDiffProposalsToMasks]
+__all__ = ["NODES", "RefDiffMaskProposals", "RefDiffProposalsToMasks", "COUNTS_TOOLTIP", "RESIZE_TOOLTIP"]

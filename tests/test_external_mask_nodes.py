@@ -119,3 +119,12 @@ def test_inputs_that_are_not_masks_or_images_are_named(masks, image, words):
     with pytest.raises(InputError) as err:
         external_masks.mask_proposal_batch(masks, image)
     assert words in str(err.value)
+
+
+def test_proposals_to_masks_and_back_is_the_same_batch():
+    proposals = wire_types.ProposalBatch([box_masks([(0, 10, 0, 10), (5, 9, 5, 30)]).bool(), torch.zeros(0, H, W,
+                                          dtype=torch.bool), box_masks([(20, 30, 0, 40)]).bool()], source="sam")
+    masks, counts = external_masks.proposals_to_masks(proposals)
+    assert masks.dtype == torch.float32 and masks.shape == (3, H, W) and counts == "2, 0, 1"
+    back, _ = external_masks.mask_proposal_batch(masks, images(3), counts=counts)
+    assert [torch.equal(a, b) for a, b in zip(back.masks, proposals.masks)] == [True] * 3

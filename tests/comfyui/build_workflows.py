@@ -82,6 +82,13 @@ TEMPLATES = {
         "The full method with FreeSeg-Diff's proposals: clusters of the UNet's features become the masks, "
         "scored by s_G and s_D and fused. Cut from the full graph: SAM's proposals wires into the two scores "
         "and FuseSelect, which FeatureClusterProposals feeds instead."),
+    "ref-diff-external-masks": Template(
+        "Ref-Diff on masks from any segmenter", "a MASK batch as the proposals: SAM 2, SAM 3, GroundingDINO",
+        "The full method on masks that arrive as a ComfyUI MASK batch, here SAM's own (Proposals to MASK), so it "
+        "runs anywhere with the full graph's choice. For another segmenter, delete Load SAM, SAM proposals and "
+        "Proposals to MASK and wire its MASK output (SAM 2 / SAM 3, GroundingDINO + SAM, a drawing) into Mask "
+        "proposals' masks. Cut from the full graph: the SAM proposals wires into the two scores and FuseSelect, "
+        "which Mask proposals feeds instead."),
 }
 # The model files a graph's loaders ask for, named in its note.
 MODEL_NOTES = {
@@ -181,6 +188,24 @@ def ref_diff() -> Graph:
                 preset="official")
     s_d = clip_score(g, image, proposals, parse, "ref-diff")
     outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff")
+    return g
+
+
+def ref_diff_external_masks() -> Graph:
+    """The full method on proposals that arrive as a ComfyUI MASK batch (here SAM's own masks, re-entered)."""
+    g = Graph()
+    ckpt, image = sd_front(g)
+    parse = parse_node(g, g.out(ckpt, 1))
+    c = generative_chain(g, ckpt, image, parse)
+    sam = sam_chain(g, image)
+    masks = g.add("RefDiffProposalsToMasks", "Proposals to MASK (stand-in for any segmenter)", proposals=g.out(sam))
+    proposals = g.add("RefDiffMaskProposals", "Mask proposals (any segmenter's MASK batch)", masks=g.out(masks),
+                      image=g.out(image), counts="", resize="error", preset="official", post_filter="none",
+                      keep_largest=10, min_area=10000, area_filter="preset")
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-external-masks")
     return g
 
 
@@ -297,7 +322,8 @@ def ref_diff_clusters() -> Graph:
 
 WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS": ref_diff_gs,
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
-                  "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters}
+                  "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
+                  "ref-diff-external-masks": ref_diff_external_masks}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion

@@ -15,8 +15,9 @@ from comfy_helpers import COMFYUI_PATH, HERE, PACK_LINK, TIMINGS, child_env
 SNAPSHOT_FILE = HERE / "object_info.json"
 EXPECTED_NODES = {"RefDiffPrepareImage", "RefDiffNoiseInjection", "RefDiffCaptureAttention", "RefDiffParseText",
                   "RefDiffGenerativeMap", "RefDiffThresholdProposals", "RefDiffGenerativeScore", "RefDiffSAMLoader",
-                  "RefDiffSAMProposals", "RefDiffPromptedSAM", "RefDiffMaskProposals", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
-                  "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals"}
+                  "RefDiffSAMProposals", "RefDiffPromptedSAM", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
+                  "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals",
+                  "RefDiffMaskProposals", "RefDiffProposalsToMasks"}
 
 
 @pytest.fixture(scope="module")
