@@ -198,8 +198,8 @@ def ref_diff_external_masks() -> Graph:
     parse = parse_node(g, g.out(ckpt, 1))
     c = generative_chain(g, ckpt, image, parse)
     sam = sam_chain(g, image)
-    masks = g.add("RefDiffProposalsToMasks", "Proposals to MASK (stand-in for any segmenter)", proposals=g.out(sam))
-    proposals = g.add("RefDiffMaskProposals", "Mask proposals (any segmenter's MASK batch)", masks=g.out(masks),
+    masks = g.add("RefDiffProposalsToMasks", "Stand-in segmenter: SAM to MASK", proposals=g.out(sam))
+    proposals = g.add("RefDiffMaskProposals", "Mask proposals from a MASK batch", masks=g.out(masks),
                       image=g.out(image), counts="", resize="error", preset="official", post_filter="none",
                       keep_largest=10, min_area=10000, area_filter="preset")
     s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),

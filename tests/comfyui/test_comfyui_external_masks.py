@@ -66,3 +66,30 @@ def test_segment_with_masks_wired_to_proposals_selects_as_with_sam(report, key):
     assert row["n"] == SAM_PROPOSALS[key.split("/")[0]] and row["same_proposals"], row
     assert row["ranking_external"] == row["ranking"] and row["index_external"] == row["index"] >= 0, row
     assert row["same_mask"] and row["report_names_external"], row
+
+
+def selected(out, graph: dict, saves: dict) -> tuple[bytes, str]:
+    """The pixels of FuseSelect's selected mask and its score table (without the proposals' source)."""
+    fuse = find(graph, "RefDiffFuseSelect")
+    save = next(k for k, (node, slot) in saves.items() if node == fuse and slot == 0)
+    with Image.open(out.files[save][0]) as im:
+        pixels = im.convert("L").tobytes()
+        assert (im.height, im.width) == TEST_IMAGE_SIZE
+    table = out.text(find(graph, "PreviewAny"))
+    return pixels, table.replace("(external)", "(sam)")
+
+
+@pytest.mark.slow
+def test_the_external_masks_workflow_chooses_as_the_full_workflow(run_graph):
+    """The reference workflow ref-diff-external-masks (SAM's masks re-entered as a MASK batch) on the server:
+    the same score table and the same selected mask as ref-diff, whose proposals come straight from SAM."""
+    results = {}
+    for name in ("ref-diff", "ref-diff-external-masks"):
+        graph = for_tests(load_api(name), TEST_IMAGE)
+        saves = save_every_mask(graph, prefix=f"check-external-{name}")
+        out = run_graph(graph)
+        assert out.ok, out.error()
+        results[name] = selected(out, graph, saves)
+    (own_mask, own_table), (ext_mask, ext_table) = results["ref-diff"], results["ref-diff-external-masks"]
+    assert "image 0:" in own_table and "proposals (sam)" in own_table
+    assert ext_table == own_table and ext_mask == own_mask
