@@ -84,7 +84,7 @@ def mask_proposal_batch(masks: Any, image: torch.Tensor, counts: str | None = ""
             said.append(note or f"{settings.describe()}: kept {kept.shape[0]} of {before}")
         if note:
             notes[i] = note
-        out.append(kept.cpu())
+        out.append(kept)  # CPU: refdiff.external gives CPU masks, as REFDIFF_PROPOSALS hold
         first += n
         info.append(f"image {i}: {kept.shape[0]} proposals of {n} mask(s), the batch's masks {which}"
                     + "".join(f"; {s}" for s in said))
@@ -100,7 +100,7 @@ def proposals_to_masks(proposals: ProposalBatch) -> tuple[torch.Tensor, str]:
     if len(sizes) > 1:
         raise InputError(f"proposals: the images have different sizes {sorted(sizes)}, which one MASK batch "
                          "cannot hold; split the image batch")
-    masks = torch.cat([m.cpu() for m in proposals.masks]).float()
+    masks = torch.cat(list(proposals.masks)).float()  # REFDIFF_PROPOSALS hold CPU masks
     return masks, ", ".join(str(int(m.shape[0])) for m in proposals.masks)
 
 

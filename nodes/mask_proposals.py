@@ -46,9 +46,8 @@ class RefDiffMaskProposals(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, counts="", resize="error", post_filter="none") -> bool | str:
-        if resize not in RESIZE_MODES:
-            return f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}"
+    def validate_inputs(cls, counts="") -> bool | str:
+        # At queue time: counts that do not read as numbers (whether they fit the batch is known at run time).
         return counts_problem(counts) or True
 
     @classmethod

@@ -27,7 +27,10 @@ def report(comfy_env) -> dict:
                           text=True, timeout=900)
     TIMINGS["external masks check"] = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    devs = [d for row in out["chain"].values() for d in row["score_dev"].values() if d is not None]
+    print(f"\nexternal masks vs SAM path: {len(out['chain'])} chain runs, largest score deviation {max(devs):.3g}")
+    return out
 
 
 @pytest.mark.slow
@@ -93,3 +96,29 @@ def test_the_external_masks_workflow_chooses_as_the_full_workflow(run_graph):
     (own_mask, own_table), (ext_mask, ext_table) = results["ref-diff"], results["ref-diff-external-masks"]
     assert "image 0:" in own_table and "proposals (sam)" in own_table
     assert ext_table == own_table and ext_mask == own_mask
+
+
+def queue_errors(comfy, graph: dict) -> dict[str, str]:
+    """Queue a graph that must be refused (HTTP 400); node id -> the details of its errors."""
+    code, answer = comfy.queue(graph)
+    assert code == 400, answer
+    return {node: " | ".join(f"{e.get('message')}: {e.get('details')}" for e in info["errors"])
+            for node, info in answer.get("node_errors", {}).items()}
+
+
+def test_bad_counts_and_unused_proposals_are_refused_when_queued(comfy):
+    """Before anything runs: counts that are not numbers (Mask Proposals, Segment's proposal_counts), and masks
+    wired to Segment's proposals under a variant that makes its own proposals."""
+    graph = for_tests(load_api("ref-diff-external-masks"), TEST_IMAGE)
+    node = find(graph, "RefDiffMaskProposals")
+    graph[node]["inputs"]["counts"] = "three"
+    errors = queue_errors(comfy, graph)
+    assert "counts: 'three' is not a list of whole numbers" in errors[node], errors
+    graph = for_tests(load_api("ref-diff-inpainting"), TEST_IMAGE)
+    seg = find(graph, "RefDiffSegment")
+    graph[seg]["inputs"]["proposals"] = [find(graph, "LoadImage"), 1]  # a MASK output
+    for variant, counts, words in (("G", "", "proposals: variant 'G' makes its own proposals"),
+                                   ("full", "x", "proposal_counts: 'x' is not a list")):
+        graph[seg]["inputs"].update(variant=variant, proposal_counts=counts)
+        errors = queue_errors(comfy, graph)
+        assert words in errors[seg], errors
