@@ -15,25 +15,41 @@ PROPOSAL_MODE_CHOICES = ["preset", "automatic", "prompted"]
 # The optional model inputs of RefDiffSegment: (input, what it is, the node that gives it).
 SAM_INPUT = ("sam", "a SAM model", "RefDiff SAM Loader")
 CLIP_INPUT = ("clip_scorer", "a CLIP scorer", "RefDiff CLIP Loader")
+# RefDiffSegment's optional MASK batch: masks from another segmenter that replace SAM's proposals.
+PROPOSALS_INPUT = "proposals"
 
 
-def variant_inputs(variant: str) -> list[tuple[str, str, str]]:
-    """The optional model inputs a variant needs: SAM for SAM proposals, the CLIP scorer for s_D."""
+def variant_inputs(variant: str, external: bool = False) -> list[tuple[str, str, str]]:
+    """The optional model inputs a variant needs: SAM for SAM proposals (not when ``external`` masks are wired
+    to 'proposals' in their place), the CLIP scorer for s_D."""
     v = get_variant(variant)
-    return [SAM_INPUT] * (v.proposals in ("sam", "prompted")) + [CLIP_INPUT] * bool(v.discriminative)
+    sam = v.proposals == "prompted" or (v.proposals == "sam" and not external)
+    return [SAM_INPUT] * sam + [CLIP_INPUT] * bool(v.discriminative)
+
+
+def takes_external(variant: str) -> bool:
+    """Whether masks wired to 'proposals' can stand in for the variant's proposals (SAM's automatic ones)."""
+    return get_variant(variant).proposals == "sam"
 
 
 def variant_inputs_problem(variant: str, connected: Collection[str]) -> str | None:
-    """The message when ``variant`` needs a model input that is not ``connected`` (None when all are): it names
-    each missing input, the loader that fills it, and the variants that run with what is connected."""
+    """The message when ``variant`` needs a model input that is not ``connected`` (None when all are), or makes
+    its own proposals while masks are wired to 'proposals': it names each missing input, the loader that
+    fills it, and the variants that run with what is connected."""
     if variant not in VARIANT_CHOICES:
         return f"variant must be one of {VARIANT_CHOICES}, got {variant!r}"
-    needed = variant_inputs(variant)
+    external = PROPOSALS_INPUT in connected
+    if external and not takes_external(variant):
+        usable = " or ".join(f"'{name}'" for name in VARIANT_CHOICES if takes_external(name))
+        return (f"{PROPOSALS_INPUT}: variant '{variant}' makes its own proposals, so the masks wired to "
+                f"'{PROPOSALS_INPUT}' would not be used; choose variant {usable}, or disconnect '{PROPOSALS_INPUT}'")
+    needed = variant_inputs(variant, external)
     missing = [need for need in needed if need[0] not in connected]
     if not missing:
         return None
     others = [f"'{name}'" for name in VARIANT_CHOICES
-              if name != variant and all(need[0] in connected for need in variant_inputs(name))]
+              if name != variant and (takes_external(name) or not external)
+              and all(need[0] in connected for need in variant_inputs(name, external))]
     what = " and ".join(label for _, label, _ in missing)
     fix = " and ".join(f"a {loader} to '{name}'" for name, _, loader in missing)
     alternative = f", or choose variant {' or '.join(others)}" if others else ""
@@ -72,5 +88,6 @@ def proposal_mode_preset(preset: Preset, proposal_mode: str = "preset") -> Prese
     return preset if proposal_mode == "preset" else preset.with_(proposal_mode=proposal_mode)
 
 
-__all__ = ["VARIANT_CHOICES", "PROPOSAL_MODE_CHOICES", "proposal_mode_preset", "SAM_INPUT", "CLIP_INPUT", "variant_inputs", "variant_inputs_problem",
+__all__ = ["VARIANT_CHOICES", "PROPOSAL_MODE_CHOICES", "proposal_mode_preset", "SAM_INPUT", "CLIP_INPUT", "PROPOSALS_INPUT",
+           "takes_external", "variant_inputs", "variant_inputs_problem",
            "capture_factor", "linked_type_problem"]

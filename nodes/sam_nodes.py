@@ -17,8 +17,8 @@ from refdiff.sam import SAM_CHECKPOINT_URLS, canonical_model_type, infer_model_t
 from refdiff.sam2_models import is_sam2_model, load_any_sam, sam_model_name
 
 from . import model_files, runtime, sockets, tensors
-from .proposal_filter import (AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FILTER_OPTIONS, FilterSettings,
-                              filter_image, filter_prompted, sam_filter_settings)
+from .proposal_filter import FilterSettings, filter_image, filter_prompted, sam_filter_settings
+from .sockets import post_filter_inputs
 from .wire_types import ProposalBatch, SamHandle
 
 SAM_WHERE = ("Download one of " + ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
@@ -109,22 +109,6 @@ def prompted_proposal_batch(sam: SamHandle, image: torch.Tensor, c: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ nodes
-def post_filter_inputs() -> list:
-    """The post-filter inputs both SAM proposal nodes end with (read by proposal_filter.sam_filter_settings)."""
-    return [
-        io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default="preset",
-                       tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the two values "
-                               "below."),
-        io.Int.Input("keep_largest", default=10, min=0, max=1000,
-                     tooltip="custom filter: keep only the N largest masks (0 = all)."),
-        io.Int.Input("min_area", default=10000, min=0, max=100000000,
-                     tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image when "
-                             "area_filter is relative: see area_filter)."),
-        io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
-                       tooltip=AREA_FILTER_TOOLTIP),
-    ]
-
-
 class RefDiffSAMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -12,9 +12,12 @@ from refdiff.capture import LayerSelector
 from refdiff.config import Preset, get_variant, needs_map, prompt_kwargs, proposal_source, sam_generator_kwargs
 from refdiff.errors import InputError
 
-from . import comfy_backend, diffusion_nodes, map_nodes, runtime, select_nodes, sockets, text_nodes, token_positions
-from .input_checks import (PROPOSAL_MODE_CHOICES, VARIANT_CHOICES, capture_factor, linked_type_problem,
-                           proposal_mode_preset, variant_inputs_problem)
+from refdiff.external import RESIZE_MODES
+
+from . import (comfy_backend, diffusion_nodes, external_masks, map_nodes, runtime, select_nodes, sockets, text_nodes,
+               token_positions)
+from .input_checks import (PROPOSAL_MODE_CHOICES, PROPOSALS_INPUT, VARIANT_CHOICES, capture_factor,
+                           linked_type_problem, proposal_mode_preset, variant_inputs_problem)
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
 
 
@@ -32,17 +35,26 @@ class Segmentation:
 def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, variant: str, preset: Preset,
             seed: int = 0, sam: Any = None, clip_scorer: Any = None, amg: dict | None = None,
             top_k: int | None = None, filter_settings: FilterSettings | None = None, factor: int | None = None,
-            no_noun: str = "error") -> Segmentation:
+            no_noun: str = "error", external: torch.Tensor | None = None, external_counts: str = "",
+            external_resize: str = "error") -> Segmentation:
     """Run one variant (full, G, GS, DS, sam-clip) on every image. ``factor`` None and ``filter_settings`` None
     take the preset's; the checks that need no computation (models connected, the MODEL's cross-attention at
-    ``factor``, the text) come before the VAE encode."""
+    ``factor``, the text, the ``external`` masks) come before the VAE encode. ``external`` (a MASK batch split
+    between the images by ``external_counts``, nodes/external_masks.py) replaces SAM's proposals, automatic or
+    prompted, without SAM's post-filter."""
     v = get_variant(variant)
     p = preset
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
-    connected = {name for name, value in (("sam", sam), ("clip_scorer", clip_scorer)) if value is not None}
+    connected = {name for name, value in (("sam", sam), ("clip_scorer", clip_scorer), (PROPOSALS_INPUT, external))
+                 if value is not None}
     problem = variant_inputs_problem(v.name, connected)
     if problem:
         raise InputError(problem)
+    given = None
+    if external is not None:
+        given = external_masks.mask_proposal_batch(external, image, external_counts, external_resize,
+                                                   name=PROPOSALS_INPUT, counts_name="proposal_counts")
+        p = p.with_(proposal_mode="automatic")  # the given masks stand in for SAM's, automatic or prompted
     source = proposal_source(v, p)
     with_map = needs_map(v, p)  # prompted SAM proposals need c, even for DS and sam-clip
     layers = None
@@ -69,7 +81,11 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
         report.append(info)
     runtime.check_interrupt()
 
-    if v.proposals == "threshold":
+    if given is not None:
+        proposals, lines = given
+        runtime.warn(proposals.warnings)
+        report.append(f"external masks: {proposals.describe()} (no post-filter)\n" + "\n".join(lines))
+    elif v.proposals == "threshold":
         proposals = map_nodes.threshold_batch(c, p.thresholds)
     elif source == "prompted":
         from . import sam_nodes
@@ -169,6 +185,17 @@ class RefDiffSegment(io.ComfyNode):
                 sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
                 sockets.ClipModel.Input("clip_scorer", optional=True,
                                         tooltip="CLIP scorer (variants full, DS, sam-clip)."),
+                io.Mask.Input(PROPOSALS_INPUT, optional=True,
+                              tooltip="Optional MASK batch of candidate masks from any segmenter (SAM 2, SAM 3, "
+                                      "GroundingDINO + SAM, ...): when connected they replace SAM's proposals "
+                                      "(variants full, GS, DS, sam-clip; no SAM needed, no post-filter); inside "
+                                      "where >= 0.5, empty masks left out."),
+                io.String.Input("proposal_counts", default="", optional=True,
+                                tooltip="With proposals and several images: how many masks belong to each image, "
+                                        "in batch order ('3, 5'); empty with one image = every mask is its."),
+                io.Combo.Input("proposals_resize", options=list(RESIZE_MODES), default="error", optional=True,
+                               tooltip="Proposals of another size than the image: 'error' stops and names both "
+                                       "sizes; 'nearest' resizes them when the aspect ratio agrees."),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
@@ -180,7 +207,8 @@ class RefDiffSegment(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, variant="full", no_noun="error", input_types=None) -> bool | str:
+    def validate_inputs(cls, text=None, variant="full", no_noun="error", proposal_counts="",
+                        input_types=None) -> bool | str:
         # At queue time, before any model loads. ComfyUI passes widget values only; asking for input_types gives
         # the types of the linked inputs, so a missing SAM / CLIP scorer is seen here (asking for it also turns
         # ComfyUI's own check of those types off, hence linked_type_problem). The MODEL is not known yet: its
@@ -188,12 +216,14 @@ class RefDiffSegment(io.ComfyNode):
         received = input_types or {}
         return (linked_type_problem(received, cls.INPUT_TYPES(), validate_node_input)
                 or variant_inputs_problem(variant, received)
-                or token_positions.text_problem(text, no_noun) or True)
+                or token_positions.text_problem(text, no_noun)
+                or external_masks.counts_problem(proposal_counts, "proposal_counts") or True)
 
     @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
                 pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
-                factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset") -> io.NodeOutput:
+                factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset", proposals=None,
+                proposal_counts="", proposals_resize="error") -> io.NodeOutput:
         p = proposal_mode_preset(sockets.preset(preset), proposal_mode)
         if image_size:
             p = p.with_(image_size=int(image_size))
@@ -202,7 +232,8 @@ class RefDiffSegment(io.ComfyNode):
         result = segment(model, clip, vae, image, text, variant, p, seed=seed, sam=sam, clip_scorer=clip_scorer,
                          amg=amg, top_k=top_k or None,
                          filter_settings=segment_filter_settings(p, keep_largest, min_area, area_filter),
-                         factor=capture_factor(factor, p), no_noun=no_noun)
+                         factor=capture_factor(factor, p), no_noun=no_noun, external=proposals,
+                         external_counts=proposal_counts, external_resize=proposals_resize)
         runtime.show_on_node(result.warnings)
         best = result.selection.best
         preview = select_nodes.preview_selection(image, best)

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from refdiff.config import PRESETS, Preset, get_preset
 
 from . import wire_types
+from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FILTER_OPTIONS
 
 CATEGORY = "RefDiff"
 PRESET_NAMES = list(PRESETS)  # ["official", "paper"]
@@ -30,10 +31,28 @@ def preset_input(tooltip: str = "Which constants of the method to use: 'official
     return io.Combo.Input("preset", options=PRESET_NAMES, default="official", tooltip=tooltip)
 
 
+def post_filter_inputs(default: str = "preset") -> list:
+    """The post-filter inputs the proposal nodes end with (read by proposal_filter.sam_filter_settings);
+    ``default`` is the post_filter combo's default."""
+    return [
+        io.Combo.Input("post_filter", options=POST_FILTER_OPTIONS, default=default,
+                       tooltip="'preset': the preset's filter; 'none': keep every mask; 'custom': the two values "
+                               "below."),
+        io.Int.Input("keep_largest", default=10, min=0, max=1000,
+                     tooltip="custom filter: keep only the N largest masks (0 = all)."),
+        io.Int.Input("min_area", default=10000, min=0, max=100000000,
+                     tooltip="custom filter: drop masks of at most this many pixels (at a 640 x 480 image when "
+                             "area_filter is relative: see area_filter)."),
+        io.Combo.Input("area_filter", options=AREA_FILTER_OPTIONS, default="preset", optional=True,
+                       tooltip=AREA_FILTER_TOOLTIP),
+    ]
+
+
 def preset(name: str) -> Preset:
     """The Preset of a preset combo value."""
     return get_preset(name)
 
 
 __all__ = ["CATEGORY", "PRESET_NAMES", "Attention", "Parse", "Proposals", "Scores", "SamModel", "ClipModel",
-           "preset_input", "preset"]
+           "preset_input", "preset",
+           "post_filter_inputs"]

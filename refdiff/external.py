@@ -15,6 +15,7 @@ line (``--proposals``, through ``load_proposal_files``) and the nodes (MASK batc
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -209,6 +210,20 @@ def proposal_files(path: str | Path, option: str = "--proposals") -> list[Path]:
     return [p]
 
 
+def _load_array(file: Path, path: str | Path, option: str) -> np.ndarray:
+    """The masks of one .npy, or of an .npz (its only array, or the one named 'masks')."""
+    if file.suffix.lower() == ".npy":
+        return np.load(file, allow_pickle=False)
+    with np.load(file, allow_pickle=False) as data:
+        keys = list(data.keys())
+        if len(keys) == 1:
+            return data[keys[0]]
+        if "masks" in keys:
+            return data["masks"]
+    raise InputError(f"{option} {path}: the .npz holds {keys}; store the masks alone or under the name "
+                     "'masks' (np.savez(file, masks=masks))")
+
+
 def load_proposal_files(path: str | Path, option: str = "--proposals") -> np.ndarray:
     """The masks of an .npz (its only array, or the one named 'masks'), an .npy, or a folder of PNGs (each read
     as grayscale, or its alpha channel when it has one, scaled to [0, 1]): an array [N, H, W] for
@@ -216,25 +231,23 @@ def load_proposal_files(path: str | Path, option: str = "--proposals") -> np.nda
     from PIL import Image
 
     files = proposal_files(path, option)
-    if files[0].suffix.lower() == ".npy":
-        return np.load(files[0], allow_pickle=False)
-    if files[0].suffix.lower() == ".npz":
-        with np.load(files[0], allow_pickle=False) as data:
-            keys = list(data.keys())
-            if len(keys) == 1:
-                return data[keys[0]]
-            if "masks" in keys:
-                return data["masks"]
-            raise InputError(f"{option} {path}: the .npz holds {keys}; store the masks alone or under the name "
-                             "'masks' (np.savez(file, masks=masks))")
+    if files[0].suffix.lower() in ARRAY_FILE_SUFFIXES:
+        try:
+            return _load_array(files[0], path, option)
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:  # a pickled or damaged file
+            raise InputError(f"{option} {path}: cannot read masks from it ({exc}); save a plain array of masks "
+                             "with np.save / np.savez (pickled objects are never loaded)") from None
     masks = []
     for f in files:
-        with Image.open(f) as im:
-            if "A" in im.getbands():
-                im = im.getchannel("A")
-            elif im.mode not in ("L", "1"):
-                im = im.convert("L")
-            arr = np.asarray(im)
+        try:
+            with Image.open(f) as im:
+                if "A" in im.getbands():
+                    im = im.getchannel("A")
+                elif im.mode not in ("L", "1"):
+                    im = im.convert("L")
+                arr = np.asarray(im)
+        except OSError as exc:
+            raise InputError(f"{option} {path}: {f.name} is not a readable image ({exc}); give PNG masks") from None
         masks.append(arr.astype(np.float32) / (1.0 if arr.dtype == bool else float(np.iinfo(arr.dtype).max)))
     shapes = sorted({m.shape for m in masks})
     if len(shapes) > 1:

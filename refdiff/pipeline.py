@@ -328,7 +328,9 @@ class RefDiff:
         results = {}
         for v in chosen:
             source = sources[v.name]
-            c, root_position = generative(v.refine) if needs_map(v, self.preset) else (None, None)
+            # the caller's masks need no c for their own sake: DS and sam-clip skip the diffusion pass with them
+            with_map = v.needs_diffusion if proposals is not None else needs_map(v, self.preset)
+            c, root_position = generative(v.refine) if with_map else (None, None)
             extra: list[str] = []
             if source == "sam":
                 masks, extra = sam_masks, sam_notes

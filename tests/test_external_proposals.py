@@ -256,3 +256,15 @@ def test_masks_of_another_size_are_refused_before_any_model_runs(models, image, 
     model = RefDiff.from_pretrained(preset="official", **FAST)
     with pytest.raises(InputError, match="nearest"):
         model(image, TEXT, variant="DS", proposals=np.ones((1, 20, 30), bool))
+
+
+def test_external_masks_spare_ds_the_diffusion_pass_under_the_prompted_mode(models, image, loud_loaders):
+    """Under proposal_mode='prompted', DS runs the diffusion pass only for SAM's prompts; given masks need none,
+    so no Stable Diffusion (and no SAM) is loaded."""
+    _, _, clip = models
+    model = RefDiff(sd=None, sam=None, clip=clip, preset="official", **{**FAST, "proposal_mode": "prompted"})
+    masks = _boxes(45, 67, [(0, 10, 0, 10), (5, 30, 4, 25)])
+    result = model(image, TEXT, variant="DS", proposals=masks)
+    assert result.index >= 0 and result.proposals.shape[0] == 2
+    assert "external" in result.timings and not any(k.startswith(("generative_map", "diffusion", "capture"))
+                                                    for k in result.timings)

@@ -140,6 +140,17 @@ def test_variant_needs_its_models():
     assert problem("cluster", {"sam", "clip_scorer"}).startswith("variant must be one of")
 
 
+def test_masks_wired_to_proposals_stand_in_for_sam_and_are_refused_where_unused():
+    problem = input_checks.variant_inputs_problem
+    assert problem("GS", {"proposals"}) is None and problem("full", {"proposals", "clip_scorer"}) is None
+    assert problem("DS", {"proposals"}) == ("variant 'DS' needs a CLIP scorer: connect a RefDiff CLIP Loader to "
+                                            "'clip_scorer', or choose variant 'GS'")
+    for variant in ("G", "prompted"):
+        assert problem(variant, {"proposals", "sam", "clip_scorer"}) == (
+            f"proposals: variant '{variant}' makes its own proposals, so the masks wired to 'proposals' would not "
+            "be used; choose variant 'full' or 'GS' or 'DS' or 'sam-clip', or disconnect 'proposals'")
+
+
 def test_capture_factor_input():
     assert input_checks.capture_factor(-1, OFFICIAL) == OFFICIAL.capture_factor == 4
     assert input_checks.capture_factor(8, OFFICIAL) == 8

@@ -32,6 +32,20 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a text that names no object ('on the left'): 'error' (default) stops before any model "
                              "loads and says what to add; 'warn' runs on the preset's root word with a warning")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
+    g = parser.add_argument_group("masks from another segmenter (instead of SAM's proposals)")
+    g.add_argument("--proposals", metavar="MASKS", default=None,
+                   help="score and choose among these masks of the image instead of SAM's: an .npz (its only array, "
+                        "or the one named 'masks') or .npy file of masks [N, H, W] (bool, 0/1, 0/255, or floats in "
+                        "[0, 1], inside where >= 0.5), or a folder of PNG masks (white = inside; read in natural "
+                        "order, mask_2 before mask_10). Made by any segmenter (SAM 2, SAM 3, GroundingDINO + SAM, "
+                        "a drawing); empty masks are left out with a warning. Variants full, GS, DS and sam-clip; no "
+                        "SAM checkpoint is needed")
+    g.add_argument("--proposals-resize", choices=("error", "nearest"), default="error",
+                   help="masks of another size than the image: 'error' (default) stops and names both sizes; "
+                        "'nearest' resizes them (nearest-neighbour) when the aspect ratio agrees")
+    g.add_argument("--proposals-post-filter", action="store_true",
+                   help="apply the preset's SAM post-filter (official: the 10 largest masks above an area) to the "
+                        "given masks too (default: every given mask is a proposal)")
     add_shared_arguments(parser)
 
 
@@ -75,6 +89,25 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (25
     return out.round().astype(np.uint8)
 
 
+def check_proposals(args: argparse.Namespace, rgb: np.ndarray) -> tuple[Any, list[int] | None]:
+    """The masks of ``--proposals`` (None without it), read and checked against the image before any model
+    loads; with the index in the file of each mask that becomes a proposal (empty ones are left out)."""
+    if args.proposals is None:
+        return None, None
+    from ..config import get_variant
+    from ..external import external_proposals, load_proposal_files
+
+    variant = get_variant(args.variant)
+    if variant.proposals != "sam":
+        raise InputError(f"--proposals {args.proposals}: variant {variant.name} makes its own proposals "
+                         "(thresholds of c, feature clusters or SAM prompts); choose --variant full, GS, DS or "
+                         "sam-clip")
+    masks = load_proposal_files(args.proposals, "--proposals")
+    given = external_proposals(masks, rgb.shape[0], rgb.shape[1], resize=args.proposals_resize,
+                               name=f"--proposals {args.proposals}")
+    return masks, given.kept
+
+
 def result_summary(result: Any, text: str, seconds: float) -> dict[str, Any]:
     """A JSON-ready summary of a Result (everything but the pixel arrays)."""
     return {
@@ -104,6 +137,7 @@ def _segment(args: argparse.Namespace) -> int:
     overrides = preset_overrides(args)
     rgb = load_image(args.image, name=f"image {args.image!r}")
     check_text(args.text, args.preset, overrides, args.no_noun)
+    masks, kept = check_proposals(args, rgb)
     check_model_options(args)
     check_outputs(args)
     model = RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
@@ -112,7 +146,8 @@ def _segment(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with warnings.catch_warnings():  # printed once below, as the user should read them
         warnings.simplefilter("ignore", RefDiffWarning)
-        result = model(rgb, args.text, variant=args.variant, seed=args.seed)
+        result = model(rgb, args.text, variant=args.variant, seed=args.seed, proposals=masks,
+                       proposals_resize=args.proposals_resize, proposals_post_filter=args.proposals_post_filter)
     seconds = time.perf_counter() - start
     for path in (args.output, args.overlay, args.json):
         if path is not None:
@@ -121,7 +156,12 @@ def _segment(args: argparse.Namespace) -> int:
     if args.overlay:
         Image.fromarray(overlay(rgb, result.mask)).save(args.overlay)
     if args.json:
-        Path(args.json).write_text(json.dumps(result_summary(result, args.text, seconds), indent=2))
+        summary = result_summary(result, args.text, seconds)
+        if masks is not None:
+            summary["proposals_file"] = str(args.proposals)
+            # which mask of the file each proposal is (post-filtered runs: see the warnings)
+            summary["file_indices"] = None if args.proposals_post_filter else kept
+        Path(args.json).write_text(json.dumps(summary, indent=2))
     n = len(result.proposals)
     say(f"root token: {result.root_token!r}  direction: {', '.join(result.direction) or 'none'}  "
         f"proposals: {n}  chosen: {result.index}  ({seconds:.1f} s)")
@@ -132,4 +172,5 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_segment_arguments", "run_segment", "check_outputs", "check_text", "overlay", "result_summary"]
+__all__ = ["add_segment_arguments", "run_segment", "check_outputs", "check_text", "overlay", "result_summary",
+           "check_proposals"]

@@ -90,6 +90,13 @@ TEMPLATES = {
         "masks; an object c misses gets no mask. Cut from the full graph: the SAMProposals node, replaced "
         "by PromptedSAM fed with the generative map; the scores and the fusion are unchanged. A SAM 2 / 2.1 "
         "checkpoint from models/sam2 works in the same loader."),
+    "ref-diff-external-masks": Template(
+        "Ref-Diff on masks from any segmenter", "a MASK batch as the proposals: SAM 2, SAM 3, GroundingDINO",
+        "The full method on masks that arrive as a ComfyUI MASK batch, here SAM's own (Proposals to MASK), so it "
+        "runs anywhere with the full graph's choice. For another segmenter, delete Load SAM, SAM proposals and "
+        "Proposals to MASK and wire its MASK output (SAM 2 / SAM 3, GroundingDINO + SAM, a drawing) into Mask "
+        "proposals' masks. Cut from the full graph: the SAM proposals wires into the two scores and FuseSelect, "
+        "which Mask proposals feeds instead."),
 }
 # The model files a graph's loaders ask for, named in its note.
 MODEL_NOTES = {
@@ -210,6 +217,24 @@ def ref_diff_prompted() -> Graph:
     return g
 
 
+def ref_diff_external_masks() -> Graph:
+    """The full method on proposals that arrive as a ComfyUI MASK batch (here SAM's own masks, re-entered)."""
+    g = Graph()
+    ckpt, image = sd_front(g)
+    parse = parse_node(g, g.out(ckpt, 1))
+    c = generative_chain(g, ckpt, image, parse)
+    sam = sam_chain(g, image)
+    masks = g.add("RefDiffProposalsToMasks", "Stand-in segmenter: SAM to MASK", proposals=g.out(sam))
+    proposals = g.add("RefDiffMaskProposals", "Mask proposals from a MASK batch", masks=g.out(masks),
+                      image=g.out(image), counts="", resize="error", preset="official", post_filter="none",
+                      keep_largest=10, min_area=10000, area_filter="preset")
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-external-masks")
+    return g
+
+
 def threshold_graph(make_c, name: str) -> Graph:
     """Threshold proposals of c scored by s_G alone (Ref-Diff/G); ``make_c`` builds the chain giving c."""
     g = Graph()
@@ -270,7 +295,7 @@ def inpainting() -> Graph:
                     vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
                     image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
                     keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error", proposal_mode="preset",
-                    sam=g.out(sam), clip_scorer=g.out(clip_loader))
+                    sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error")
     positive = g.add("CLIPTextEncode", "What to paint there", text="a white horse, photo", clip=g.out(ckpt, 1))
     negative = g.add("CLIPTextEncode", "Negative prompt", text="blurry, low quality", clip=g.out(ckpt, 1))
     latent = g.add("VAEEncodeForInpaint", pixels=g.out(image), vae=g.out(ckpt, 2), mask=g.out(segment, 0),
@@ -324,7 +349,7 @@ def ref_diff_clusters() -> Graph:
 WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS": ref_diff_gs,
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
                   "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
-                  "ref-diff-prompted": ref_diff_prompted}
+                  "ref-diff-prompted": ref_diff_prompted, "ref-diff-external-masks": ref_diff_external_masks}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion

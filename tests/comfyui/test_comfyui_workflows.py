@@ -40,6 +40,8 @@ def test_reference_workflow_runs(name, run_graph, comfy):
         node = graph[node_id]
         if node["class_type"] == "RefDiffFuseSelect" and slot == 1:
             assert len(sizes) == node["inputs"]["top_k"]  # top-k masks of the one image
+        elif node["class_type"] == "RefDiffProposalsToMasks":
+            assert len(sizes) >= 1, (node_id, slot)  # every proposal of the one image
         else:
             assert len(sizes) == 1, (node_id, slot)
     if name != "ref-diff-inpainting":
