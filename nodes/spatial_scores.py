@@ -16,6 +16,7 @@ from refdiff.scoring import fuse_and_select
 from refdiff.spatial import needs_maps, needs_negatives, relation_maps, spatial_adjuster
 
 from . import attention_maps, tensors
+from .token_positions import describe_expression
 from .wire_types import AttentionBatch, ParsedBatch, ParsedItem, ProposalBatch, ScoreBatch
 
 # Each term's switch and weight field of the Preset, by term (SPATIAL_TERMS order).
@@ -52,25 +53,6 @@ def item_relation_positions(item: ParsedItem) -> Callable[[Any], list[int]]:
         return list(item.word_positions[i]) if i is not None and i < len(item.word_positions) else []
 
     return positions
-
-
-def describe_expression(expr: Expression) -> str:
-    """One line of what an expression says (Expression.summary()): target, attributes, frame terms, relations,
-    other nouns."""
-    s = expr.summary()
-    parts = [f"target '{s['target']}'"]
-    if s["attributes"]:
-        parts.append("attributes " + ", ".join(s["attributes"]))
-    frame = []
-    for t in s["frame"]:
-        detail = ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "word"))
-        frame.append(f"{t['kind']} '{t['word']}'" + (f" ({detail})" if detail else ""))
-    parts.append("spatial: " + ("; ".join(frame) if frame else "none"))
-    rels = [f"{r['family']} '{r['other']}' ('{r['phrase']}')" for r in s["relations"]]
-    parts.append("relations: " + ("; ".join(rels) if rels else "none"))
-    if s["others"]:
-        parts.append("other nouns " + ", ".join(s["others"]))
-    return ", ".join(parts)
 
 
 def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
@@ -141,5 +123,5 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
     return out, notes
 
 
-__all__ = ["WEIGHT_FIELDS", "NegativesFn", "spatial_preset", "item_relation_positions", "describe_expression",
+__all__ = ["WEIGHT_FIELDS", "NegativesFn", "spatial_preset", "item_relation_positions", 
            "spatial_score_batch"]

@@ -178,3 +178,15 @@ def test_table_and_gallery_show_each_terms_contribution(tokenizer):
     assert top["fused"] == pytest.approx(top["base"] + 1.0)
     plain = previews.proposal_gallery_view(masks, total, ROW_S_G, ROW_S_D, [3], 3, [{}])
     assert "spatial" not in plain and "terms" not in plain["items"][0]
+
+
+def test_parse_summary_says_what_was_understood(tokenizer):
+    items = [token_positions.parse_item(t, tokenizer) for t in ("the biggest red dog left of the cat", "a dog")]
+    summary = token_positions.parse_summary(items, understood=True).splitlines()
+    assert len(summary) == 4 and summary[0].startswith("[0] 'the biggest red dog left of the cat': root 'dog'")
+    said = summary[1]
+    assert said.startswith("    understood: target 'dog', attributes red")
+    assert "spatial: size 'biggest' (sign 1, measure area)" in said
+    assert "relations: left_of 'cat' ('left of')" in said and "other nouns cat" in said
+    assert summary[3] == "    understood: target 'dog', spatial: none, relations: none"
+    assert "understood" not in token_positions.parse_summary(items)
