@@ -190,3 +190,4 @@ def test_parse_summary_says_what_was_understood(tokenizer):
     assert "relations: left_of 'cat' ('left of')" in said and "other nouns cat" in said
     assert summary[3] == "    understood: target 'dog', spatial: none, relations: none"
     assert "understood" not in token_positions.parse_summary(items)
+
