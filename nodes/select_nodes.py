@@ -212,5 +212,6 @@ class RefDiffFuseSelect(io.ComfyNode):
 
 
 NODES = [RefDiffFuseSelect]
-__all__ = ["Selection", "fusion_weights", "score_parts", "spatial_of", "fuse_select", "preview_selection", "proposal_galleries", "NODES",
+__all__ = ["Selection", "fusion_weights", "score_parts", "spatial_of", "fuse_select", "preview_selection",
+           "proposal_galleries", "NODES",
            "RefDiffFuseSelect"]

@@ -443,8 +443,8 @@ def test_eval_tables_name_the_spatial_rows():
 
     rows = spatial_rows("full")
     assert [display_name(r) for r in rows] == [
-        "Ref-Diff", "Ref-Diff + position (left, top)", "Ref-Diff + middle", "Ref-Diff + ordinals (second from the left)",
-        "Ref-Diff + size (biggest)", "Ref-Diff + relations (next to X)", "Ref-Diff + negatives (other nouns)",
+        "Ref-Diff", "Ref-Diff + position (left, top)", "Ref-Diff + middle",
+        "Ref-Diff + ordinals (second from the left)", "Ref-Diff + size (biggest)", "Ref-Diff + relations (next to X)", "Ref-Diff + negatives (other nouns)",
         "Ref-Diff + all spatial terms"]
     assert display_name("DS+size+middle") == "Ref-Diff/DS + size (biggest) + middle"
     assert display_name("full+colour") == "full+colour" and display_name("G") == "Ref-Diff/G"
