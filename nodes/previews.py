@@ -50,8 +50,10 @@ def overlay(image: torch.Tensor | None, mask: torch.Tensor, color: Sequence[floa
 
 
 def score_table(masks: torch.Tensor, fused: torch.Tensor, order: Sequence[int], chosen: int,
-                generative: torch.Tensor | None, discriminative: torch.Tensor | None, header: str) -> str:
-    """Text table of one image's ranked proposals: rank, index, area and each score."""
+                generative: torch.Tensor | None, discriminative: torch.Tensor | None, header: str,
+                base: torch.Tensor | None = None, terms: dict[str, torch.Tensor] | None = None) -> str:
+    """Text table of one image's ranked proposals: rank, index, area and each score; with spatial terms the
+    fused score before them (``base``) and each term's contribution (``terms``)."""
     lines = [header]
     if masks.shape[0] == 0:
         lines.append("  no proposal: empty mask")
@@ -63,6 +65,10 @@ def score_table(masks: torch.Tensor, fused: torch.Tensor, order: Sequence[int], 
             parts.append(f"s_G {float(generative[idx]):+.4f}")
         if discriminative is not None:
             parts.append(f"s_D {float(discriminative[idx]):+.4f}")
+        if base is not None:
+            parts.append(f"base {float(base[idx]):+.4f}")
+        for name, value in (terms or {}).items():
+            parts.append(f"{name} {float(value[idx]):+.4f}")
         if idx == chosen:
             parts.append("<- selected")
         lines.append(", ".join(parts))
@@ -189,9 +195,13 @@ def gallery_order(fused: torch.Tensor, chosen: int = -1, limit: int = VIEW_MAX_P
 def proposal_gallery_view(masks: torch.Tensor, fused: torch.Tensor, generative: torch.Tensor | None,
                           discriminative: torch.Tensor | None, shown: Sequence[int], chosen: int,
                           thumbs: Sequence[dict], image: int = 0, pin_index: int = -1,
-                          weights: tuple[float, float] = (1.0, 1.0), source: str = "") -> dict[str, Any]:
+                          weights: tuple[float, float] = (1.0, 1.0), source: str = "",
+                          base: torch.Tensor | None = None, terms: dict[str, torch.Tensor] | None = None,
+                          spatial: bool = False) -> dict[str, Any]:
     """The proposal gallery of one image (JSON): the shown proposals with their rank by fused score, area,
-    s_G, s_D, fused score and thumbnail; which one was chosen and whether it was pinned."""
+    s_G, s_D, fused score and thumbnail; which one was chosen and whether it was pinned. With ``spatial``
+    (RefDiffSpatial's scores) each item also has ``base`` (the fused score before the terms) and ``terms``
+    (each spatial term's contribution), and the view lists the applied terms."""
     n = int(masks.shape[0])
     ranks = {int(j): r + 1 for r, j in enumerate(rank(fused, n))} if n else {}
     areas = masks.flatten(1).sum(dim=1).tolist() if n else []
@@ -200,11 +210,17 @@ def proposal_gallery_view(masks: torch.Tensor, fused: torch.Tensor, generative: 
               "discriminative": _number(discriminative[j]) if discriminative is not None else None,
               "chosen": int(j) == int(chosen), "thumb": dict(thumb)}
              for j, thumb in zip(shown, thumbs)]
+    if spatial:
+        for item in items:
+            j = item["index"]
+            item["base"] = _number(base[j]) if base is not None else item["fused"]
+            item["terms"] = {name: _number(value[j]) for name, value in (terms or {}).items()}
     return {"image": int(image), "count": n, "source": source, "chosen": int(chosen), "pin_index": int(pin_index),
             "pinned": 0 <= int(pin_index) < n,
             "weights": {"generative": float(weights[0]) if generative is not None else None,
                         "discriminative": float(weights[1]) if discriminative is not None else None},
-            "items": items, "more": n - len(items)}
+            "items": items, "more": n - len(items),
+            **({"spatial": list(terms or {})} if spatial else {})}
 
 
 __all__ = ["heatmap", "overlay", "score_table", "VIEW_THUMB_SIDE", "VIEW_MAX_IMAGES", "VIEW_MAX_WORDS",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import folder_paths
 import torch
@@ -35,27 +36,62 @@ def fusion_weights(preset: Preset, both: bool, gen_weight: float | None = None,
 
 
 # ------------------------------------------------------------------------------------------ stage function
+def score_parts(generative: ScoreBatch | None, discriminative: ScoreBatch | None, fused: ScoreBatch | None,
+                i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Image i's s_G and s_D: from their inputs, or those the fused scores were made of."""
+    if fused is not None:
+        g, d = fused.parts.get("generative"), fused.parts.get("discriminative")
+        return (g[i] if g is not None else None), (d[i] if d is not None else None)
+    return (generative.scores[i] if generative is not None else None,
+            discriminative.scores[i] if discriminative is not None else None)
+
+
+def spatial_of(fused: ScoreBatch | None, i: int) -> Any:
+    """Image i's refdiff.spatial.SpatialScores of RefDiffSpatial's scores; None without them."""
+    if fused is None or i >= len(fused.spatial):
+        return None
+    return fused.spatial[i]
+
+
 def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
-                gen_weight: float, disc_weight: float, top_k: int = 5, pin_index: int = -1) -> Selection:
+                gen_weight: float, disc_weight: float, top_k: int = 5, pin_index: int = -1,
+                fused_scores: ScoreBatch | None = None) -> Selection:
     """s = gen_weight s_G + disc_weight s_D per proposal; the best (or the pinned) proposal of each image: one
     refdiff.scoring.fuse_and_select call per image (the given weights when both scores are connected; one
     score alone is used as it is).
 
-    An image without proposals gets an empty mask of its size, never the whole image.
+    An image without proposals gets an empty mask of its size, never the whole image. ``fused`` (RefDiffSpatial's
+    scores: fused already, spatial terms added) is ranked as it is, in place of the two scores.
     """
-    if generative is None and discriminative is None:
+    if fused_scores is not None:
+        if generative is not None or discriminative is not None:
+            raise InputError("fused: these scores already hold s_G and s_D (RefDiffSpatial); disconnect generative "
+                             "and discriminative, or disconnect fused")
+        if fused_scores.kind != "fused":
+            raise InputError(f"fused: these are {fused_scores.kind} scores; connect RefDiffSpatial's scores here, "
+                             f"or connect them to the {fused_scores.kind} input")
+        fused_scores.check_against(proposals, "fused")
+    elif generative is None and discriminative is None:
         raise InputError("scores: connect generative scores, discriminative scores or both")
     for scores, name in ((generative, "generative"), (discriminative, "discriminative")):
         if scores is not None:
+            if scores.kind == "fused":
+                raise InputError(f"{name}: these scores come from RefDiffSpatial (already fused); connect them to "
+                                 "the fused input instead")
             scores.check_against(proposals, name)
     best, tops, indices, fused_all, lines = [], [], [], [], []
     for i, masks in enumerate(proposals.masks):
         n, h, w = masks.shape
-        s_g = generative.scores[i] if generative is not None else None
-        s_d = discriminative.scores[i] if discriminative is not None else None
+        s_g, s_d = score_parts(generative, discriminative, fused_scores, i)
         try:
-            choice = fuse_and_select(masks, s_g, s_d, top_k=top_k, pin_index=pin_index, gen_weight=gen_weight,
-                                     disc_weight=disc_weight)
+            if fused_scores is not None:
+                choice = fuse_and_select(masks, None, fused_scores.scores[i], top_k=top_k, pin_index=pin_index,
+                                         gen_weight=1.0, disc_weight=1.0)
+                gw, dw = fused_scores.weights
+            else:
+                choice = fuse_and_select(masks, s_g, s_d, top_k=top_k, pin_index=pin_index, gen_weight=gen_weight,
+                                         disc_weight=disc_weight)
+                gw, dw = choice.gen_weight, choice.disc_weight
         except InputError as exc:
             raise InputError(f"image {i}: {exc}") from exc
         fused, order, chosen = choice.fused, choice.top_k, choice.index
@@ -64,8 +100,13 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         tops.extend([masks[j] for j in order] + [empty] * (top_k - len(order)))
         indices.append(chosen)
         fused_all.append(fused)
-        lines.append(previews.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
-                                         f"({proposals.source}), weights s_G x {choice.gen_weight:g}, s_D x {choice.disc_weight:g}"))
+        applied = spatial_of(fused_scores, i)
+        header = (f"image {i}: {n} proposals ({proposals.source}), weights s_G x {gw:g}, s_D x {dw:g}"
+                  + (", spatial terms " + (", ".join(applied.contributions) or "none") if fused_scores is not None
+                     else ""))
+        lines.append(previews.score_table(masks, fused, order, chosen, s_g, s_d, header,
+                                          base=applied.base if applied is not None else None,
+                                          terms=applied.contributions if applied is not None else None))
         if i in proposals.notes:  # why this image has no proposal (the post-filter removed them all, ...)
             lines.append(f"  why: {proposals.notes[i]}")
     top_batch = tensors.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
@@ -87,7 +128,8 @@ def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.T
 
 def proposal_galleries(proposals: ProposalBatch, generative: ScoreBatch | None, discriminative: ScoreBatch | None,
                        selection: Selection, image: torch.Tensor | None, pin_index: int = -1,
-                       weights: tuple[float, float] = (1.0, 1.0)) -> list[dict]:
+                       weights: tuple[float, float] = (1.0, 1.0), fused_scores: ScoreBatch | None = None
+                       ) -> list[dict]:
     """What the web extension shows on the node: per image (at most VIEW_MAX_IMAGES) the proposals ranked by
     fused score with their scores and thumbnails in ComfyUI's temp folder (see previews.proposal_gallery_view)."""
     prefix = "refdiff_proposals_" + uuid.uuid4().hex[:10]
@@ -104,10 +146,13 @@ def proposal_galleries(proposals: ProposalBatch, generative: ScoreBatch | None, 
         shown = previews.gallery_order(fused, selection.indices[i])
         frames = previews.mask_frames(frame, previews.thumb_masks(masks[shown] if shown else masks[:0], size))
         thumbs = previews.save_thumbnails(list(frames), folder_paths.get_temp_directory(), f"{prefix}_{i}")
+        s_g, s_d = score_parts(generative, discriminative, fused_scores, i)
+        applied = spatial_of(fused_scores, i)
         view = previews.proposal_gallery_view(
-            masks, fused, generative.scores[i] if generative is not None else None,
-            discriminative.scores[i] if discriminative is not None else None, shown, selection.indices[i], thumbs,
-            image=i, pin_index=pin_index, weights=weights, source=proposals.source)
+            masks, fused, s_g, s_d, shown, selection.indices[i], thumbs, image=i, pin_index=pin_index,
+            weights=fused_scores.weights if fused_scores is not None else weights, source=proposals.source,
+            base=applied.base if applied is not None else None,
+            terms=applied.contributions if applied is not None else None, spatial=fused_scores is not None)
         view["batch"] = len(proposals)
         views.append(view)
     return views
@@ -138,6 +183,10 @@ class RefDiffFuseSelect(io.ComfyNode):
                 io.Int.Input("pin_index", default=-1, min=-1, max=10000,
                              tooltip="Select this proposal index instead of the best (-1 = by score)."),
                 io.Image.Input("image", optional=True, tooltip="Original images, for the preview."),
+                sockets.Scores.Input("fused", optional=True,
+                                     tooltip="Scores from RefDiffSpatial (s_G and s_D fused there, spatial terms "
+                                             "added), ranked as they are; connect it instead of generative and "
+                                             "discriminative (gen_weight and disc_weight then do not apply)."),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W] (empty "
@@ -151,17 +200,18 @@ class RefDiffFuseSelect(io.ComfyNode):
 
     @classmethod
     def execute(cls, proposals, preset, gen_weight, disc_weight, top_k, pin_index, generative=None,
-                discriminative=None, image=None) -> io.NodeOutput:
+                discriminative=None, image=None, fused=None) -> io.NodeOutput:
         gw, dw = fusion_weights(sockets.preset(preset), generative is not None and discriminative is not None,
                                 None if gen_weight < 0 else gen_weight, None if disc_weight < 0 else disc_weight)
-        sel = fuse_select(proposals, generative, discriminative, gw, dw, top_k, pin_index)
+        sel = fuse_select(proposals, generative, discriminative, gw, dw, top_k, pin_index, fused)
         preview = preview_selection(image, sel.best)
-        galleries = proposal_galleries(proposals, generative, discriminative, sel, image, pin_index, (gw, dw))
+        galleries = proposal_galleries(proposals, generative, discriminative, sel, image, pin_index, (gw, dw), fused)
         # the preview image, and what web/js/refdiff.js shows on the node
         ui_output = {**ui.PreviewImage(preview, cls=cls).as_dict(), "refdiff_proposals": galleries}
         return io.NodeOutput(sel.best, sel.top_k, sel.table, preview, ui=ui_output)
 
 
 NODES = [RefDiffFuseSelect]
-__all__ = ["Selection", "fusion_weights", "fuse_select", "preview_selection", "proposal_galleries", "NODES",
+__all__ = ["Selection", "fusion_weights", "score_parts", "spatial_of", "fuse_select", "preview_selection",
+           "proposal_galleries", "NODES",
            "RefDiffFuseSelect"]

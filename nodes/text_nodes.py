@@ -32,7 +32,7 @@ def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", pr
              for line, w in zip(lines, words)]
     notes = [token_positions.root_note(item.parsed, no_noun, item.root_overridden) for item in items]
     warnings = [n for n in notes if n] + token_positions.parse_warnings(items, tokenizer)
-    summary = token_positions.parse_summary(items)
+    summary = token_positions.parse_summary(items, understood=True)
     if warnings:
         summary += "\n" + "\n".join("warning: " + w for w in warnings)
         runtime.warn(warnings)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from refdiff.errors import InputError, RefDiffWarning
+from refdiff.expression import Expression, parse_expression
 from refdiff.text import (NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position,
                           strip_prompt_weights, token_spans, truncation_warning, word_token_positions)
 
@@ -118,8 +119,29 @@ def parse_warnings(items: Sequence[ParsedItem], tokenizer: Any, max_length: int 
     return out
 
 
-def parse_summary(items: Sequence[ParsedItem]) -> str:
-    """A human-readable account of each parse: root word, its token position(s), direction clues."""
+def describe_expression(expr: Expression) -> str:
+    """One line of what an expression says (Expression.summary()): target, attributes, frame terms, relations,
+    other nouns."""
+    s = expr.summary()
+    parts = [f"target '{s['target']}'"]
+    if s["attributes"]:
+        parts.append("attributes " + ", ".join(s["attributes"]))
+    frame = []
+    for t in s["frame"]:
+        detail = ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "word"))
+        frame.append(f"{t['kind']} '{t['word']}'" + (f" ({detail})" if detail else ""))
+    parts.append("spatial: " + ("; ".join(frame) if frame else "none"))
+    rels = [f"{r['family']} '{r['other']}' ('{r['phrase']}')" for r in s["relations"]]
+    parts.append("relations: " + ("; ".join(rels) if rels else "none"))
+    if s["others"]:
+        parts.append("other nouns " + ", ".join(s["others"]))
+    return ", ".join(parts)
+
+
+def parse_summary(items: Sequence[ParsedItem], understood: bool = False) -> str:
+    """A human-readable account of each parse: root word, its token position(s), direction clues; with
+    ``understood`` also what the expression says (describe_expression: target, attributes, spatial terms,
+    relations), as the spatial terms read it."""
     lines = []
     for i, item in enumerate(items):
         p = item.parsed
@@ -127,6 +149,8 @@ def parse_summary(items: Sequence[ParsedItem]) -> str:
         piece = item.tokens[item.root_position] if item.root_position < len(item.tokens) else "?"
         lines.append(f"[{i}] {p.text!r}: root {p.root!r} ({how}) at token {item.root_position} ({piece}); "
                      f"all pieces {item.root_positions}; directions: {', '.join(p.directions) or 'none'}")
+        if understood:
+            lines.append(f"    understood: {describe_expression(parse_expression(p.text, parsed=p))}")
     return "\n".join(lines)
 
 
@@ -188,4 +212,5 @@ def resolve_token(item: ParsedItem, override: str = "", num_tokens: int = 77,
 
 
 __all__ = ["token_strings", "parse_item", "parse_line", "root_note", "text_problem", "word_positions",
-           "parse_warnings", "parse_summary", "TokenChoice", "item_word_positions", "resolve_token", "word_at"]
+           "parse_warnings", "parse_summary", "TokenChoice", "item_word_positions", "resolve_token", "word_at",
+           "describe_expression"]

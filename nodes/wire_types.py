@@ -158,11 +158,18 @@ class ProposalBatch:
 
 @dataclass
 class ScoreBatch:
-    """REFDIFF_SCORES: one float32 score [N_i] per proposal of every image, of one kind."""
+    """REFDIFF_SCORES: one float32 score [N_i] per proposal of every image, of one kind.
+
+    Kind "fused" (RefDiffSpatial): s_G and s_D already fused with ``weights`` and the spatial terms added;
+    ``parts`` keeps the scores it was made of ("generative", "discriminative": one tensor per image, or None)
+    and ``spatial`` each image's refdiff.spatial.SpatialScores (base fused score, each term's contribution)."""
 
     scores: list[torch.Tensor]
-    kind: str  # "generative" or "discriminative"
+    kind: str  # "generative", "discriminative" or "fused"
     counts: list[int]  # N_i of the proposals that were scored, to catch mismatched wiring
+    parts: dict[str, list[torch.Tensor] | None] = field(default_factory=dict)
+    spatial: list[Any] = field(default_factory=list)
+    weights: tuple[float, float] = (1.0, 1.0)
 
     def __len__(self) -> int:
         return len(self.scores)

@@ -454,9 +454,8 @@ class RefDiff:
     def _other_maps(self, rgb: np.ndarray, key: str, expr: Any, seed: int, timings: dict[str, float]
                     ) -> dict[str, torch.Tensor]:
         """The map of each related object's noun at the image's size, from the same capture as the root word's
-        (its last BPE piece, per-layer min-max, Eq. 4-5 as for the root)."""
-        from .capture import token_map
-        from .maps import generative_map
+        (its last BPE piece, per-layer min-max, Eq. 4-5 as for the root): refdiff.spatial.relation_maps."""
+        from .spatial import relation_maps
         from .text import word_token_positions
 
         p, sd = self.preset, self.sd
@@ -464,14 +463,8 @@ class RefDiff:
         captured = self._captured(rgb, key, prompt, seed, timings)
         combined = captured.combined(p.guidance_scale)
         prep = self._prepare(rgb, key, timings)
-        out: dict[str, torch.Tensor] = {}
-        for rel in expr.relations:
-            positions = word_token_positions(prompt, rel.other_span, sd.tokenizer)
-            if rel.other in out or not positions or positions[-1] >= combined.shape[-1] - 1:
-                continue
-            small = token_map(combined, positions[-1], eps=p.layer_norm_eps)
-            out[rel.other] = generative_map(small, prep, mode=p.map_resize, eps=p.map_eps).cpu()
-        return out
+        return relation_maps(expr, combined, lambda rel: word_token_positions(prompt, rel.other_span, sd.tokenizer),
+                             prep, p)
 
     def _spatial_inputs(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor, v: Variant,
                         terms: tuple[str, ...], seed: int, timings: dict[str, float]) -> tuple[Any, ...]:
@@ -649,17 +642,14 @@ class RefDiff:
         """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none). With
         ``spatial`` (from _spatial_inputs) the spatial terms adjust the fused score before the choice."""
         from .scoring import fuse_and_select
-        from .spatial import spatial_scores
+        from .spatial import spatial_adjuster
 
         p = self.preset
-        applied: list[Any] = []
-
-        def adjust(fused: torch.Tensor) -> torch.Tensor:
+        adjust, applied = None, []
+        if spatial is not None:
             expr, terms, maps, negatives = spatial
-            applied.append(spatial_scores(expr, masks, fused, p, terms, maps, negatives))
-            return applied[0].total.to(fused.device)
-
-        choice = fuse_and_select(masks, s_g, s_d, p, adjust=adjust if spatial is not None else None)
+            adjust, applied = spatial_adjuster(expr, masks, p, terms, maps, negatives)
+        choice = fuse_and_select(masks, s_g, s_d, p, adjust=adjust)
 
         def arr(x: torch.Tensor | None) -> np.ndarray | None:
             return None if x is None else x.detach().float().cpu().numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -338,6 +338,48 @@ def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, p
     return SpatialScores(base, score, contributions, pool)
 
 
+def relation_maps(expr: Expression, combined: torch.Tensor, positions: Callable[[Relation], Sequence[int]],
+                  frame: object, preset: Preset) -> dict[str, torch.Tensor]:
+    """The map of each related object's noun at the image's size, from the same capture as the root word's:
+    combined maps [L, h, w, T], the noun's last BPE piece (``positions(relation)``), Eq. 4-5 as for the root
+    (per-layer min-max, resize to the prepared square ``frame``, crop, min-max). A noun without a token inside
+    the captured ones is left out."""
+    from .capture import token_map
+    from .maps import generative_map
+
+    out: dict[str, torch.Tensor] = {}
+    for rel in expr.relations:
+        where = list(positions(rel))
+        if rel.other in out or not where or where[-1] >= combined.shape[-1] - 1:
+            continue
+        small = token_map(combined, where[-1], eps=preset.layer_norm_eps)
+        out[rel.other] = generative_map(small, frame, mode=preset.map_resize, eps=preset.map_eps).cpu()
+    return out
+
+
+def candidate_negatives(scorer: object, image: torch.Tensor, masks: torch.Tensor, expr: Expression,
+                        preset: Preset) -> torch.Tensor:
+    """``negative_similarity`` of the candidates' unbiased CLIP crop features (``preset.clip_layer``) with the
+    other nouns of ``expr`` (``negative_prompts``), for a ``refdiff.discriminative.ClipScorer``."""
+    feats = scorer.crop_features(image, masks, None, layer=preset.clip_layer)
+    texts = scorer.encode_text(list(negative_prompts(expr)))
+    return negative_similarity(feats.float().cpu(), texts.float().cpu())
+
+
+def spatial_adjuster(expr: Expression, masks: torch.Tensor, preset: Preset, terms: Sequence[str],
+                     other_maps: Mapping[str, torch.Tensor] | None = None, negatives: torch.Tensor | None = None
+                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[SpatialScores]]:
+    """The ``adjust`` of ``refdiff.scoring.fuse_and_select`` that adds the spatial terms (``spatial_scores``),
+    and the list that receives the applied SpatialScores (base, contributions, pool) once it has run."""
+    applied: list[SpatialScores] = []
+
+    def adjust(fused: torch.Tensor) -> torch.Tensor:
+        applied.append(spatial_scores(expr, masks, fused, preset, terms, other_maps, negatives))
+        return applied[-1].total.to(fused.device)
+
+    return adjust, applied
+
+
 __all__ = ["Geometry", "geometry", "candidate_pool", "position_term", "middle_term", "ordinal_term", "size_term",
            "relation_term", "negative_similarity", "negative_prompts", "SpatialScores", "spatial_scores",
-           "needs_maps", "needs_negatives"]
+           "needs_maps", "needs_negatives", "relation_maps", "candidate_negatives", "spatial_adjuster"]

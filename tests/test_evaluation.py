@@ -435,3 +435,24 @@ def test_official_preset_turns_the_area_filter_off_on_refcocog() -> None:
     assert dataset_overrides("refcocog", "paper", {}) == absolute
     assert dataset_overrides("refcocog", "official", {"sam_min_area": 500}) == absolute
     assert dataset_overrides("refcoco", "official", {"sam_min_area_reference": 307200}) == {}  # --set wins
+
+
+def test_eval_tables_name_the_spatial_rows():
+    from refdiff.config import spatial_rows
+    from refdiff.evaluation.report import display_name, format_table, paper_layout, summarize_records
+
+    rows = spatial_rows("full")
+    assert [display_name(r) for r in rows] == [
+        "Ref-Diff", "Ref-Diff + position (left, top)", "Ref-Diff + middle",
+        "Ref-Diff + ordinals (second from the left)", "Ref-Diff + size (biggest)", "Ref-Diff + relations (next to X)", "Ref-Diff + negatives (other nouns)",
+        "Ref-Diff + all spatial terms"]
+    assert display_name("DS+size+middle") == "Ref-Diff/DS + size (biggest) + middle"
+    assert display_name("full+colour") == "full+colour" and display_name("G") == "Ref-Diff/G"
+    # records given in shuffled order come out base first, then each term, all terms last
+    records = [{"variant": v, "iou": 0.5, "inter": 1, "union": 2} for v in reversed(rows + ["G"])]
+    summary = summarize_records(records, {"dataset": "refcoco", "split": "val", "split_by": "unc",
+                                          "n_sentences": 1})
+    assert list(summary["variants"]) == ["G", *rows]
+    table = format_table(summary)
+    assert "| Ref-Diff + ordinals (second from the left) | 50.00 |" in table
+    assert "| Ref-Diff + all spatial terms |" in paper_layout([summary])

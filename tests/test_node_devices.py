@@ -17,6 +17,7 @@ ALLOWED = {
     ("sam_nodes.py", "sam_proposal_batch"): "REFDIFF_PROPOSALS hold CPU masks (the wire type's contract)",
     ("sam_nodes.py", "prompted_proposal_batch"): "REFDIFF_PROPOSALS hold CPU masks (the wire type's contract)",
     ("clip_nodes.py", "clip_score_batch"): "REFDIFF_SCORES hold CPU scores (the wire type's contract)",
+    ("spatial_scores.py", "spatial_score_batch"): "REFDIFF_SCORES hold CPU scores (the wire type's contract)",
     ("feature_clusters.py", "cluster_image"): "REFDIFF_PROPOSALS hold CPU masks",
     ("tensors.py", "images_to_rgb"): "the library's images are numpy uint8 arrays, which live on the CPU",
     ("tensors.py", "masks_to_output"): "a MASK output goes to the CPU",

@@ -21,7 +21,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
                ("RefDiffCLIPLoader", "clip_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
-            "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted", "ref-diff-external-masks"}
+            "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted", "ref-diff-external-masks",
+            "ref-diff-spatial"}
 NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
 EXAMPLE = REPO / "assets" / "refdiff-example.png"
 

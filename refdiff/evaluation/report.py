@@ -17,6 +17,10 @@ from .records import jsonable, read_manifest, read_records, result_files
 VARIANT_ORDER = ("sam-clip", "G", "GS", "DS", "full", "prompted", "G-refine", "cluster")
 DISPLAY_NAMES = {"sam-clip": "SAM-CLIP", "G": "Ref-Diff/G", "GS": "Ref-Diff/GS", "DS": "Ref-Diff/DS",
                  "full": "Ref-Diff", "prompted": "Ref-Diff, prompted SAM", "G-refine": "G + self-attention refine", "cluster": "feature clusters"}
+# the spatial terms of the "<variant>+<term>" rows (refdiff.config.spatial_rows), as the tables print them
+SPATIAL_TERM_NAMES = {"position": "position (left, top)", "middle": "middle", "ordinals": "ordinals (second from "
+                      "the left)", "size": "size (biggest)", "relations": "relations (next to X)",
+                      "negatives": "negatives (other nouns)", "spatial": "all spatial terms"}
 DATASET_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "phrasecut": "PhraseCut"}
 SPLIT_ORDER = ("val", "testA", "testB", "test", "miniv", "train")
 # (dataset, split_by, split, variant) -> (mIoU, oIoU) in percent, as printed in the paper
@@ -37,9 +41,26 @@ def paper_figures(dataset: str, split_by: str | None, split: str, variant: str) 
     return None if fig is None else {"mIoU": fig[0], "oIoU": fig[1]}
 
 
+def display_name(name: str) -> str:
+    """The name a table prints for a variant: the paper's for its rows, "Ref-Diff + ordinals (second from the
+    left)" for a row with spatial terms ("full+ordinals"), the name itself otherwise."""
+    base, *terms = str(name).split("+")
+    if terms and all(t in SPATIAL_TERM_NAMES for t in terms):
+        return " + ".join([DISPLAY_NAMES.get(base, base), *(SPATIAL_TERM_NAMES[t] for t in terms)])
+    return DISPLAY_NAMES.get(name, name)
+
+
+def _order_key(name: str) -> tuple[int, int, str]:
+    """Rows of the paper's variants first, in its order; a spatial row after its base variant, in the order of
+    SPATIAL_TERM_NAMES (all terms last); any other name after them, alphabetically."""
+    base, *terms = str(name).split("+")
+    if base in VARIANT_ORDER and all(t in SPATIAL_TERM_NAMES for t in terms):
+        return VARIANT_ORDER.index(base), max((list(SPATIAL_TERM_NAMES).index(t) + 1 for t in terms), default=0), name
+    return len(VARIANT_ORDER), 0, name
+
+
 def _ordered(variants: Sequence[str]) -> list[str]:
-    known = [v for v in VARIANT_ORDER if v in variants]
-    return known + sorted(v for v in variants if v not in VARIANT_ORDER)
+    return sorted(variants, key=_order_key)
 
 
 def summarize_records(records: Sequence[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -101,16 +122,16 @@ def format_table(summary: dict[str, Any]) -> str:
     notes: list[str] = []
     for name, v in summary["variants"].items():
         paper = v.get("paper") or {}
-        row = [DISPLAY_NAMES.get(name, name), _fmt(v["mIoU"]), _fmt(paper.get("mIoU")), _fmt(v["oIoU"]),
+        row = [display_name(name), _fmt(v["mIoU"]), _fmt(paper.get("mIoU")), _fmt(v["oIoU"]),
                _fmt(paper.get("oIoU")), *[_fmt(v.get(k)) for k in prs], str(v["n"]), str(v["errors"]),
                _fmt(v.get("seconds_per_sentence"))]
         lines.append("| " + " | ".join(row) + " |")
         if v["errors"]:
             kinds = ", ".join(f"{k}: {n}" for k, n in v["errors_by_kind"].items())
-            notes.append(f"- {DISPLAY_NAMES.get(name, name)}: {v['errors']} sentence(s) not scored ({kinds}); "
+            notes.append(f"- {display_name(name)}: {v['errors']} sentence(s) not scored ({kinds}); "
                          "see the `error` lines of the results files.")
         if v.get("missing"):
-            notes.append(f"- {DISPLAY_NAMES.get(name, name)}: {v['missing']} of {summary['n_sentences']} "
+            notes.append(f"- {display_name(name)}: {v['missing']} of {summary['n_sentences']} "
                          "sentence(s) not evaluated yet (run again with --resume).")
     if notes:
         lines += [""] + notes
@@ -137,7 +158,7 @@ def paper_layout(summaries: Sequence[dict[str, Any]], metric: str = "mIoU") -> s
                 continue
             paper = (v.get("paper") or {}).get(metric)
             cells.append(_fmt(v.get(metric)) + (f" ({paper:.2f})" if paper is not None else ""))
-        lines.append(f"| {DISPLAY_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display_name(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,5 +174,6 @@ def write_results(out_dir: str | Path, summary: dict[str, Any]) -> tuple[Path, P
     return json_path, md_path
 
 
-__all__ = ["VARIANT_ORDER", "DISPLAY_NAMES", "PAPER_FIGURES", "paper_figures", "summarize_records",
+__all__ = ["VARIANT_ORDER", "DISPLAY_NAMES", "SPATIAL_TERM_NAMES", "display_name", "PAPER_FIGURES",
+           "paper_figures", "summarize_records",
            "summarize_folder", "format_table", "paper_layout", "write_results", "title"]

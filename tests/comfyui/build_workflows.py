@@ -97,6 +97,14 @@ TEMPLATES = {
         "Proposals to MASK and wire its MASK output (SAM 2 / SAM 3, GroundingDINO + SAM, a drawing) into Mask "
         "proposals' masks. Cut from the full graph: the SAM proposals wires into the two scores and FuseSelect, "
         "which Mask proposals feeds instead."),
+    "ref-diff-spatial": Template(
+        "Ref-Diff with spatial terms", "what the words say about place and size, added before selection",
+        "Beyond the paper: RefDiffSpatial sits between the scores and FuseSelect and adds what the words say "
+        "about the target's place (here \"on the left\": the leftmost of the best candidates), its size and its "
+        "relations to other named objects (from the same captured attention, no extra UNet run) to the fused "
+        "score; FuseSelect's table and gallery show each term. Cut from the full graph: the score wires into "
+        "FuseSelect, which now go through RefDiffSpatial into its fused input; wiring them back is the "
+        "ablation."),
 }
 # The model files a graph's loaders ask for, named in its note.
 MODEL_NOTES = {
@@ -346,10 +354,35 @@ def ref_diff_clusters() -> Graph:
     return g
 
 
+def ref_diff_spatial() -> Graph:
+    """The full method with RefDiffSpatial between the scores and the selection."""
+    g = Graph()
+    ckpt, image = sd_front(g)
+    parse = parse_node(g, g.out(ckpt, 1))
+    c = generative_chain(g, ckpt, image, parse)
+    capture = next(k for k, n in g.nodes.items() if n["class_type"] == "RefDiffCaptureAttention")
+    proposals = sam_chain(g, image)
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    loader = next(k for k, n in g.nodes.items() if n["class_type"] == "RefDiffCLIPLoader")
+    terms = {"position": 0.5, "middle": 1.0, "ordinals": 1.0, "size": 1.0, "relations": 0.5, "negatives": 0.5}
+    spatial = g.add("RefDiffSpatial", "Spatial terms (beyond the paper)", proposals=g.out(proposals),
+                    parse=g.out(parse), generative=g.out(s_g), discriminative=g.out(s_d), attention=g.out(capture),
+                    clip=g.out(loader), image=g.out(image), preset="plus", gen_weight=-1.0, disc_weight=-1.0,
+                    pool=5, **{k: v for t, w in terms.items() for k, v in ((t, True), (f"{t}_weight", w))})
+    select = g.add("RefDiffFuseSelect", "Select by fused score + spatial terms", proposals=g.out(proposals),
+                   preset="official", gen_weight=-1.0, disc_weight=-1.0, top_k=5, pin_index=-1, image=g.out(image),
+                   fused=g.out(spatial))
+    outputs(g, select, "ref-diff-spatial")
+    return g
+
+
 WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS": ref_diff_gs,
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
                   "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
-                  "ref-diff-prompted": ref_diff_prompted, "ref-diff-external-masks": ref_diff_external_masks}
+                  "ref-diff-prompted": ref_diff_prompted, "ref-diff-external-masks": ref_diff_external_masks,
+                  "ref-diff-spatial": ref_diff_spatial}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion

@@ -2,6 +2,7 @@
 failure, and a missing optional package disables only its own nodes with one log line."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ EXPECTED_NODES = {"RefDiffPrepareImage", "RefDiffNoiseInjection", "RefDiffCaptur
                   "RefDiffGenerativeMap", "RefDiffThresholdProposals", "RefDiffGenerativeScore", "RefDiffSAMLoader",
                   "RefDiffSAMProposals", "RefDiffPromptedSAM", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
                   "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals",
-                  "RefDiffMaskProposals", "RefDiffProposalsToMasks"}
+                  "RefDiffMaskProposals", "RefDiffProposalsToMasks", "RefDiffSpatial"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_every_node_registered_with_its_inputs(object_info):
 def test_model_folders_list_the_test_models(object_info):
     sam = object_info["RefDiffSAMLoader"]["input"]["required"]["sam_name"][1]["options"]
     clip = object_info["RefDiffCLIPLoader"]["input"]["required"]["clip_name"][1]["options"]
-    assert sam == ["refdiff_test_sam.pth"]
+    sam2 = ["refdiff_test_sam2.safetensors"] if importlib.util.find_spec("sam2") else []
+    assert sam == ["refdiff_test_sam.pth", *sam2]  # models/sams first, then models/sam2
     assert clip == ["refdiff_test_clip.safetensors"]  # the .json beside it is not a weight file
 
 

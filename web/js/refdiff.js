@@ -1,7 +1,8 @@
 // RefDiff web extension: see what the method sees, on the nodes themselves.
 // - RefDiffGenerativeMap: the attention map of every word of the referring text over the image (a strip of
 //   small heatmaps, the root marked); clicking a word sets the node's token_override.
-// - RefDiffFuseSelect: the proposals ranked by fused score with s_G, s_D and s on each, the chosen one
+// - RefDiffFuseSelect: the proposals ranked by fused score with s_G, s_D and s on each (with RefDiffSpatial's
+//   scores: the base score and the spatial terms, each term in the tooltip), the chosen one
 //   highlighted; clicking one sets the node's pin_index.
 // The nodes send what is shown in their ui output ("refdiff_tokens", "refdiff_proposals"); without this
 // extension they run the same and show their usual preview image.

@@ -184,11 +184,27 @@ export function galleryHeight(views, width) {
   return h;
 }
 
-function formula(weights) {
+function formula(weights, spatial) {
   const g = weights.generative;
   const d = weights.discriminative;
-  if (g !== null && d !== null) return `s = ${g}·G + ${d}·D`;
-  return g !== null ? "s = G" : "s = D";
+  let s;
+  if (g !== null && d !== null) s = `s = ${g}·G + ${d}·D`;
+  else s = g !== null ? "s = G" : "s = D";
+  // RefDiffSpatial's scores: the fused score plus the spatial terms the words said
+  if (spatial) s += spatial.length ? ` + ${spatial.join(" + ")}` : " (no spatial term)";
+  return s;
+}
+
+/** The spatial terms of one proposal as tooltip lines: the fused score before them and each contribution. */
+function termLines(item) {
+  if (!item.terms) return "";
+  const names = Object.keys(item.terms);
+  return `\nbase (before the terms) = ${fmt(item.base, true)}` +
+    names.map((k) => `\n${k} ${fmt(item.terms[k], true)}`).join("");
+}
+
+function termSum(item) {
+  return Object.values(item.terms).reduce((a, b) => a + (b ?? 0), 0);
 }
 
 /**
@@ -210,8 +226,9 @@ export function renderGallery(root, views, state) {
     const prefix = batch > 1 ? `[${view.image}] ` : "";
     const chosen = view.chosen >= 0 ? `p${view.chosen}${view.pinned ? " (pinned)" : " (best score)"}` : "none";
     const title = el("span", "refdiff-title",
-      `${prefix}${view.count} proposals · ${formula(view.weights)}${view.pinned ? " · pinned" : ""}`);
-    title.title = `${view.count} ${view.source} proposals ranked by fused score ${formula(view.weights)}; ` +
+      `${prefix}${view.count} proposals · ${formula(view.weights, view.spatial)}${view.pinned ? " · pinned" : ""}`);
+    title.title = `${view.count} ${view.source} proposals ranked by fused score ` +
+      `${formula(view.weights, view.spatial)}; ` +
       `output: ${chosen}. Click a proposal to pin it as the output (pin_index); click it again, or ` +
       "\"by score\", to select by score." +
       (state.pin === null ? " (pin_index is connected to a link: set it there)" : "");
@@ -239,7 +256,7 @@ export function renderGallery(root, views, state) {
       if (pending && state.pin === item.index) cell.classList.add("refdiff-wanted");
       cell.title = `proposal ${item.index}, rank ${item.rank} of ${view.count}, area ${item.area} px\n` +
         `fused s = ${fmt(item.fused, true)}\ns_G = ${fmt(item.generative, true)}\n` +
-        `s_D = ${fmt(item.discriminative, true)}` +
+        `s_D = ${fmt(item.discriminative, true)}` + termLines(item) +
         (item.chosen ? "\nchosen" : "");
       const img = el("img");
       img.alt = `proposal ${item.index}`;
@@ -249,8 +266,13 @@ export function renderGallery(root, views, state) {
       const scores = el("div", "refdiff-scores");
       scores.appendChild(el("div", "refdiff-rank", `#${item.rank} · p${item.index}${item.chosen ? " ✓" : ""}`));
       scores.appendChild(el("div", "refdiff-fused", `s ${fmt(item.fused, true)}`));
-      scores.appendChild(el("div", "refdiff-g", `G ${fmt(item.generative, true)}`));
-      scores.appendChild(el("div", "refdiff-d", `D ${fmt(item.discriminative, true)}`));
+      if (item.terms) {  // spatial terms applied: the base score and the terms' sum (each in the tooltip)
+        scores.appendChild(el("div", "refdiff-base", `b ${fmt(item.base, true)}`));
+        scores.appendChild(el("div", "refdiff-terms", `+t ${fmt(termSum(item), true)}`));
+      } else {
+        scores.appendChild(el("div", "refdiff-g", `G ${fmt(item.generative, true)}`));
+        scores.appendChild(el("div", "refdiff-d", `D ${fmt(item.discriminative, true)}`));
+      }
       cell.appendChild(scores);
       if (state.pin !== null) {
         cell.addEventListener("click", (e) => {

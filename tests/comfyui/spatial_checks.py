@@ -1,0 +1,107 @@
+"""RefDiffSpatial between scoring and selection, on ComfyUI's Python objects; run in a subprocess with ComfyUI's
+folder as working directory (each node's execute() called as ComfyUI calls it, wired as a graph wires them).
+
+Usage: python spatial_checks.py MODELS_DIR REPO_DIR spatial   -> prints one JSON object on the last line.
+
+The graph: RefDiffParseText, RefDiffPrepareImage -> VAEEncode -> RefDiffNoiseInjection -> RefDiffCaptureAttention ->
+RefDiffGenerativeMap, RefDiffSAMProposals (the planted boxes after SAM's own masks, as equivalence_checks does),
+RefDiffGenerativeScore and RefDiffCLIPScore, then RefDiffFuseSelect fed directly (the ablation) and through
+RefDiffSpatial (every term off; the defaults), for an ordinal text and a relation text. The report holds what the
+test asserts on.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import equivalence_checks as eq  # noqa: E402  (ComfyUI set up on import: --cpu, the library on the path)
+
+import torch  # noqa: E402
+
+ORDINAL_TEXT = "the second box from the left"
+RELATION_TEXT = "the box next to the blue box"
+PRESET = "official"
+TERMS = ("position", "middle", "ordinals", "size", "relations", "negatives")
+
+
+def execute(cls: Any, **given: Any) -> Any:
+    """One node execution's NodeOutput (outputs and ui)."""
+    return cls.execute(**eq.node_inputs(cls, given))
+
+
+def run_text(m: Any, spatial_nodes: Any, models: dict[str, Any], image: torch.Tensor, text: str) -> dict:
+    import nodes as comfy_nodes  # ComfyUI's core nodes (VAEEncode)
+
+    parse = eq.run_node(m.text_nodes.RefDiffParseText, text=text, preset=PRESET, clip=models["clip"])[0]
+    square = eq.run_node(m.diffusion_nodes.RefDiffPrepareImage, image=image, size=eq.IMAGE_SIZE)[0]
+    latent = comfy_nodes.VAEEncode().encode(models["vae"], square)[0]
+    noised = eq.run_node(m.diffusion_nodes.RefDiffNoiseInjection, latent=latent, seed=eq.SEED, preset=PRESET)[0]
+    attention = eq.run_node(m.diffusion_nodes.RefDiffCaptureAttention, model=models["model"], latent=noised,
+                            preset=PRESET, clip=models["clip"], parse=parse)[0]
+    c = eq.run_node(m.map_nodes.RefDiffGenerativeMap, attention=attention, parse=parse, image=image,
+                    preset=PRESET)[0]
+    proposals = eq.run_node(m.sam_nodes.RefDiffSAMProposals, sam=models["sam"], image=image, preset=PRESET,
+                            **eq.SAM_NODE)[0]
+    s_g = eq.run_node(m.map_nodes.RefDiffGenerativeScore, c=c, proposals=proposals, preset=PRESET)[0]
+    s_d = eq.run_node(m.clip_nodes.RefDiffCLIPScore, clip_scorer=models["clip_scorer"], image=image,
+                      proposals=proposals, parse=parse, preset=PRESET)[0]
+    direct = execute(m.select_nodes.RefDiffFuseSelect, proposals=proposals, preset=PRESET, generative=s_g,
+                     discriminative=s_d, image=image)
+    wired = dict(proposals=proposals, parse=parse, generative=s_g, discriminative=s_d, attention=attention,
+                 preset=PRESET)
+    off_scores, off_info = execute(spatial_nodes.RefDiffSpatial, **wired, **{t: False for t in TERMS}).args
+    off = execute(m.select_nodes.RefDiffFuseSelect, proposals=proposals, preset=PRESET, fused=off_scores,
+                  image=image)
+    on_scores, on_info = execute(spatial_nodes.RefDiffSpatial, **wired, clip=models["clip_scorer"],
+                                 image=image).args
+    on = execute(m.select_nodes.RefDiffFuseSelect, proposals=proposals, preset=PRESET, fused=on_scores, image=image)
+    masks = proposals.masks[0]
+    boxes = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        boxes.append([int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1] if len(ys) else None)
+    applied = on_scores.spatial[0]
+    gallery = on.ui["refdiff_proposals"][0]
+    return {
+        "n": int(masks.shape[0]), "boxes": boxes,
+        "direct_index": index_of(direct.args[0], masks), "off_index": index_of(off.args[0], masks),
+        "on_index": index_of(on.args[0], masks),
+        "direct_equals_off": bool(torch.equal(direct.args[0], off.args[0])),
+        "off_total": off_scores.scores[0].tolist(), "on_total": on_scores.scores[0].tolist(),
+        "base": applied.base.tolist(), "pool": list(applied.pool),
+        "contributions": {k: v.tolist() for k, v in applied.contributions.items()},
+        "mask_dtype": str(on.args[0].dtype), "mask_shape": list(on.args[0].shape),
+        "table": on.args[2], "info": on_info, "off_info": off_info,
+        "gallery_spatial": gallery.get("spatial"), "gallery_items": gallery["items"],
+        "direct_gallery_has_terms": any("terms" in i for i in direct.ui["refdiff_proposals"][0]["items"]),
+    }
+
+
+def index_of(mask: torch.Tensor, masks: torch.Tensor) -> int:
+    """The proposal a selected MASK [1, H, W] is (-1: none)."""
+    chosen = mask[0] > 0.5
+    hits = [i for i in range(masks.shape[0]) if torch.equal(masks[i], chosen)]
+    return hits[0] if hits else -1
+
+
+def check_spatial() -> dict:
+    m = eq.pack_modules()
+    spatial_nodes = importlib.import_module(f"{m.select_nodes.__package__}.spatial_nodes")
+    eq.register_model_folders(m)
+    start = time.perf_counter()
+    models = eq.comfy_models(m)
+    image = eq.as_image(eq.planted_image())
+    rows = {}
+    with eq.scratch_folders(), eq.sam_masks_then_planted(m):
+        for name, text in (("ordinal", ORDINAL_TEXT), ("relation", RELATION_TEXT)):
+            rows[name] = run_text(m, spatial_nodes, models, image, text)
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"spatial": check_spatial}[eq.CHECK]()))
