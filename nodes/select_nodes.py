@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import folder_paths
 import torch
@@ -26,6 +26,7 @@ class Selection:
     indices: list[int]  # chosen proposal per image, -1 when there is none
     fused: list[torch.Tensor]
     table: str
+    orders: list[list[int]] = field(default_factory=list)  # per image the top-k proposal indices, best first
 
 
 def fusion_weights(preset: Preset, both: bool, gen_weight: float | None = None,
@@ -48,7 +49,7 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
     for scores, name in ((generative, "generative"), (discriminative, "discriminative")):
         if scores is not None:
             scores.check_against(proposals, name)
-    best, tops, indices, fused_all, lines = [], [], [], [], []
+    best, tops, indices, fused_all, orders, lines = [], [], [], [], [], []
     for i, masks in enumerate(proposals.masks):
         n, h, w = masks.shape
         s_g = generative.scores[i] if generative is not None else None
@@ -64,12 +65,13 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         tops.extend([masks[j] for j in order] + [empty] * (top_k - len(order)))
         indices.append(chosen)
         fused_all.append(fused)
+        orders.append([int(j) for j in order])
         lines.append(previews.score_table(masks, fused, order, chosen, s_g, s_d, f"image {i}: {n} proposals "
                                          f"({proposals.source}), weights s_G x {choice.gen_weight:g}, s_D x {choice.disc_weight:g}"))
         if i in proposals.notes:  # why this image has no proposal (the post-filter removed them all, ...)
             lines.append(f"  why: {proposals.notes[i]}")
     top_batch = tensors.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
-    return Selection(tensors.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
+    return Selection(tensors.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines), orders)
 
 
 def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:
