@@ -16,7 +16,8 @@ SNAPSHOT_FILE = HERE / "object_info.json"
 EXPECTED_NODES = {"RefDiffPrepareImage", "RefDiffNoiseInjection", "RefDiffCaptureAttention", "RefDiffParseText",
                   "RefDiffGenerativeMap", "RefDiffThresholdProposals", "RefDiffGenerativeScore", "RefDiffSAMLoader",
                   "RefDiffSAMProposals", "RefDiffPromptedSAM", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
-                  "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals"}
+                  "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals",
+                  "RefDiffSEGSProposals", "RefDiffToSEGS"}
 
 
 @pytest.fixture(scope="module")
