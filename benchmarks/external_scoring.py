@@ -8,7 +8,9 @@ One RefDiff runs ``RefDiff(...)(image, sentence, "full", proposals=masks)``; a f
 (the generative map c, the text features), so each measured call costs what N masks add: reading them
 (refdiff.external), the generative scores, CLIP's crop branch (N crops) and masked branch (one pass with N mask
 tokens), fusion and selection. Every repeat gets a new set of N masks (the CLIP image features are cached per
-proposal set). Reported: the median time per N, the ratio to N = 1 and the time per added mask.
+proposal set). Reported: the median time per N, the ratio to N = 1 and the time per added mask; and, once per N,
+CLIP's two branches alone on the same masks (``ClipScorer.crop_features``: N crops; ``masked_features``: one
+pass with N mask tokens; no positional bias), to show which one grows with N.
 Full mode: SD 1.5 and CLIP ViT-B/16 with random weights (benchmarks/workload.py); short: tiny models.
 """
 from __future__ import annotations
@@ -56,13 +58,21 @@ def run(mode: str, size: int | None, counts: tuple[int, ...], repeats: int) -> d
             runs.append(time.perf_counter() - start)
             stages.append({k: result.timings.get(k, 0.0) for k in STAGES})
             assert result.proposals.shape[0] == n, (result.proposals.shape, n)
+        branches = {}
+        for branch in ("crop_features", "masked_features"):
+            start = time.perf_counter()
+            getattr(models.clip, branch)(torch.from_numpy(rgb), masks)
+            branches[branch] = time.perf_counter() - start
         rows.append({"n": n, "runs_s": runs, "median_s": statistics.median(runs),
-                     "stages_median_s": {k: statistics.median(s[k] for s in stages) for k in STAGES}})
+                     "stages_median_s": {k: statistics.median(s[k] for s in stages) for k in STAGES},
+                     "branches_s": branches})
     base = rows[0]["median_s"]
     for row in rows:
         row["ratio_to_first"] = row["median_s"] / base
-        row["per_added_mask_s"] = ((row["median_s"] - base) / (row["n"] - rows[0]["n"])
-                                   if row["n"] != rows[0]["n"] else None)
+        added = row["n"] - rows[0]["n"]
+        row["per_added_mask_s"] = (row["median_s"] - base) / added if added else None
+        row["branches_per_added_mask_s"] = ({k: (v - rows[0]["branches_s"][k]) / added
+                                             for k, v in row["branches_s"].items()} if added else None)
     out["rows"] = rows
     return out
 
