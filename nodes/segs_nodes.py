@@ -10,7 +10,7 @@ from refdiff.external import RESIZE_MODES
 
 from . import runtime, select_nodes, sockets
 from .input_checks import linked_type_problem
-from .segs_convert import ONE_IMAGE, SEGS_TYPE, one_image, segs_proposal_batch, selection_segs
+from .segs_convert import SEGS_TYPE, one_image, segs_proposal_batch, selection_segs
 
 Segs = io.Custom(SEGS_TYPE)
 ONE_IMAGE_NOTE = " A SEGS describes one image (Impact Pack): the image batch must hold one image."
@@ -125,7 +125,9 @@ class RefDiffToSEGS(io.ComfyNode):
                                              discriminative is not None, None if gen_weight < 0 else gen_weight,
                                              None if disc_weight < 0 else disc_weight)
         if len(proposals) != 1:
-            raise InputError("proposals: " + ONE_IMAGE.format(n=len(proposals)).replace("image batch", "proposals"))
+            raise InputError(f"proposals: they are of {len(proposals)} images, but a SEGS describes one image (Impact "
+                             "Pack); give the proposals of one image (split the image batch before the proposal "
+                             "node, e.g. with ImageFromBatch)")
         one_image(image)
         sel = select_nodes.fuse_select(proposals, generative, discriminative, gw, dw, top_k, pin_index)
         if not label.strip() and parse is not None and len(parse) == 1:

@@ -95,6 +95,14 @@ def main() -> dict:
         out["batch_refused"] = ""
     except Exception as exc:  # noqa: BLE001
         out["batch_refused"] = f"{type(exc).__name__}: {exc}"
+    two = wire.ProposalBatch([masks, masks], source="sam")
+    try:
+        segs_nodes.RefDiffToSEGS.execute(two, image, "official", -1.0, -1.0, 2, -1, 3.0, "",
+                                         discriminative=wire.ScoreBatch([scores.scores[0]] * 2, "discriminative",
+                                                                        [3, 3]))
+        out["two_images_refused"] = ""
+    except Exception as exc:  # noqa: BLE001
+        out["two_images_refused"] = f"{type(exc).__name__}: {exc}"
     return out
 
 

@@ -45,6 +45,7 @@ def check_common(r: dict) -> None:
     assert r["segs_proposals_equal"] and r["round_trip_top"]
     assert "3 proposals of 3 SEG(s)" in r["segs_proposals_info"]
     assert "holds 2 images" in r["batch_refused"] and "ImageFromBatch" in r["batch_refused"]
+    assert r["two_images_refused"].startswith("InputError: proposals: they are of 2 images")
 
 
 def test_segs_nodes_in_comfyui_with_the_seg_namedtuple():
