@@ -58,7 +58,7 @@ def segs_proposal_batch(segs: Any, image: torch.Tensor, resize: str = "error", t
     info = [f"image 0: {given.masks.shape[0]} proposals of {len(pasted.labels)} SEG(s), the SEGS' {given.kept}"
             + (f" (labels {labels})" if labels else "")]
     info += [f"{name}: {n}" for n in pasted.notes + given.notes]
-    return ProposalBatch([given.masks.cpu()], source=SOURCE, notes=notes), info
+    return ProposalBatch([given.masks], source=SOURCE, notes=notes), info  # CPU masks (refdiff.external)
 
 
 def selection_segs(masks: torch.Tensor, fused: torch.Tensor, chosen: int, order: list[int], image: torch.Tensor,
