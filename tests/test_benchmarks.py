@@ -206,3 +206,20 @@ def test_slow_measurements_use_their_own_counts():
     m, _ = timer.measure("fast", lambda: calls.append(2))
     assert calls.count(2) == 4 and len(m.times) == 3  # the others keep repeats + warm-up
     assert Timer(device=torch.device("cpu"), repeats=2, warmup=1).counts(slow=True) == (2, 1)  # default: same
+
+
+def test_external_scoring_and_sam2_benchmarks_run_in_short_mode(tmp_path):
+    """The two proposal benchmarks (benchmarks/external_scoring.py, sam2_amg.py) run on the tiny models and write
+    every N / every model, with the ratios against their reference."""
+    from benchmarks import external_scoring, sam2_amg
+
+    pytest.importorskip("sam2")
+    assert external_scoring.main(["--mode", "short", "--counts", "1", "5", "--repeats", "1",
+                                  "--out", str(tmp_path / "ext.json")]) == 0
+    ext = json.loads((tmp_path / "ext.json").read_text())
+    assert [r["n"] for r in ext["rows"]] == [1, 5] and ext["rows"][0]["ratio_to_first"] == 1.0
+    assert ext["rows"][1]["per_added_mask_s"] is not None and ext["rows"][1]["stages_median_s"]["clip_full"] > 0
+    assert sam2_amg.main(["--mode", "short", "--out", str(tmp_path / "sam2.json")]) == 0
+    amg = json.loads((tmp_path / "sam2.json").read_text())
+    assert amg["reference"] == "sam_tiny" and set(amg["ratios"]) == {"sam2.1_tiny_test"}
+    assert amg["amg"]["points_per_side"] == 4

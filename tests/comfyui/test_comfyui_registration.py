@@ -18,7 +18,8 @@ EXPECTED_NODES = {"RefDiffPrepareImage", "RefDiffNoiseInjection", "RefDiffCaptur
                   "RefDiffGenerativeMap", "RefDiffThresholdProposals", "RefDiffGenerativeScore", "RefDiffSAMLoader",
                   "RefDiffSAMProposals", "RefDiffPromptedSAM", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
                   "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals",
-                  "RefDiffMaskProposals", "RefDiffProposalsToMasks", "RefDiffSpatial"}
+                  "RefDiffMaskProposals", "RefDiffProposalsToMasks", "RefDiffSpatial", "RefDiffSEGSProposals",
+                  "RefDiffToSEGS"}
 
 
 @pytest.fixture(scope="module")
