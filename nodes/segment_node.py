@@ -9,7 +9,8 @@ from comfy_api.latest import io, ui
 from comfy_execution.validation import validate_node_input
 
 from refdiff.capture import LayerSelector
-from refdiff.config import Preset, get_variant, needs_map, prompt_kwargs, proposal_source, sam_generator_kwargs
+from refdiff.config import (Preset, get_variant, needs_map, prompt_kwargs, proposal_source, sam_generator_kwargs,
+                            spatial_terms_of)
 from refdiff.errors import InputError
 
 from refdiff.external import RESIZE_MODES
@@ -68,7 +69,7 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     report = [parse_info]
     warnings = list(parse.warnings)
 
-    c = None
+    c = attention = None
     if with_map:
         square = diffusion_nodes.prepare_images(image, p.image_size, p.resize_filter)
         latent = diffusion_nodes.inject_noise({"samples": vae.encode(square[:, :, :, :3])}, seed, p.strength,
@@ -110,7 +111,16 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
         s_d = clip_nodes.clip_score_batch(clip_scorer, image, proposals, parse, p,
                                           mode="sam-clip" if v.sam_clip else "ref-diff")
     gw, dw = select_nodes.fusion_weights(p, s_g is not None and s_d is not None)
-    selection = select_nodes.fuse_select(proposals, s_g, s_d, gw, dw, top_k or p.top_k)
+    terms = spatial_terms_of(p, v.spatial)
+    if terms and (s_g is not None or s_d is not None):
+        fused, notes = spatial_terms(proposals, s_g, s_d, parse, p, terms, attention, clip_scorer, image)
+        report.append("spatial terms (beyond the paper)\n" + "\n".join(notes))
+        skipped = [n.strip() for n in notes if "not applied" in n]
+        runtime.warn(skipped)
+        warnings.extend(skipped)
+        selection = select_nodes.fuse_select(proposals, None, None, gw, dw, top_k or p.top_k, fused_scores=fused)
+    else:
+        selection = select_nodes.fuse_select(proposals, s_g, s_d, gw, dw, top_k or p.top_k)
     for i, index in enumerate(selection.indices):
         if i in proposals.notes:
             warnings.append(f"image {i}: {proposals.notes[i]}")
@@ -124,6 +134,17 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     if c is None:
         c = torch.zeros(batch, height, width)
     return Segmentation(selection, c, "\n".join(report), warnings)
+
+
+def spatial_terms(proposals: Any, s_g: Any, s_d: Any, parse: Any, preset: Preset, terms: tuple[str, ...],
+                  attention: Any, clip_scorer: Any, image: torch.Tensor) -> tuple[Any, list[str]]:
+    """The preset's spatial terms (beyond the paper; on in ``plus``) on the fused scores, as RefDiffSpatial adds
+    them: relations from the same capture, negatives from the CLIP scorer when one is connected."""
+    from . import spatial_nodes  # spaCy's parser: needed only when a term is on
+
+    negatives = (spatial_nodes.clip_negatives(clip_scorer, image, len(proposals), preset)
+                 if clip_scorer is not None else None)
+    return spatial_nodes.spatial_score_batch(proposals, s_g, s_d, parse, preset, terms, attention, negatives)
 
 
 class RefDiffSegment(io.ComfyNode):

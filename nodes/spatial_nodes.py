@@ -8,12 +8,12 @@ import spacy  # noqa: F401  (the parser; without it this node is disabled, not b
 import torch
 from comfy_api.latest import io
 
-from refdiff.config import PLUS, SPATIAL_TERMS
+from refdiff.config import PLUS, SPATIAL_TERMS, Preset
 from refdiff.errors import InputError
 from refdiff.spatial import candidate_negatives
 
 from . import runtime, sockets, tensors
-from .spatial_scores import WEIGHT_FIELDS, spatial_preset, spatial_score_batch
+from .spatial_scores import WEIGHT_FIELDS, NegativesFn, spatial_preset, spatial_score_batch
 
 _TERM_HELP = {
     "position": "left / right / top / bottom: the candidates of the pool ranked by box centre from that side",
@@ -25,6 +25,22 @@ _TERM_HELP = {
     "negatives": "the other nouns of the sentence: the candidates' CLIP similarity to them is subtracted (needs "
                  "clip and image)",
 }
+
+
+def clip_negatives(clip: Any, image: torch.Tensor, batch: int, preset: Preset) -> NegativesFn:
+    """spatial_score_batch's negatives: image i's candidates' CLIP similarity to the sentence's other nouns
+    (refdiff.spatial.candidate_negatives), with the scorer on the compute device."""
+    rgbs = tensors.images_to_rgb(image)
+    if len(rgbs) not in (1, batch):
+        raise InputError(f"image holds {len(rgbs)} image(s) but the proposals are for {batch}")
+
+    def negatives(i: int, expr: Any, masks: torch.Tensor) -> torch.Tensor:
+        runtime.check_interrupt()
+        with runtime.on_compute_device(clip.scorer.model):
+            rgb = rgbs[i if len(rgbs) > 1 else 0]
+            return candidate_negatives(clip.scorer, torch.from_numpy(rgb), masks, expr, preset)
+
+    return negatives
 
 
 def _term_inputs() -> list[Any]:
@@ -93,18 +109,7 @@ class RefDiffSpatial(io.ComfyNode):
         on = [t for t in SPATIAL_TERMS if terms.get(t)]
         weights = {t: float(terms[f"{t}_weight"]) for t in SPATIAL_TERMS if f"{t}_weight" in terms}
         p, chosen = spatial_preset(sockets.preset(preset), on, weights, pool)
-        negatives = None
-        if clip is not None and image is not None:
-            rgbs = tensors.images_to_rgb(image)
-            if len(rgbs) not in (1, len(proposals)):
-                raise InputError(f"image holds {len(rgbs)} image(s) but the proposals are for {len(proposals)}")
-
-            def negatives(i: int, expr: Any, masks: torch.Tensor) -> torch.Tensor:
-                runtime.check_interrupt()
-                with runtime.on_compute_device(clip.scorer.model):
-                    rgb = rgbs[i if len(rgbs) > 1 else 0]
-                    return candidate_negatives(clip.scorer, torch.from_numpy(rgb), masks, expr, p)
-
+        negatives = clip_negatives(clip, image, len(proposals), p) if clip is not None and image is not None else None
         progress = runtime.Progress(len(proposals))
         scores, notes = spatial_score_batch(proposals, generative, discriminative, parse, p, chosen, attention,
                                             negatives, None if gen_weight < 0 else gen_weight,

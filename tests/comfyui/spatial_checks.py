@@ -60,6 +60,14 @@ def run_text(m: Any, spatial_nodes: Any, models: dict[str, Any], image: torch.Te
     on_scores, on_info = execute(spatial_nodes.RefDiffSpatial, **wired, clip=models["clip_scorer"],
                                  image=image).args
     on = execute(m.select_nodes.RefDiffFuseSelect, proposals=proposals, preset=PRESET, fused=on_scores, image=image)
+    # RefDiffSegment under preset plus (SAM's automatic generator kept, as in the graph above) applies the same
+    # terms: its selection is the staged graph's with RefDiffSpatial at its defaults.
+    with eq.recording(m.select_nodes, "fuse_select") as calls:
+        segment = eq.run_node(m.segment_node.RefDiffSegment, model=models["model"], clip=models["clip"],
+                              vae=models["vae"], image=image, text=text, variant="full", preset="plus",
+                              seed=eq.SEED, image_size=eq.IMAGE_SIZE, sam=models["sam"],
+                              clip_scorer=models["clip_scorer"], proposal_mode="automatic", **eq.SAM_NODE)
+    segment_fused = calls[-1].get("fused_scores")
     masks = proposals.masks[0]
     boxes = []
     for mask in masks:
@@ -78,6 +86,9 @@ def run_text(m: Any, spatial_nodes: Any, models: dict[str, Any], image: torch.Te
         "mask_dtype": str(on.args[0].dtype), "mask_shape": list(on.args[0].shape),
         "table": on.args[2], "info": on_info, "off_info": off_info,
         "gallery_spatial": gallery.get("spatial"), "gallery_items": gallery["items"],
+        "segment_index": index_of(segment[0], masks),
+        "segment_total": segment_fused.scores[0].tolist() if segment_fused is not None else None,
+        "segment_report": segment[2],
         "direct_gallery_has_terms": any("terms" in i for i in direct.ui["refdiff_proposals"][0]["items"]),
     }
 

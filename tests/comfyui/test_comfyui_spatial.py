@@ -83,3 +83,13 @@ def test_table_and_gallery_show_each_terms_contribution(report, text):
     first = row["table"].splitlines()[1]
     assert first.startswith(f"  #1 proposal {row['on_index']},") and first.endswith("<- selected")
     assert all(f"{k} " in first for k in ["base", *names])
+
+
+@pytest.mark.parametrize("text", ["ordinal", "relation"])
+def test_segment_under_plus_applies_the_same_terms(report, text):
+    """RefDiffSegment with preset plus (automatic SAM kept) ranks by the fused score plus the terms, exactly as
+    the staged graph through RefDiffSpatial at its defaults, and its report says so."""
+    row = report[text]
+    assert row["segment_total"] == pytest.approx(row["on_total"], abs=1e-5)
+    assert row["segment_index"] == row["on_index"] >= 0
+    assert "spatial terms (beyond the paper)" in row["segment_report"]
