@@ -11,8 +11,12 @@ from comfy_execution.validation import validate_node_input
 from refdiff.capture import LayerSelector
 from refdiff.config import Preset, get_variant, needs_map, prompt_kwargs, proposal_source, sam_generator_kwargs
 from refdiff.errors import InputError
+from refdiff.flow import DEFAULT_FLOW_T
 
-from . import comfy_backend, diffusion_nodes, map_nodes, runtime, select_nodes, sockets, text_nodes, token_positions
+from . import (comfy_backend, diffusion_nodes, dit_backend, dit_capture, map_nodes, runtime, select_nodes, sockets,
+               text_nodes, token_positions)
+from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, dit_options,
+                          dit_options_problem)
 from .input_checks import (PROPOSAL_MODE_CHOICES, VARIANT_CHOICES, capture_factor, linked_type_problem,
                            proposal_mode_preset, variant_inputs_problem)
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
@@ -32,10 +36,11 @@ class Segmentation:
 def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, variant: str, preset: Preset,
             seed: int = 0, sam: Any = None, clip_scorer: Any = None, amg: dict | None = None,
             top_k: int | None = None, filter_settings: FilterSettings | None = None, factor: int | None = None,
-            no_noun: str = "error") -> Segmentation:
+            no_noun: str = "error", dit: DitOptions | None = None) -> Segmentation:
     """Run one variant (full, G, GS, DS, sam-clip) on every image. ``factor`` None and ``filter_settings`` None
     take the preset's; the checks that need no computation (models connected, the MODEL's cross-attention at
-    ``factor``, the text) come before the VAE encode."""
+    ``factor``, the text) come before the VAE encode. A Flux / SD 3 MODEL gives c from its joint attention,
+    read as ``dit`` says (section 15 defaults when None)."""
     v = get_variant(variant)
     p = preset
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
@@ -46,7 +51,13 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     source = proposal_source(v, p)
     with_map = needs_map(v, p)  # prompted SAM proposals need c, even for DS and sam-clip
     layers = None
-    if with_map:
+    joint = with_map and dit_backend.dit_family(model) is not None
+    if joint:
+        dit_backend.check_dit_family(model)
+        if factor:
+            raise InputError("factor: picks UNet cross-attention levels; a Flux / SD 3 MODEL has none: leave factor "
+                             "at -1 and choose dit_blocks")
+    elif with_map:
         # The MODEL is not known when ComfyUI validates the prompt (linked values are not passed to
         # validate_inputs), so its family and its cross-attention at the factor are checked here, first.
         comfy_backend.model_family(model)
@@ -61,9 +72,15 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
         square = diffusion_nodes.prepare_images(image, p.image_size, p.resize_filter)
         latent = diffusion_nodes.inject_noise({"samples": vae.encode(square[:, :, :, :3])}, seed, p.strength,
                                               p.ddim_steps, p.num_train_timesteps)
-        attention, info = diffusion_nodes.capture_attention(
-            model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix, guidance_scale=p.guidance_scale,
-            use_cfg=p.use_cfg, kind=p.capture_kind, factor=layers[0].factor, blocks=p.capture_blocks)
+        if joint:
+            attention, info = diffusion_nodes.capture_attention(
+                model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix,
+                guidance_scale=p.guidance_scale, use_cfg=p.use_cfg, kind="probs", dit=dit or DitOptions())
+        else:
+            attention, info = diffusion_nodes.capture_attention(
+                model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix,
+                guidance_scale=p.guidance_scale, use_cfg=p.use_cfg, kind=p.capture_kind, factor=layers[0].factor,
+                blocks=p.capture_blocks)
         c = map_nodes.generative_maps(attention, parse, image, mode=p.map_resize, layer_eps=p.layer_norm_eps,
                                       map_eps=p.map_eps)
         report.append(info)
@@ -123,8 +140,10 @@ class RefDiffSegment(io.ComfyNode):
                         "mask, or a text naming no object, is named on the node, in the report and the console.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x or SDXL MODEL (used by the variants with the generative "
-                                                     "map; not the SDXL refiner)."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (prompt encoding and token positions)."),
+                                                     "map; not the SDXL refiner), or a Flux.1 / SD 3 MODEL (its "
+                                                     "joint attention, read with the Flux / SD 3 inputs)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (prompt encoding and token positions); for "
+                                              "Flux / SD 3 their text encoders (DualCLIPLoader / TripleCLIPLoader)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
                 io.Image.Input("image", tooltip="Images to segment."),
                 io.String.Input("text", multiline=True, default="",
@@ -158,7 +177,7 @@ class RefDiffSegment(io.ComfyNode):
                              tooltip="Capture the cross-attention layers whose grid is the latent downsampled by "
                                      "this factor (4: 32x32 for a 1024 image); -1 = the preset's (4). A MODEL "
                                      "without cross-attention there is refused before any work, with the factors "
-                                     "it has."),
+                                     "it has. UNet only: leave -1 for Flux / SD 3 (dit_blocks)."),
                 io.Combo.Input("proposal_mode", options=PROPOSAL_MODE_CHOICES, default="preset", optional=True,
                                tooltip="How the SAM variants get their proposals: 'automatic' = SAM's automatic "
                                        "generator on the point grid (the paper); 'prompted' = SAM prompted at the "
@@ -169,6 +188,7 @@ class RefDiffSegment(io.ComfyNode):
                 sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
                 sockets.ClipModel.Input("clip_scorer", optional=True,
                                         tooltip="CLIP scorer (variants full, DS, sam-clip)."),
+                *dit_capture.dit_inputs(with_steps=False),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
@@ -180,7 +200,8 @@ class RefDiffSegment(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, variant="full", no_noun="error", input_types=None) -> bool | str:
+    def validate_inputs(cls, text=None, variant="full", no_noun="error", map_kind=None, dit_blocks=None,
+                        flow_t=None, input_types=None) -> bool | str:
         # At queue time, before any model loads. ComfyUI passes widget values only; asking for input_types gives
         # the types of the linked inputs, so a missing SAM / CLIP scorer is seen here (asking for it also turns
         # ComfyUI's own check of those types off, hence linked_type_problem). The MODEL is not known yet: its
@@ -188,12 +209,15 @@ class RefDiffSegment(io.ComfyNode):
         received = input_types or {}
         return (linked_type_problem(received, cls.INPUT_TYPES(), validate_node_input)
                 or variant_inputs_problem(variant, received)
-                or token_positions.text_problem(text, no_noun) or True)
+                or token_positions.text_problem(text, no_noun)
+                or dit_options_problem(map_kind, dit_blocks, flow_t) or True)
 
     @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
                 pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
-                factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset") -> io.NodeOutput:
+                factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset",
+                map_kind=DEFAULT_MAP_KIND, dit_blocks=DEFAULT_BLOCKS, flow_t=DEFAULT_FLOW_T,
+                background=DEFAULT_BACKGROUND) -> io.NodeOutput:
         p = proposal_mode_preset(sockets.preset(preset), proposal_mode)
         if image_size:
             p = p.with_(image_size=int(image_size))
@@ -202,7 +226,8 @@ class RefDiffSegment(io.ComfyNode):
         result = segment(model, clip, vae, image, text, variant, p, seed=seed, sam=sam, clip_scorer=clip_scorer,
                          amg=amg, top_k=top_k or None,
                          filter_settings=segment_filter_settings(p, keep_largest, min_area, area_filter),
-                         factor=capture_factor(factor, p), no_noun=no_noun)
+                         factor=None if int(factor) < 0 else capture_factor(factor, p), no_noun=no_noun,
+                         dit=dit_options(map_kind, dit_blocks, flow_t, 1, background))
         runtime.show_on_node(result.warnings)
         best = result.selection.best
         preview = select_nodes.preview_selection(image, best)
