@@ -23,8 +23,14 @@ def image_sizes(paths) -> list[tuple[int, int]]:
     return out
 
 
+# Workflows whose loaders build full-size models from fixed configurations whatever the file holds (Flux's T5-XXL
+# text encoder: 4.7 billion parameters), so no tiny test file can stand in; ref-diff-flux's graph runs through the
+# nodes' own execute methods on tiny Flux / SD 3 models with ComfyUI's text-encoder classes in test_comfyui_dit.py.
+FULL_SIZE_ONLY = {"ref-diff-flux"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", api_workflows())
+@pytest.mark.parametrize("name", [n for n in api_workflows() if n not in FULL_SIZE_ONLY])
 def test_reference_workflow_runs(name, run_graph, comfy):
     graph = for_tests(load_api(name), TEST_IMAGE)
     saves = save_every_mask(graph, prefix=f"check-{name}")
