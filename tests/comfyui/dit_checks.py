@@ -491,6 +491,12 @@ def check_nodes(family: str) -> dict:
                      "segment_c_diff": float((seg_out[1] - c).abs().max()),
                      "segment_mask_diff": float((seg_out[0] - mask).abs().max()),
                      "segment_report_has_family": f"{family}:" in seg_out[2]}
+    dit = importlib.import_module(f"{nodes.__name__}.dit_backend")
+    emb = dit.concept_embeddings(clip, ["dog", "sky"], family)
+    t5_alone = torch.stack([clip.cond_stage_model.t5xxl.encode_token_weights(clip.tokenize(w)["t5xxl"])[0][0, 0]
+                            for w in ("dog", "sky")])[None].float()  # T5 by itself, first token of each word
+    out["concept_embeddings"] = {"shape": list(emb.shape), "diff_to_t5": float((emb - t5_alone).abs().max()),
+                                 "words_differ": float((emb[0, 0] - emb[0, 1]).abs().max())}
     out["model_unchanged"] = float((x0_prediction(model, probe_x, 0.3, probe_cond, family) - before).abs().max())
     out["options_unchanged"] = repr(model.model_options) == options_before
     sd_parse = tn.RefDiffParseText.execute(text, "official", "preset", "").args[0]  # SD 1.x positions

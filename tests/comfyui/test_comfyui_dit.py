@@ -89,6 +89,9 @@ def test_nodes_run_the_staged_graph_and_segment_on_a_dit(family):
     assert r["concept"]["concepts"] == ["snowboarder", "dog", "background", "floor", "wall", "sky"]
     assert r["attention"]["c_range"] == [0.0, 1.0] and r["attention"]["images_differ"] > 1e-3
     assert r["model_unchanged"] == 0.0 and r["options_unchanged"]
+    emb = r["concept_embeddings"]  # each concept: its word encoded alone, T5's first token (SD 3: not CLIP's)
+    assert emb["shape"] == [1, 2, 64 if name == "Flux" else 4096]
+    assert emb["diff_to_t5"] < 1e-5 and emb["words_differ"] > 1e-4
     refused = r["refusals"]
     assert refused["sd_parse"].startswith("parse:") and f"connect the {name} CLIP" in refused["sd_parse"]
     assert refused["map_of_sd_parse"] == refused["sd_parse"]
