@@ -7,8 +7,8 @@ import time
 
 import pytest
 from build_workflows import IMAGE
-from comfy_helpers import (REPO, TEST_IMAGE, TEST_IMAGE_SIZE, TIMINGS, api_workflows, find, for_tests, load_api,
-                           save_every_mask)
+from comfy_helpers import (FULL_SIZE_ONLY, REPO, TEST_IMAGE, TEST_IMAGE_SIZE, TIMINGS, api_workflows, find,
+                           for_tests, load_api, save_every_mask)
 from PIL import Image
 
 H, W = TEST_IMAGE_SIZE
@@ -21,12 +21,6 @@ def image_sizes(paths) -> list[tuple[int, int]]:
         with Image.open(path) as im:
             out.append((im.height, im.width))
     return out
-
-
-# Workflows whose loaders build full-size models from fixed configurations whatever the file holds (Flux's T5-XXL
-# text encoder: 4.7 billion parameters), so no tiny test file can stand in; ref-diff-flux's graph runs through the
-# nodes' own execute methods on tiny Flux / SD 3 models with ComfyUI's text-encoder classes in test_comfyui_dit.py.
-FULL_SIZE_ONLY = {"ref-diff-flux"}
 
 
 @pytest.mark.slow
