@@ -2,14 +2,14 @@
 ComfyUI's own Flux classes and sampling path:
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/dit_capture.py [--mode short|full] [--size 512]
-        [--double 2] [--single 1] [--threads N] [--repeats 3] [--out dit.json]
+        [--double 2] [--single 1] [--hidden 3072] [--threads N] [--repeats 3] [--out dit.json]
 
 The same flow evaluation (one step at t = 0.25, the section 15 default) runs three ways on one MODEL: plain (a
 clone without patches), map kind ``attention`` and map kind ``concept`` (6 concepts), every double block of the
 slice recorded. Full-size Flux.1 (12 B parameters, 19 double + 38 single blocks, 48 GB in fp32) does not fit this
 benchmark's memory, so full mode measures a slice of its blocks at full width (hidden 3072, 24 heads of 128,
 T5 context 4096 x 256 tokens, CLIP vector 768); short mode is a smoke run on a width-reduced model (hidden 128).
-Random weights: the time of a network does not depend on them. Times are medians; memory is the peak RSS
+Random weights: the time of a network does not depend on them. Times are medians of interleaved rounds (plain, attention, concept, then again); memory is the peak RSS
 above the run's start (benchmarks/memory.py).
 """
 from __future__ import annotations
@@ -82,17 +82,29 @@ def flux_model(hidden: int, double: int, single: int, dtype: torch.dtype, seed: 
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu")), params
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+def extra_flops(hidden: int, img: int, txt: int, concepts: int, mlp_ratio: float = 4.0) -> dict[str, float]:
+    """Multiply-adds x 2 of one Flux double block and of what each map kind adds to it (analytic, no timing):
+    ``attention``: the image queries' scores on all joint keys again (the model's fused attention does not
+    return its probabilities); ``concept``: the concept tokens through the text stream's weights, their
+    attention on [concepts; image] and the output-space products."""
+    length, d = img + txt, hidden
+    linear = 2 * length * (3 * d * d + d * d + 2 * mlp_ratio * d * d)  # qkv, proj, MLP of both streams
+    attention = 2 * 2 * length * length * d  # scores and weighted values
+    block = linear + attention
+    att = 2 * img * length * d
+    con = (2 * concepts * (3 * d * d + d * d + 2 * mlp_ratio * d * d) + 2 * 2 * concepts * (concepts + img) * d
+           + 2 * img * concepts * d)
+    return {"block_gflop": round(block / 1e9, 2), "attention_extra": round(att / block, 5),
+            "concept_extra": round(con / block, 5)}
+
+
+def timed(fn) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (full 512, short 64)")
     parser.add_argument("--double", type=int, default=2, help="double blocks of the slice")
     parser.add_argument("--single", type=int, default=1, help="single blocks of the slice")
+    parser.add_argument("--hidden", type=int, default=None, help="width, a multiple of 128 (full 3072, short 128)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     from refdiff.flow import DEFAULT_FLOW_T, flow_ts
     from refdiff.stores import AttentionStore
 
-    hidden = 3072 if a.mode == "full" else 128
+    hidden = a.hidden or (3072 if a.mode == "full" else 128)
     size = a.size or (512 if a.mode == "full" else 64)
     model, params = flux_model(hidden, a.double, a.single, torch.float32)
     gen = torch.Generator().manual_seed(1)
@@ -140,13 +153,20 @@ def main(argv: list[str] | None = None) -> dict:
         return lambda: dit.run_joint_capture(model, latent, noise, ts, cond, None, 1.0, False, kind, blocks,
                                              concepts, positions)
 
+    runs = {"plain": plain, "attention": capture("attention"), "concept": capture("concept")}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     rows = {}
     with torch.inference_mode():
-        for name, fn in (("plain", plain), ("attention", capture("attention")), ("concept", capture("concept"))):
-            med, times = median_time(fn, a.repeats)
+        for fn in runs.values():  # warm-up
+            fn()
+        for _ in range(a.repeats):  # interleaved rounds: a load change on the machine hits every variant alike
+            for name, fn in runs.items():
+                times[name].append(timed(fn))
+        for name, fn in runs.items():
             with MemoryMonitor("cpu") as mon:
                 fn()
-            rows[name] = {"median_s": round(med, 4), "times_s": [round(t, 4) for t in times],
+            rows[name] = {"median_s": round(statistics.median(times[name]), 4), "min_s": round(min(times[name]), 4),
+                          "times_s": [round(t, 4) for t in times[name]],
                           "rss_delta_mb": round(mon.reading.rss_delta_mb, 1)}
     for name in ("attention", "concept"):
         rows[name]["ratio_to_plain"] = round(rows[name]["median_s"] / rows["plain"]["median_s"], 4)
@@ -162,11 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows[name]["extra_s_per_block"] = round(per_block, 4)
         estimate[f"{name}_ratio"] = round(1 + touched[name] * per_block / full_plain, 4)
     grid = size // 16
+    flops = extra_flops(hidden, grid * grid, 256, concepts.shape[1])
     out = {"mode": a.mode, "size_px": size, "image_tokens": grid * grid, "text_tokens": 256, "hidden": hidden,
            "heads": hidden // 128, "double_blocks": a.double, "single_blocks": a.single, "recorded_blocks": blocks,
            "params": params, "dtype": "fp32", "flow_ts": ts, "concepts": 6, "threads": torch.get_num_threads(),
            "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": a.repeats, "rows": rows,
-           "estimate_full_flux1": estimate}
+           "estimate_full_flux1": estimate, "flops_per_double_block": flops}
     text = json.dumps(out, indent=1)
     print(text)
     if a.out:
