@@ -15,7 +15,7 @@ from refdiff.text import strip_prompt_weights
 
 from . import comfy_backend, dit_backend, dit_capture, runtime, sockets, tensors, text_inputs, token_positions
 from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, check_parse_context,
-                          dit_options, dit_options_problem, unused_unet_inputs)
+                          dit_inputs_on_unet, dit_options, dit_options_problem, unused_unet_inputs)
 from .wire_types import INJECTION_KEY, AttentionBatch, Injection, InternalsAttentionBatch, ParsedBatch
 
 KIND_OPTIONS = ["preset", "probs", "logits"]
@@ -83,6 +83,9 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
             model, samples, plan, dit or DitOptions(), positive=positive, negative=negative, clip=clip,
             parse=parse, text=text, prompt_suffix=prompt_suffix, root_rule=root_rule,
             guidance_scale=guidance_scale, use_cfg=use_cfg)
+    problem = dit_inputs_on_unet(dit, family)
+    if problem:
+        raise InputError(problem)
     if parse is not None:
         check_parse_context(family, parse.context)
     if steps:

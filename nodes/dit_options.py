@@ -101,6 +101,23 @@ def unused_unet_inputs(kind: str, steps: int, self_attention: bool) -> str | Non
     return None
 
 
+WIDGET_NAMES = {"map_kind": "map_kind", "blocks": "dit_blocks", "flow_t": "flow_t", "flow_steps": "flow_steps",
+                "background": "background"}
+
+
+def dit_inputs_on_unet(options: DitOptions | None, family: str) -> str | None:
+    """The Flux / SD 3 widgets set away from their defaults on a UNet MODEL, which does not read them (None when
+    none is)."""
+    if options is None:
+        return None
+    default = DitOptions()
+    changed = [WIDGET_NAMES[f] for f in WIDGET_NAMES if getattr(options, f) != getattr(default, f)]
+    if not changed:
+        return None
+    return (f"{', '.join(changed)}: Flux / SD 3 inputs, but this MODEL is {family} (UNet cross-attention, read "
+            "with kind, factor and blocks); set them back to their defaults or connect a Flux / SD 3 MODEL")
+
+
 def check_parse_context(model_family: str, context: str, name: str = "parse") -> None:
     """InputError when a parse numbered its tokens for another text context than the model's (SD's CLIP
     positions for a Flux MODEL, or the reverse)."""
@@ -114,4 +131,4 @@ def check_parse_context(model_family: str, context: str, name: str = "parse") ->
 
 __all__ = ["SUPPORTED_MODELS", "JOINT_FAMILIES", "DEFAULT_MAP_KIND", "DEFAULT_BLOCKS", "DEFAULT_BACKGROUND",
            "DitOptions", "parse_background", "dit_options", "dit_options_problem", "concept_words",
-           "concept_positions", "unused_unet_inputs", "check_parse_context"]
+           "concept_positions", "unused_unet_inputs", "WIDGET_NAMES", "dit_inputs_on_unet", "check_parse_context"]

@@ -15,8 +15,8 @@ from refdiff.flow import DEFAULT_FLOW_T
 
 from . import (comfy_backend, diffusion_nodes, dit_backend, dit_capture, map_nodes, runtime, select_nodes, sockets,
                text_nodes, token_positions)
-from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, dit_options,
-                          dit_options_problem)
+from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, dit_inputs_on_unet,
+                          dit_options, dit_options_problem)
 from .input_checks import (PROPOSAL_MODE_CHOICES, VARIANT_CHOICES, capture_factor, linked_type_problem,
                            proposal_mode_preset, variant_inputs_problem)
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
@@ -60,7 +60,9 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     elif with_map:
         # The MODEL is not known when ComfyUI validates the prompt (linked values are not passed to
         # validate_inputs), so its family and its cross-attention at the factor are checked here, first.
-        comfy_backend.model_family(model)
+        problem = dit_inputs_on_unet(dit, comfy_backend.model_family(model))
+        if problem:
+            raise InputError(problem)
         layers = comfy_backend.select_layers(model, LayerSelector(factor or p.capture_factor, p.capture_blocks))
     parse, parse_info = text_nodes.parse_texts(text, clip, p.root_rule, p.prompt_suffix, no_noun=no_noun)
     parse.for_batch(batch, "text")

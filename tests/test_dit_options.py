@@ -87,3 +87,11 @@ def test_a_parse_of_another_text_context_is_refused():
 def test_supported_families_are_named():
     for family in ("SD 1.x/2.x", "SDXL", "Flux", "SD 3"):
         assert family in opts.SUPPORTED_MODELS
+
+
+def test_dit_widgets_changed_on_a_unet_model_are_named():
+    assert opts.dit_inputs_on_unet(None, "SD1.x") is None
+    assert opts.dit_inputs_on_unet(opts.DitOptions(), "SDXL") is None
+    changed = opts.dit_options(map_kind="concept", blocks="all", background="sky")
+    problem = opts.dit_inputs_on_unet(changed, "SD1.x")
+    assert problem.startswith("map_kind, dit_blocks, background: Flux / SD 3 inputs, but this MODEL is SD1.x")
