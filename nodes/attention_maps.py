@@ -19,7 +19,7 @@ from refdiff.text import strip_prompt_weights
 
 from .tensors import check_square_latent, frame_geometry, masks_to_output
 from .text_inputs import format_factor_weights
-from .wire_types import AttentionBatch, InternalsAttentionBatch, ParsedBatch
+from .wire_types import AttentionBatch, InternalsAttentionBatch, JointAttentionBatch, ParsedBatch
 
 
 def check_attention_batch(attention: Any, batch: int) -> None:
@@ -49,6 +49,10 @@ def token_generative_map(combined: torch.Tensor, position: int, geometry: Prepar
 def check_refinable(attention: AttentionBatch, weights: Mapping[int, float]) -> InternalsAttentionBatch:
     """The attention as InternalsAttentionBatch when it holds self-attention and cross-attention at every factor
     the weights need; otherwise InputError saying which capture setting fixes it."""
+    if isinstance(attention, JointAttentionBatch):
+        raise InputError(f"attention: captured from a {attention.model_family} MODEL's joint attention, which has no "
+                         "UNet self-attention to refine with; connect RefDiffGenerativeMap instead, or an SD "
+                         "1.x/2.x / SDXL capture")
     if not isinstance(attention, InternalsAttentionBatch) or not attention.self_attention:
         raise InputError("attention: captured without self-attention; turn on self_attention on "
                          "RefDiffCaptureAttention (and set its factor to 0 = all levels)")

@@ -40,6 +40,7 @@ from refdiff.schedule import (InjectionPlan, alphas_cumprod_of, ddim_loop, injec
                               noise_latent, sigma_of)
 from refdiff.stores import AttentionStore, FeatureStore, SelfAttentionStore, split_branches
 
+from .dit_options import SUPPORTED_MODELS
 from .wire_types import Injection
 
 # Families whose UNet and schedule the method supports, by ComfyUI model-config class (exact class: an SD 2.x
@@ -55,6 +56,8 @@ REFUSED_FAMILIES: dict[str, str] = {
                    "aesthetic score; connect the SDXL base checkpoint (or a fine-tune of it such as Pony or "
                    "Illustrious) instead",
 }
+# The diffusion-transformer configs (nodes/dit_backend.py reads them), refused here by the UNet-only nodes.
+JOINT_CONFIGS: tuple[str, ...] = ("Flux", "FluxSchnell", "SD3")
 # What the feature-cluster proposals can record: cross-attention query projections or decoder block outputs.
 FEATURE_OPTIONS = ["queries", "output blocks"]
 
@@ -93,10 +96,13 @@ def model_family(model: Any) -> str:
     name = type(config).__name__ if config is not None else type(base).__name__
     if family is None:
         reason = REFUSED_FAMILIES.get(name, "")
-        raise InputError(f"model: Ref-Diff runs on Stable Diffusion 1.x, 2.x and SDXL UNets; this MODEL is {name}"
+        if not reason and name in JOINT_CONFIGS:
+            reason = (f"{name} is a diffusion transformer without UNet cross-attention, which this node reads; "
+                      "RefDiffCaptureAttention and RefDiffSegment take it (joint attention)")
+        raise InputError(f"model: the generative map runs on {SUPPORTED_MODELS}; this MODEL is {name}"
                          + (f": {reason}" if reason else
-                            ". Load an SD 1.x/2.x or SDXL checkpoint (e.g. v1-5-pruned-emaonly or "
-                            "sd_xl_base_1.0) for the capture"))
+                            ". Load one of those checkpoints (e.g. v1-5-pruned-emaonly, sd_xl_base_1.0, "
+                            "flux1-dev, sd3.5_medium)"))
     in_channels = int(config.unet_config.get("in_channels", 4))
     if in_channels != 4:
         raise InputError(f"model: {name} with {in_channels} input channels (an inpainting or image-conditioned "

@@ -9,11 +9,14 @@ from comfy_api.latest import io
 
 from refdiff.capture import COND, SELF_ATTENTION_MAX_TOKENS, LayerSelector
 from refdiff.errors import InputError
+from refdiff.flow import DEFAULT_FLOW_T
 from refdiff.stores import SelfAttentionStore
 from refdiff.text import strip_prompt_weights
 
-from . import comfy_backend, runtime, sockets, tensors, text_inputs, token_positions
-from .wire_types import INJECTION_KEY, Injection, InternalsAttentionBatch, ParsedBatch
+from . import comfy_backend, dit_backend, dit_capture, runtime, sockets, tensors, text_inputs, token_positions
+from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, check_parse_context,
+                          dit_inputs_on_unet, dit_options, dit_options_problem, unused_unet_inputs)
+from .wire_types import INJECTION_KEY, AttentionBatch, Injection, InternalsAttentionBatch, ParsedBatch
 
 KIND_OPTIONS = ["preset", "probs", "logits"]
 
@@ -54,21 +57,37 @@ def capture_attention(model: Any, latent: dict, *, positive: list | None = None,
                       prompt_suffix: str = ", ", guidance_scale: float = 9.0, use_cfg: bool = True,
                       kind: str = "logits", factor: int | None = 4,
                       blocks: tuple[str, ...] = ("down", "mid", "up"), steps: int = 0, self_attention: bool = False,
-                      self_max_tokens: int = SELF_ATTENTION_MAX_TOKENS) -> tuple[InternalsAttentionBatch, str]:
-    """Run the UNet steps on every image of a noised LATENT and capture cross-attention (Eq. 4).
+                      self_max_tokens: int = SELF_ATTENTION_MAX_TOKENS, dit: DitOptions | None = None,
+                      root_rule: str = "root_or_subj") -> tuple[AttentionBatch, str]:
+    """Run the UNet steps on every image of a noised LATENT and capture cross-attention (Eq. 4); a Flux / SD 3
+    MODEL goes to ``dit_capture.capture_joint_attention`` with ``dit`` (defaults when None) instead.
 
     ``factor`` 0 or None captures every level. Conditioning comes from ``positive``/``negative`` when given,
     else each prompt is encoded with ``clip`` (the unconditional branch is the empty prompt). With
     ``self_attention`` the same run also records the conditional branch's self-attention on every level of at
     most ``self_max_tokens`` tokens (layers and steps averaged per level). Returns the maps and a summary.
     """
-    family = comfy_backend.model_family(model)
+    joint = dit_backend.dit_family(model) is not None
+    family = dit_backend.check_dit_family(model) if joint else comfy_backend.model_family(model)
     plan = injection_of(latent)
     samples = latent["samples"]
     batch = int(samples.shape[0])
     if plan.noise.shape[0] != batch:
         raise InputError(f"latent: the injection plan is for {plan.noise.shape[0]} images but the latent holds "
                          f"{batch}; re-run RefDiffNoiseInjection on this latent")
+    if joint:
+        problem = unused_unet_inputs(kind, steps, self_attention)
+        if problem:
+            raise InputError(problem)
+        return dit_capture.capture_joint_attention(
+            model, samples, plan, dit or DitOptions(), positive=positive, negative=negative, clip=clip,
+            parse=parse, text=text, prompt_suffix=prompt_suffix, root_rule=root_rule,
+            guidance_scale=guidance_scale, use_cfg=use_cfg)
+    problem = dit_inputs_on_unet(dit, family)
+    if problem:
+        raise InputError(problem)
+    if parse is not None:
+        check_parse_context(family, parse.context)
     if steps:
         plan = dataclasses.replace(plan, step_timesteps=plan.step_timesteps[:steps],
                                    prev_timesteps=plan.prev_timesteps[:steps])
@@ -215,32 +234,43 @@ class RefDiffCaptureAttention(io.ComfyNode):
             category=sockets.CATEGORY,
             description="Run the noised latent through the UNet (DDIM steps with classifier-free guidance) and "
                         "record the head-averaged cross-attention of the chosen layers (Eq. 4); optionally the "
-                        "self-attention too (for RefDiff Self-Attention Refine). The MODEL is cloned; the one you "
-                        "connect is not changed.",
+                        "self-attention too (for RefDiff Self-Attention Refine). A Flux / SD 3 MODEL runs flow "
+                        "steps instead and its joint attention is recorded (map_kind, dit_blocks, flow_t). The "
+                        "MODEL is cloned; the one you connect is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD 1.x, 2.x or SDXL MODEL (SDXL fine-tunes such as Pony and "
-                                                     "Illustrious included; not the SDXL refiner)."),
+                                                     "Illustrious included; not the SDXL refiner), or a Flux.1 "
+                                                     "(dev / schnell) or SD 3 / 3.5 MODEL: its joint attention, "
+                                                     "read with the Flux / SD 3 inputs below."),
                 io.Latent.Input("latent", tooltip="The noised latent from RefDiffNoiseInjection."),
                 sockets.preset_input("Preset for 'kind: preset' and the prompt suffix (', ' in both)."),
                 io.Combo.Input("kind", options=KIND_OPTIONS, default="preset",
                                tooltip="'probs' = softmax probabilities of the conditional branch (paper); "
-                                       "'logits' = pre-softmax logits, guidance-combined (official)."),
+                                       "'logits' = pre-softmax logits, guidance-combined (official). Flux / SD 3: "
+                                       "'preset' or 'probs' (the map is chosen by map_kind)."),
                 io.Float.Input("guidance", default=9.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Classifier-free guidance scale of the UNet steps and of the logits."),
+                               tooltip="Classifier-free guidance scale of the UNet steps and of the logits (SD 3: "
+                                       "of its CFG batch; Flux: not used, its distilled guidance is the "
+                                       "CONDITIONING's, 3.5 unless FluxGuidance sets it)."),
                 io.Boolean.Input("use_cfg", default=True,
-                                 tooltip="Run the unconditional branch too (off: conditional only, faster)."),
+                                 tooltip="Run the unconditional branch too (off: conditional only, faster). Flux "
+                                         "always runs the conditional branch alone (guidance-distilled)."),
                 io.Int.Input("factor", default=4, min=0, max=64,
                              tooltip="Capture the layers whose query grid is the latent downsampled by this "
                                      "factor (4: 32x32 for a 1024 image); 0 = every level (needed by RefDiff "
-                                     "Self-Attention Refine, which fuses the levels)."),
+                                     "Self-Attention Refine, which fuses the levels). UNet only (Flux / SD 3: "
+                                     "dit_blocks)."),
                 io.String.Input("blocks", default="down,mid,up",
-                                tooltip="UNet parts to capture from: any of down (input), mid (middle), up (output)."),
+                                tooltip="UNet parts to capture from: any of down (input), mid (middle), up (output). "
+                                        "UNet only (Flux / SD 3: dit_blocks)."),
                 io.Int.Input("steps", default=0, min=0, max=1000,
-                             tooltip="Run only the first N UNet steps of the schedule (0 = all; 1 = speed option)."),
+                             tooltip="Run only the first N UNet steps of the schedule (0 = all; 1 = speed option). "
+                                     "Flux / SD 3: leave at 0 and set flow_steps."),
                 io.String.Input("text", default="", multiline=True, optional=True,
                                 tooltip="Referring expression(s), one line for all images or one per image; used "
                                         "with clip when no parse and no conditioning is connected."),
-                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP, to encode the prompts."),
+                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP, to encode the prompts (Flux / "
+                                                           "SD 3: their text encoders, e.g. DualCLIPLoader)."),
                 sockets.Parse.Input("parse", optional=True,
                                     tooltip="Parsed text from RefDiffParseText: its prompts are encoded with clip "
                                             "(keeps the text and the token positions in step)."),
@@ -256,6 +286,7 @@ class RefDiffCaptureAttention(io.ComfyNode):
                              tooltip="With self_attention: record only levels whose grid has at most this many "
                                      "tokens (4096 = 64x64: factor 2 of a 1024 image; the 128x128 level would "
                                      "need 1 GiB)."),
+                *dit_capture.dit_inputs(),
             ],
             outputs=[
                 sockets.Attention.Output(display_name="attention",
@@ -265,16 +296,24 @@ class RefDiffCaptureAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, map_kind=None, dit_blocks=None, flow_t=None, flow_steps=None) -> bool | str:
+        # At queue time: the Flux / SD 3 widgets' form (the block indices against the MODEL when it runs).
+        return dit_options_problem(map_kind, dit_blocks, flow_t, flow_steps) or True
+
+    @classmethod
     def execute(cls, model, latent, preset, kind, guidance, use_cfg, factor, blocks, steps, text="", clip=None,
                 parse=None, positive=None, negative=None, self_attention=False,
-                self_max_tokens=SELF_ATTENTION_MAX_TOKENS) -> io.NodeOutput:
+                self_max_tokens=SELF_ATTENTION_MAX_TOKENS, map_kind=DEFAULT_MAP_KIND, dit_blocks=DEFAULT_BLOCKS,
+                flow_t=DEFAULT_FLOW_T, flow_steps=1, background=DEFAULT_BACKGROUND) -> io.NodeOutput:
         p = sockets.preset(preset)
+        dit = dit_options(map_kind, dit_blocks, flow_t, flow_steps, background)
         result, summary = capture_attention(
             model, latent, positive=positive, negative=negative, clip=clip, parse=parse, text=text or "",
             prompt_suffix=p.prompt_suffix, guidance_scale=guidance, use_cfg=use_cfg,
-            kind=p.capture_kind if kind == "preset" else kind, factor=factor,
+            kind=kind if kind != "preset" else "probs" if dit_backend.dit_family(model) else p.capture_kind,
+            factor=factor,
             blocks=text_inputs.parse_blocks(blocks), steps=steps, self_attention=bool(self_attention),
-            self_max_tokens=int(self_max_tokens))
+            self_max_tokens=int(self_max_tokens), dit=dit, root_rule=p.root_rule)
         runtime.LOG.info("[RefDiff] %s", summary)
         return io.NodeOutput(result, summary)
 

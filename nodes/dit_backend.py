@@ -32,6 +32,8 @@ from refdiff.joint_attention import (check_map_kind, concept_attention, joint_te
                                      output_space_map, spread_concepts)
 from refdiff.stores import AttentionStore, split_branches
 
+from .dit_options import SUPPORTED_MODELS
+
 # Families whose joint attention the capture reads, by ComfyUI model-config class.
 DIT_FAMILIES: dict[type, str] = {supported_models.Flux: "Flux", supported_models.FluxSchnell: "Flux",
                                  supported_models.SD3: "SD3"}
@@ -54,7 +56,7 @@ def check_dit_family(model: Any) -> str:
         config = getattr(base, "model_config", None)
         name = type(config).__name__ if config is not None else type(base).__name__
         raise InputError(f"model: the joint-attention capture runs on Flux.1 (dev / schnell) and SD 3 / 3.5 "
-                         f"MODELs; this MODEL is {name}. For SD 1.x/2.x use RefDiff Capture Attention")
+                         f"MODELs; this MODEL is {name}. The generative map runs on {SUPPORTED_MODELS}")
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.CONST):
         raise InputError(f"model: its sampling ({type(sampling).__name__}) is not flow matching (CONST); "

@@ -14,6 +14,7 @@ from refdiff.proposals import threshold_proposals
 from refdiff.scoring import generative_scores
 
 from . import attention_maps, previews, runtime, sockets, tensors, text_inputs, token_positions
+from .dit_options import check_parse_context
 from .wire_types import AttentionBatch, ParsedBatch, ProposalBatch, ScoreBatch
 
 
@@ -23,6 +24,7 @@ def token_choices(attention: AttentionBatch, parse: ParsedBatch, batch: int,
     """The token each image's c is read from: the parse's root, or the word / position ``token_override``
     names (one line for all images or one per image); checks the parse belongs to the captured text."""
     attention_maps.check_attention_batch(attention, batch)
+    check_parse_context(attention.model_family, parse.context)
     items = parse.for_batch(batch, "parse")
     overrides = text_inputs.overrides_for_batch(token_override, batch)
     choices = []

@@ -12,11 +12,14 @@ from refdiff.capture import LayerSelector
 from refdiff.config import (Preset, get_variant, needs_map, prompt_kwargs, proposal_source, sam_generator_kwargs,
                             spatial_terms_of)
 from refdiff.errors import InputError
+from refdiff.flow import DEFAULT_FLOW_T
 
 from refdiff.external import RESIZE_MODES
 
-from . import (comfy_backend, diffusion_nodes, external_masks, map_nodes, runtime, select_nodes, sockets, text_nodes,
-               token_positions)
+from . import (comfy_backend, diffusion_nodes, dit_backend, dit_capture, external_masks, map_nodes, runtime,
+               select_nodes, sockets, text_nodes, token_positions)
+from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, dit_inputs_on_unet,
+                          dit_options, dit_options_problem)
 from .input_checks import (PROPOSAL_MODE_CHOICES, PROPOSALS_INPUT, VARIANT_CHOICES, capture_factor,
                            linked_type_problem, proposal_mode_preset, variant_inputs_problem)
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
@@ -37,12 +40,13 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
             seed: int = 0, sam: Any = None, clip_scorer: Any = None, amg: dict | None = None,
             top_k: int | None = None, filter_settings: FilterSettings | None = None, factor: int | None = None,
             no_noun: str = "error", external: torch.Tensor | None = None, external_counts: str = "",
-            external_resize: str = "error") -> Segmentation:
+            external_resize: str = "error", dit: DitOptions | None = None) -> Segmentation:
     """Run one variant (full, G, GS, DS, sam-clip) on every image. ``factor`` None and ``filter_settings`` None
     take the preset's; the checks that need no computation (models connected, the MODEL's cross-attention at
     ``factor``, the text, the ``external`` masks) come before the VAE encode. ``external`` (a MASK batch split
     between the images by ``external_counts``, nodes/external_masks.py) replaces SAM's proposals, automatic or
-    prompted, without SAM's post-filter."""
+    prompted, without SAM's post-filter. A Flux / SD 3 MODEL gives c from its joint attention, read as ``dit``
+    says (section 15 defaults when None)."""
     v = get_variant(variant)
     p = preset
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
@@ -59,10 +63,18 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     source = proposal_source(v, p)
     with_map = needs_map(v, p)  # prompted SAM proposals need c, even for DS and sam-clip
     layers = None
-    if with_map:
+    joint = with_map and dit_backend.dit_family(model) is not None
+    if joint:
+        dit_backend.check_dit_family(model)
+        if factor:
+            raise InputError("factor: picks UNet cross-attention levels; a Flux / SD 3 MODEL has none: leave factor "
+                             "at -1 and choose dit_blocks")
+    elif with_map:
         # The MODEL is not known when ComfyUI validates the prompt (linked values are not passed to
         # validate_inputs), so its family and its cross-attention at the factor are checked here, first.
-        comfy_backend.model_family(model)
+        problem = dit_inputs_on_unet(dit, comfy_backend.model_family(model))
+        if problem:
+            raise InputError(problem)
         layers = comfy_backend.select_layers(model, LayerSelector(factor or p.capture_factor, p.capture_blocks))
     parse, parse_info = text_nodes.parse_texts(text, clip, p.root_rule, p.prompt_suffix, no_noun=no_noun)
     parse.for_batch(batch, "text")
@@ -74,9 +86,15 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
         square = diffusion_nodes.prepare_images(image, p.image_size, p.resize_filter)
         latent = diffusion_nodes.inject_noise({"samples": vae.encode(square[:, :, :, :3])}, seed, p.strength,
                                               p.ddim_steps, p.num_train_timesteps)
-        attention, info = diffusion_nodes.capture_attention(
-            model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix, guidance_scale=p.guidance_scale,
-            use_cfg=p.use_cfg, kind=p.capture_kind, factor=layers[0].factor, blocks=p.capture_blocks)
+        if joint:
+            attention, info = diffusion_nodes.capture_attention(
+                model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix,
+                guidance_scale=p.guidance_scale, use_cfg=p.use_cfg, kind="probs", dit=dit or DitOptions())
+        else:
+            attention, info = diffusion_nodes.capture_attention(
+                model, latent, clip=clip, parse=parse, prompt_suffix=p.prompt_suffix,
+                guidance_scale=p.guidance_scale, use_cfg=p.use_cfg, kind=p.capture_kind, factor=layers[0].factor,
+                blocks=p.capture_blocks)
         c = map_nodes.generative_maps(attention, parse, image, mode=p.map_resize, layer_eps=p.layer_norm_eps,
                                       map_eps=p.map_eps)
         report.append(info)
@@ -160,8 +178,10 @@ class RefDiffSegment(io.ComfyNode):
                         "mask, or a text naming no object, is named on the node, in the report and the console.",
             inputs=[
                 io.Model.Input("model", tooltip="SD 1.x/2.x or SDXL MODEL (used by the variants with the generative "
-                                                     "map; not the SDXL refiner)."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (prompt encoding and token positions)."),
+                                                     "map; not the SDXL refiner), or a Flux.1 / SD 3 MODEL (its "
+                                                     "joint attention, read with the Flux / SD 3 inputs)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (prompt encoding and token positions); for "
+                                              "Flux / SD 3 their text encoders (DualCLIPLoader / TripleCLIPLoader)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
                 io.Image.Input("image", tooltip="Images to segment."),
                 io.String.Input("text", multiline=True, default="",
@@ -195,7 +215,7 @@ class RefDiffSegment(io.ComfyNode):
                              tooltip="Capture the cross-attention layers whose grid is the latent downsampled by "
                                      "this factor (4: 32x32 for a 1024 image); -1 = the preset's (4). A MODEL "
                                      "without cross-attention there is refused before any work, with the factors "
-                                     "it has."),
+                                     "it has. UNet only: leave -1 for Flux / SD 3 (dit_blocks)."),
                 io.Combo.Input("proposal_mode", options=PROPOSAL_MODE_CHOICES, default="preset", optional=True,
                                tooltip="How the SAM variants get their proposals: 'automatic' = SAM's automatic "
                                        "generator on the point grid (the paper); 'prompted' = SAM prompted at the "
@@ -217,6 +237,7 @@ class RefDiffSegment(io.ComfyNode):
                 io.Combo.Input("proposals_resize", options=list(RESIZE_MODES), default="error", optional=True,
                                tooltip="Proposals of another size than the image: 'error' stops and names both "
                                        "sizes; 'nearest' resizes them when the aspect ratio agrees."),
+                *dit_capture.dit_inputs(with_steps=False),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
@@ -228,8 +249,8 @@ class RefDiffSegment(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, variant="full", no_noun="error", proposal_counts="",
-                        input_types=None) -> bool | str:
+    def validate_inputs(cls, text=None, variant="full", no_noun="error", proposal_counts="", map_kind=None,
+                        dit_blocks=None, flow_t=None, input_types=None) -> bool | str:
         # At queue time, before any model loads. ComfyUI passes widget values only; asking for input_types gives
         # the types of the linked inputs, so a missing SAM / CLIP scorer is seen here (asking for it also turns
         # ComfyUI's own check of those types off, hence linked_type_problem). The MODEL is not known yet: its
@@ -238,13 +259,15 @@ class RefDiffSegment(io.ComfyNode):
         return (linked_type_problem(received, cls.INPUT_TYPES(), validate_node_input)
                 or variant_inputs_problem(variant, received)
                 or token_positions.text_problem(text, no_noun)
-                or external_masks.counts_problem(proposal_counts, "proposal_counts") or True)
+                or external_masks.counts_problem(proposal_counts, "proposal_counts")
+                or dit_options_problem(map_kind, dit_blocks, flow_t) or True)
 
     @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
                 pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
                 factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset", proposals=None,
-                proposal_counts="", proposals_resize="error") -> io.NodeOutput:
+                proposal_counts="", proposals_resize="error", map_kind=DEFAULT_MAP_KIND, dit_blocks=DEFAULT_BLOCKS,
+                flow_t=DEFAULT_FLOW_T, background=DEFAULT_BACKGROUND) -> io.NodeOutput:
         p = proposal_mode_preset(sockets.preset(preset), proposal_mode)
         if image_size:
             p = p.with_(image_size=int(image_size))
@@ -253,8 +276,9 @@ class RefDiffSegment(io.ComfyNode):
         result = segment(model, clip, vae, image, text, variant, p, seed=seed, sam=sam, clip_scorer=clip_scorer,
                          amg=amg, top_k=top_k or None,
                          filter_settings=segment_filter_settings(p, keep_largest, min_area, area_filter),
-                         factor=capture_factor(factor, p), no_noun=no_noun, external=proposals,
-                         external_counts=proposal_counts, external_resize=proposals_resize)
+                         factor=None if int(factor) < 0 else capture_factor(factor, p), no_noun=no_noun,
+                         external=proposals, external_counts=proposal_counts, external_resize=proposals_resize,
+                         dit=dit_options(map_kind, dit_blocks, flow_t, 1, background))
         runtime.show_on_node(result.warnings)
         best = result.selection.best
         preview = select_nodes.preview_selection(image, best)

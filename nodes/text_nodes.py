@@ -27,16 +27,26 @@ def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", pr
     lines = text_inputs.split_lines(text, "text")
     words = match_batch(root_word.splitlines() or [""], len(lines), "root_word") if root_word.strip() else \
         [""] * len(lines)
-    tokenizer = comfy_backend.sd_tokenizer(clip) if clip is not None else clip_tokenizer()
-    items = [token_positions.parse_item(line, tokenizer, root_rule=root_rule, prompt_suffix=prompt_suffix, root_word=w)
-             for line, w in zip(lines, words)]
+    context = "CLIP"
+    if clip is not None and getattr(getattr(clip, "tokenizer", None), "t5xxl", None) is not None:
+        from . import dit_backend  # a Flux / SD 3 CLIP: positions in the T5 (and CLIP-L) context
+
+        context = dit_backend.clip_family(clip)
+        items = [dit_backend.dit_parse_item(line, clip, root_rule=root_rule, prompt_suffix=prompt_suffix,
+                                            root_word=w) for line, w in zip(lines, words)]
+        cut: list[str] = []  # T5 has no token limit in ComfyUI; SD 3's CLIP-L part is cut at 77 (positions kept)
+    else:
+        tokenizer = comfy_backend.sd_tokenizer(clip) if clip is not None else clip_tokenizer()
+        items = [token_positions.parse_item(line, tokenizer, root_rule=root_rule, prompt_suffix=prompt_suffix,
+                                            root_word=w) for line, w in zip(lines, words)]
+        cut = token_positions.parse_warnings(items, tokenizer)
     notes = [token_positions.root_note(item.parsed, no_noun, item.root_overridden) for item in items]
-    warnings = [n for n in notes if n] + token_positions.parse_warnings(items, tokenizer)
+    warnings = [n for n in notes if n] + cut
     summary = token_positions.parse_summary(items, understood=True)
     if warnings:
         summary += "\n" + "\n".join("warning: " + w for w in warnings)
         runtime.warn(warnings)
-    return ParsedBatch(items, warnings=warnings), summary
+    return ParsedBatch(items, warnings=warnings, context=context), summary
 
 
 # ------------------------------------------------------------------------------------------ node
@@ -72,7 +82,8 @@ class RefDiffParseText(io.ComfyNode):
                                         "choice (one line per text line, or one word for all)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The checkpoint's CLIP, whose tokenizer numbers the tokens (without it: "
-                                      "SD 1.x's tokenizer, identical in its positions for SD 2.x and SDXL)."),
+                                      "SD 1.x's tokenizer, identical in its positions for SD 2.x and SDXL). For "
+                                      "Flux / SD 3 connect their CLIP: the positions are then T5's (and CLIP-L's)."),
                 no_noun_input(),
             ],
             outputs=[

@@ -103,6 +103,20 @@ class InternalsAttentionBatch(AttentionBatch):
 
 
 @dataclass
+class JointAttentionBatch(AttentionBatch):
+    """REFDIFF_ATTENTION from a Flux / SD 3 MODEL's joint attention (docs/METHOD.md section 15): the same maps
+    per image [L, h, w, T] over the model's text context (``latent_hw / 2`` grid), read as the UNet's are.
+
+    ``kind`` is the map kind ("attention" or "concept"); ``blocks`` the double blocks recorded, ``flow_ts`` the
+    noise fractions the model ran at, ``concepts`` per image the concept words of the concept map (else []).
+    """
+
+    blocks: list[int] = field(default_factory=list)
+    flow_ts: list[float] = field(default_factory=list)
+    concepts: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
 class ParsedItem:
     """One parsed referring expression and where its root word sits in the diffusion model's tokens."""
 
@@ -124,6 +138,7 @@ class ParsedBatch:
 
     items: list[ParsedItem]
     warnings: list[str] = field(default_factory=list)
+    context: str = "CLIP"  # whose token positions: "CLIP" (SD 1.x/2.x, SDXL), "Flux" (T5) or "SD3" (CLIP + T5)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -213,5 +228,6 @@ def match_batch(items: list[Any], batch: int, what: str) -> list[Any]:
 
 
 __all__ = ["ATTENTION", "PARSE", "PROPOSALS", "SCORES", "SAM_MODEL", "CLIP_MODEL", "INJECTION_KEY", "Injection",
-           "AttentionBatch", "InternalsAttentionBatch", "ParsedItem", "ParsedBatch", "ProposalBatch", "ScoreBatch",
+           "AttentionBatch", "InternalsAttentionBatch", "JointAttentionBatch", "ParsedItem", "ParsedBatch",
+           "ProposalBatch", "ScoreBatch",
            "SamHandle", "ClipHandle", "match_batch"]

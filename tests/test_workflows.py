@@ -19,10 +19,11 @@ WORKFLOWS = REPO / "workflows"
 OBJECT_INFO = json.loads((REPO / "tests" / "comfyui" / "object_info.json").read_text(encoding="utf-8"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
-               ("RefDiffCLIPLoader", "clip_name")}
+               ("RefDiffCLIPLoader", "clip_name"), ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
+               ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
             "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted", "ref-diff-external-masks",
-            "ref-diff-spatial"}
+            "ref-diff-spatial", "ref-diff-flux"}
 NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
 EXAMPLE = REPO / "assets" / "refdiff-example.png"
 
@@ -203,7 +204,7 @@ def test_ablation_notes_name_the_wire_the_graph_lacks():
     full = next(n for n in load(WORKFLOWS / "api" / "ref-diff.json").values() if n["class_type"] == "RefDiffFuseSelect")
     assert {"generative", "discriminative"} <= set(full["inputs"])
     cut = {name for name in EXPECTED if "Cut from the full graph" in builder.TEMPLATES[name].description}
-    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting"}
+    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting", "ref-diff-flux"}
 
 
 def test_workflows_load_the_shipped_example_image():
@@ -303,6 +304,23 @@ def test_prompted_workflow_feeds_c_to_prompted_sam():
     for consumer in ("RefDiffGenerativeScore", "RefDiffCLIPScore", "RefDiffFuseSelect"):
         node = next(n for n in prompted.values() if n["class_type"] == consumer)
         assert node["inputs"]["proposals"] == [source, 0], consumer
+
+
+def test_flux_workflow_is_the_full_graph_on_flux_loaders():
+    """ref-diff-flux: the full graph's nodes with the checkpoint loader replaced by Flux's three loaders, which
+    feed the capture (MODEL, CLIP), the parse (CLIP) and VAEEncode (VAE); the capture reads joint attention."""
+    flux = load(WORKFLOWS / "api" / "ref-diff-flux.json")
+    full = load(WORKFLOWS / "api" / "ref-diff.json")
+    kinds = sorted(n["class_type"] for n in flux.values())
+    assert sorted(kinds) == sorted([n["class_type"] for n in full.values() if n["class_type"] != "CheckpointLoaderSimple"]
+                                   + ["UNETLoader", "DualCLIPLoader", "VAELoader"])
+    ids = {n["class_type"]: k for k, n in flux.items()}
+    capture = flux[ids["RefDiffCaptureAttention"]]["inputs"]
+    assert capture["model"] == [ids["UNETLoader"], 0] and capture["clip"] == [ids["DualCLIPLoader"], 0]
+    assert flux[ids["RefDiffParseText"]]["inputs"]["clip"] == [ids["DualCLIPLoader"], 0]
+    assert flux[ids["VAEEncode"]]["inputs"]["vae"] == [ids["VAELoader"], 0]
+    assert flux[ids["DualCLIPLoader"]]["inputs"]["type"] == "flux"
+    assert (capture["map_kind"], capture["dit_blocks"], capture["flow_t"]) == ("attention", "last4", 0.25)
 
 
 def test_node_reference_documents_every_node_and_input():

@@ -29,6 +29,14 @@ CLIP = "ViT-B-16-openai.safetensors"
 IMAGE = "refdiff-example.png"  # assets/refdiff-example.png, copied into ComfyUI's input folder by the pack
 EXAMPLE = REPO / "assets" / IMAGE
 TEXT = "the horse on the left"  # the brown horse of the example image
+# Flux.1 dev as ComfyUI's own Flux templates load it: the diffusion model, its two text encoders, its VAE.
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+# The capture and segment nodes' Flux / SD 3 widgets at their defaults (unused on an SD MODEL).
+DIT_WIDGETS = dict(map_kind="attention", dit_blocks="last4", flow_t=0.25, background="background, floor, wall, sky")
+CAPTURE_DIT_WIDGETS = {**DIT_WIDGETS, "flow_steps": 1}
 
 
 @dataclass(frozen=True)
@@ -105,12 +113,22 @@ TEMPLATES = {
         "score; FuseSelect's table and gallery show each term. Cut from the full graph: the score wires into "
         "FuseSelect, which now go through RefDiffSpatial into its fused input; wiring them back is the "
         "ablation."),
+    "ref-diff-flux": Template(
+        "Ref-Diff on Flux.1: joint attention as the generative map", "Flux's text-image attention for s_G",
+        "The full method with Flux.1 dev in place of Stable Diffusion: the generative map c is read from Flux's "
+        "joint text-image attention (the image tokens' attention on the root word \"horse\" in the last 4 double "
+        "blocks, after a flow noise injection at t = 0.25), then SAM, s_G, s_D and the fusion run unchanged. "
+        "Loaded as ComfyUI's Flux templates load it: the diffusion model, CLIP-L + T5 and the VAE. Not an "
+        "ablation: nothing is cut; set map_kind to concept for ConceptAttention's output-space map."),
 }
 # The model files a graph's loaders ask for, named in its note.
 MODEL_NOTES = {
     "CheckpointLoaderSimple": f"an SD 1.5 checkpoint in models/checkpoints ({CKPT})",
     "RefDiffSAMLoader": f"SAM ViT-H in models/sams ({SAM})",
     "RefDiffCLIPLoader": f"CLIP ViT-B/16 (OpenAI weights, open_clip format) in models/open_clip ({CLIP})",
+    "UNETLoader": f"Flux.1 dev in models/diffusion_models ({FLUX_UNET})",
+    "DualCLIPLoader": f"Flux's text encoders in models/text_encoders ({FLUX_CLIP_L}, {FLUX_T5})",
+    "VAELoader": f"the Flux VAE in models/vae ({FLUX_VAE})",
 }
 
 
@@ -145,16 +163,20 @@ def parse_node(g: Graph, clip: list | None) -> str:
     return g.add("RefDiffParseText", "Parse the referring expression", **inputs)
 
 
-def generative_chain(g: Graph, ckpt: str, image: str, parse: str) -> str:
-    """Prepare -> VAEEncode -> noise injection -> capture -> generative map; returns the map node."""
+def generative_chain(g: Graph, ckpt: str, image: str, parse: str,
+                     loaders: tuple[list, list, list] | None = None, title: str = "Capture cross-attention (Eq. 4)",
+                     **capture_inputs: Any) -> str:
+    """Prepare -> VAEEncode -> noise injection -> capture -> generative map; returns the map node. ``loaders``:
+    the (MODEL, CLIP, VAE) links when they do not come from the checkpoint ``ckpt``."""
+    model, clip, vae = loaders or (g.out(ckpt, 0), g.out(ckpt, 1), g.out(ckpt, 2))
     square = g.add("RefDiffPrepareImage", "Pad to a square", image=g.out(image), size=1024, resize_filter="lanczos")
-    latent = g.add("VAEEncode", pixels=g.out(square), vae=g.out(ckpt, 2))
+    latent = g.add("VAEEncode", pixels=g.out(square), vae=vae)
     noised = g.add("RefDiffNoiseInjection", "Noise injection (Eq. 3)", latent=g.out(latent), seed=0,
                    schedule="preset", preset="official", strength=0.1, ddim_steps=20)
-    capture = g.add("RefDiffCaptureAttention", "Capture cross-attention (Eq. 4)", model=g.out(ckpt, 0),
+    capture = g.add("RefDiffCaptureAttention", title, model=model,
                     latent=g.out(noised), preset="official", kind="preset", guidance=9.0, use_cfg=True, factor=4,
-                    blocks="down,mid,up", steps=0, text="", clip=g.out(ckpt, 1), parse=g.out(parse),
-                    self_attention=False, self_max_tokens=4096)
+                    blocks="down,mid,up", steps=0, text="", clip=clip, parse=g.out(parse),
+                    self_attention=False, self_max_tokens=4096, **{**CAPTURE_DIT_WIDGETS, **capture_inputs})
     return g.add("RefDiffGenerativeMap", "Generative map c (Eq. 5)", attention=g.out(capture), parse=g.out(parse),
                  image=g.out(image), preset="official", resize="preset", token_override="")
 
@@ -243,6 +265,25 @@ def ref_diff_external_masks() -> Graph:
     return g
 
 
+def ref_diff_flux() -> Graph:
+    """The full method on Flux.1 dev: its loaders in place of the checkpoint, c from its joint attention."""
+    g = Graph()
+    unet = g.add("UNETLoader", "Load Flux.1 dev", unet_name=FLUX_UNET, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", "Load Flux text encoders (CLIP-L + T5)", clip_name1=FLUX_CLIP_L,
+                 clip_name2=FLUX_T5, type="flux", device="default")
+    vae = g.add("VAELoader", "Load the Flux VAE", vae_name=FLUX_VAE)
+    image = g.add("LoadImage", "Image to segment", image=IMAGE)
+    parse = parse_node(g, g.out(clip))
+    c = generative_chain(g, unet, image, parse, loaders=(g.out(unet), g.out(clip), g.out(vae)),
+                         title="Capture Flux joint attention", **CAPTURE_DIT_WIDGETS)
+    proposals = sam_chain(g, image)
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-flux")
+    return g
+
+
 def threshold_graph(make_c, name: str) -> Graph:
     """Threshold proposals of c scored by s_G alone (Ref-Diff/G); ``make_c`` builds the chain giving c."""
     g = Graph()
@@ -303,7 +344,8 @@ def inpainting() -> Graph:
                     vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
                     image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
                     keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error", proposal_mode="preset",
-                    sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error")
+                    sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error",
+                    **DIT_WIDGETS)
     positive = g.add("CLIPTextEncode", "What to paint there", text="a white horse, photo", clip=g.out(ckpt, 1))
     negative = g.add("CLIPTextEncode", "Negative prompt", text="blurry, low quality", clip=g.out(ckpt, 1))
     latent = g.add("VAEEncodeForInpaint", pixels=g.out(image), vae=g.out(ckpt, 2), mask=g.out(segment, 0),
@@ -327,7 +369,7 @@ def refine_chain(g: Graph, ckpt: str, image: str, parse: str) -> str:
     capture = g.add("RefDiffCaptureAttention", "Capture cross- and self-attention, every level", model=g.out(ckpt, 0),
                     latent=g.out(noised), preset="official", kind="preset", guidance=9.0, use_cfg=True, factor=0,
                     blocks="down,mid,up", steps=0, text="", clip=g.out(ckpt, 1), parse=g.out(parse),
-                    self_attention=True, self_max_tokens=4096)
+                    self_attention=True, self_max_tokens=4096, **CAPTURE_DIT_WIDGETS)
     return g.add("RefDiffSelfAttentionRefine", "Refined map c (DiffSegmenter)", attention=g.out(capture),
                  parse=g.out(parse), image=g.out(image), preset="official", iterations=1,
                  factor_weights="8:0.3,4:0.5,2:0.1,1:0.1", eps=1e-8, self_factor=0, resize="preset")
@@ -382,7 +424,7 @@ WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS":
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
                   "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
                   "ref-diff-prompted": ref_diff_prompted, "ref-diff-external-masks": ref_diff_external_masks,
-                  "ref-diff-spatial": ref_diff_spatial}
+                  "ref-diff-spatial": ref_diff_spatial, "ref-diff-flux": ref_diff_flux}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion
@@ -612,9 +654,11 @@ def to_ui(graph: dict, object_info: dict, template: Template | None = None) -> d
 # ------------------------------------------------------------------------------------------ node snapshot
 CORE_NODES = ("CheckpointLoaderSimple", "LoadImage", "VAEEncode", "VAEDecode", "VAEEncodeForInpaint",
               "SetLatentNoiseMask", "KSampler", "KSamplerAdvanced", "CLIPTextEncode", "MaskToImage", "SaveImage",
-              "PreviewImage", "PreviewAny", "ImageBatch", "SaveLatent", "EmptyLatentImage", "GrowMask")
+              "PreviewImage", "PreviewAny", "ImageBatch", "SaveLatent", "EmptyLatentImage", "GrowMask",
+              "UNETLoader", "DualCLIPLoader", "VAELoader")
 MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
-               ("RefDiffCLIPLoader", "clip_name")}
+               ("RefDiffCLIPLoader", "clip_name"), ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
+               ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
 
 
 def snapshot(object_info: dict) -> dict:

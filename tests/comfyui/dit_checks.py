@@ -11,8 +11,11 @@ Checks:
 - ``positions``: a word cut into several T5 pieces maps to all of them, in Flux's and SD 3's contexts, checked
   against the ids ComfyUI's own tokenizers give.
 - ``families``: SD 1.5, SDXL and Flux-inpaint configurations are refused with their name.
-- ``node_flux``: the capture node's function on a tiny Flux MODEL and a tiny Flux CLIP (real tokenizers):
-  both kinds, then the generative map c of every image.
+- ``flux_nodes`` / ``sd3_nodes``: the staged graph through the nodes' own execute methods (RefDiffPrepareImage,
+  VAEEncode with a 16-channel VAE, RefDiffNoiseInjection, RefDiffParseText, RefDiffCaptureAttention,
+  RefDiffGenerativeMap, threshold proposals, RefDiffGenerativeScore, RefDiffFuseSelect) and RefDiffSegment (variant
+  G), on a tiny MODEL and a tiny CLIP of the family's real text-encoder classes and tokenizers (random weights):
+  both map kinds, a batch of two images, the MODEL's output before and after, and the refusals of the nodes.
 """
 from __future__ import annotations
 
@@ -127,6 +130,65 @@ def block_inputs(model, x: torch.Tensor, t: float, cond: list, family: str) -> l
         clone.set_model_patch_replace(keep, "dit", "double_block", i)
     x0_prediction(clone, x, t, cond, family)
     return seen
+
+
+def init_small(module: torch.nn.Module, seed: int) -> None:
+    """Random weights of a text encoder or VAE: N(0, 0.02) matrices, unit vectors (norm scales and biases)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.ndim > 1 else torch.ones(p.shape))
+
+
+def tiny_clip(family: str, seed: int = 4):
+    """A ComfyUI CLIP of the family's own text-encoder classes (Flux: CLIP-L + T5; SD 3: CLIP-L + CLIP-G + T5) and
+    real tokenizers, shrunk through ComfyUI's *_model_config options. Flux's T5 is FLUX_CONTEXT wide; SD 3's is
+    4096 wide, as SD 3 pads CLIP-L/G to 4096 beside it."""
+    import comfy.sd
+    import comfy.text_encoders.flux as flux_te
+    import comfy.text_encoders.sd3_clip as sd3_te
+
+    width = FLUX_CONTEXT if family == "Flux" else 4096
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+             "projection_dim": 32}
+    options = {"dtype": torch.float32, "clip_l_model_config": dict(small), "clip_g_model_config": dict(small),
+               "t5xxl_model_config": {"d_model": width, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 1}}
+    target = types.SimpleNamespace(params={})
+    if family == "Flux":
+        target.clip, target.tokenizer = flux_te.flux_clip(), flux_te.FluxTokenizer
+    else:
+        target.clip, target.tokenizer = sd3_te.sd3_clip(), sd3_te.SD3Tokenizer
+    clip = comfy.sd.CLIP(target, model_options=options)
+    init_small(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_vae(seed: int = 5):
+    """A ComfyUI VAE with Flux / SD 3's 16 latent channels, detected from its weights as ComfyUI loads ae.safetensors
+    (its own AutoencodingEngine, random weights)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    engine = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    init_small(engine, seed)
+    return comfy.sd.VAE(sd=engine.state_dict())
+
+
+def tiny_node_sd3(depth: int = 3, seed: int = 0):
+    """An SD 3 MODEL whose text width (4096) and pooled width (64) are those of tiny_clip("SD3")."""
+    import comfy.supported_models as sm
+
+    cfg = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16,
+           "depth": depth, "input_size": None, "adm_in_channels": 64,
+           "context_embedder_config": {"target": "torch.nn.Linear",
+                                       "params": {"in_features": 4096, "out_features": 64 * depth}},
+           "num_patches": 64, "pos_embed_max_size": 8, "qk_norm": "rms", "x_block_self_attn_layers": []}
+    return patcher(sm.SD3, cfg, seed)
 
 
 # ------------------------------------------------------------------------------------------- by hand
@@ -344,13 +406,130 @@ def check_families() -> dict:
             out[cls.__name__] = "accepted"
         except InputError as exc:
             out[cls.__name__] = str(exc)
+    dn = importlib.import_module(nodes.__name__ + ".diffusion_nodes")
+    cb = importlib.import_module(nodes.__name__ + ".comfy_backend")
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    latent = dn.inject_noise(latent, 0, 0.1, 20)
+    for cls in (sm.FluxInpaint, sm.AuraFlow):  # what the capture node answers for a family it does not read
+        fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=cls({})))
+        out["node_" + cls.__name__] = refusal(lambda: dn.capture_attention(fake, latent, text="a dog"))
+    out["unet_only_flux"] = refusal(lambda: cb.model_family(tiny_flux()))  # e.g. the feature-cluster nodes
     out["flux"] = dit.check_dit_family(tiny_flux())
     out["schnell"] = dit.check_dit_family(tiny_flux(guidance=False))
     out["sd3"] = dit.check_dit_family(tiny_sd3())
     return out
 
 
+def planted_images() -> torch.Tensor:
+    """Two 64 x 48 images: a bright square on the left of the first, on the right of the second."""
+    image = torch.full((2, 48, 64, 3), 0.2)
+    image[0, 12:36, 4:28] = 0.9
+    image[1, 12:36, 36:60] = 0.9
+    return image
+
+
+def refusal(fn) -> str:
+    from refdiff.errors import InputError
+
+    try:
+        fn()
+    except InputError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def check_nodes(family: str) -> dict:
+    nodes = load_pack(REPO)
+    mod = {n: importlib.import_module(f"{nodes.__name__}.{n}") for n in
+           ("diffusion_nodes", "text_nodes", "map_nodes", "select_nodes", "segment_node", "attention_maps",
+            "dit_options")}
+    import nodes as comfy_nodes
+
+    dn, tn, mn, sn, seg = (mod[n] for n in ("diffusion_nodes", "text_nodes", "map_nodes", "select_nodes",
+                                             "segment_node"))
+    model = tiny_flux(depth=3) if family == "Flux" else tiny_node_sd3(depth=3)
+    clip, vae = tiny_clip(family), tiny_vae()
+    image = planted_images()
+    text = "the snowboarder beside a dog"
+    probe_cond = conditioning(3, tokens=5, family=family) if family == "Flux" else \
+        [[torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(3)), {"pooled_output": torch.zeros(1, 64)}]]
+    probe_x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    before = x0_prediction(model, probe_x, 0.3, probe_cond, family)
+    options_before = repr(model.model_options)
+
+    square = dn.RefDiffPrepareImage.execute(image, 64, "lanczos").args[0]
+    latent = comfy_nodes.VAEEncode().encode(vae, square)[0]
+    noised = dn.RefDiffNoiseInjection.execute(latent, 7, "preset", "official", 0.1, 20).args[0]
+    parse = tn.RefDiffParseText.execute(text, "official", "preset", "", clip=clip).args[0]
+    out = {"parse_context": parse.context, "root": parse.items[0].parsed.root,
+           "root_positions": parse.items[0].root_positions, "latent_shape": list(latent["samples"].shape)}
+    common = dict(model=model, latent=noised, preset="official", kind="preset", guidance=4.0, use_cfg=True, factor=4,
+                  blocks="down,mid,up", steps=0, clip=clip, parse=parse)
+    for kind in ("attention", "concept"):
+        attention, info = dn.RefDiffCaptureAttention.execute(**common, map_kind=kind, dit_blocks="last2",
+                                                             flow_t=0.25, flow_steps=1).args
+        c = mn.RefDiffGenerativeMap.execute(attention, parse, image, "official", "preset").args[0]
+        proposals = mn.RefDiffThresholdProposals.execute(c, "", "official").args[0]
+        scores = mn.RefDiffGenerativeScore.execute(c, proposals, "official").args[0]
+        mask = sn.RefDiffFuseSelect.execute(proposals, "official", -1.0, -1.0, 3, -1, generative=scores,
+                                            image=image).args[0]
+        one, _ = dn.capture_attention(model, {**noised, "samples": noised["samples"][1:],
+                                              dn.INJECTION_KEY: dataclasses_replace_noise(noised, 1)},
+                                      clip=clip, parse=parse, kind="probs",
+                                      dit=mod["dit_options"].DitOptions(map_kind=kind, blocks="last2"))
+        c_one = mn.generative_maps(one, parse, image[1:])
+        seg_out = seg.RefDiffSegment.execute(model, clip, vae, image, text, "G", "official", 7, 64, 0, 32, 0.88,
+                                             0.95, map_kind=kind, dit_blocks="last2").args
+        out[kind] = {"type": type(attention).__name__, "family": attention.model_family, "kind": attention.kind,
+                     "layers": list(attention.maps[0].layers), "blocks": attention.blocks,
+                     "grid": list(attention.maps[0].grid), "num_tokens": attention.maps[0].num_tokens,
+                     "concepts": attention.concepts[0], "info": info,
+                     "c_shape": list(c.shape), "c_dtype": str(c.dtype), "c_range": [float(c.min()), float(c.max())],
+                     "images_differ": float((c[0] - c[1]).abs().max()),
+                     "batch_of_one_diff": float((c_one[0] - c[1]).abs().max()),
+                     "mask_shape": list(mask.shape), "mask_pixels": [float(m.sum()) for m in mask],
+                     "segment_c_diff": float((seg_out[1] - c).abs().max()),
+                     "segment_mask_diff": float((seg_out[0] - mask).abs().max()),
+                     "segment_report_has_family": f"{family}:" in seg_out[2]}
+    dit = importlib.import_module(f"{nodes.__name__}.dit_backend")
+    emb = dit.concept_embeddings(clip, ["dog", "sky"], family)
+    t5_alone = torch.stack([clip.cond_stage_model.t5xxl.encode_token_weights(clip.tokenize(w)["t5xxl"])[0][0, 0]
+                            for w in ("dog", "sky")])[None].float()  # T5 by itself, first token of each word
+    out["concept_embeddings"] = {"shape": list(emb.shape), "diff_to_t5": float((emb - t5_alone).abs().max()),
+                                 "words_differ": float((emb[0, 0] - emb[0, 1]).abs().max())}
+    out["model_unchanged"] = float((x0_prediction(model, probe_x, 0.3, probe_cond, family) - before).abs().max())
+    out["options_unchanged"] = repr(model.model_options) == options_before
+    sd_parse = tn.RefDiffParseText.execute(text, "official", "preset", "").args[0]  # SD 1.x positions
+    out["refusals"] = {
+        "sd_parse": refusal(lambda: dn.RefDiffCaptureAttention.execute(**{**common, "parse": sd_parse})),
+        "logits": refusal(lambda: dn.RefDiffCaptureAttention.execute(**{**common, "kind": "logits"})),
+        "self_attention": refusal(lambda: dn.RefDiffCaptureAttention.execute(**common, self_attention=True)),
+        "blocks": refusal(lambda: dn.RefDiffCaptureAttention.execute(**common, dit_blocks="7")),
+        "segment_factor": refusal(lambda: seg.RefDiffSegment.execute(model, clip, vae, image, text, "G", "official",
+                                                                     7, 64, 0, 32, 0.88, 0.95, factor=4)),
+        "refine": refusal(lambda: mod["attention_maps"].check_refinable(attention, {2: 1.0})),
+        "map_of_sd_parse": refusal(lambda: mn.generative_maps(attention, sd_parse, image)),
+    }
+    return out
+
+
+def in_executor(fn, *args):
+    """``fn`` under torch.inference_mode, as ComfyUI's executor runs nodes."""
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def dataclasses_replace_noise(latent: dict, index: int):
+    """The injection plan of ``latent`` cut to image ``index`` (a batch of one)."""
+    import dataclasses
+
+    plan = next(v for k, v in latent.items() if k != "samples")
+    return dataclasses.replace(plan, noise=plan.noise[index:index + 1])
+
+
 CHECKS = {
+    "flux_nodes": lambda: in_executor(check_nodes, "Flux"),
+    "sd3_nodes": lambda: in_executor(check_nodes, "SD3"),
     "positions": check_positions,
     "families": check_families,
     "flux_transparent": lambda: check_transparent("Flux"),

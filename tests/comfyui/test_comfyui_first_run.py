@@ -257,3 +257,20 @@ def test_segment_refuses_a_factor_the_model_lacks_before_encoding(run_graph, ima
     SEEN["RefDiffSegment GS at factor 2 on the test UNet"] = message
     assert "factor: no cross-attention layer matches factor=2" in message
     assert "this MODEL has cross-attention at factor(s) [4]" in message and "set factor to one of [4]" in message
+
+
+def test_flux_widgets_are_checked_when_queued_and_refused_on_a_unet(comfy, run_graph, images):
+    """A malformed dit_blocks is refused at POST /prompt on both nodes; a Flux / SD 3 widget changed on an SD
+    MODEL is refused by name when the node runs, before anything is encoded."""
+    graph = segment_graph(images["small"], dit_blocks="1,x")
+    message = refused(comfy, graph, find(graph, "RefDiffSegment"), "malformed dit_blocks (Segment)")
+    assert "dit_blocks: blocks '1,x': give 'last4', 'all' or indices" in message
+    graph = for_tests(load_api("ref-diff-G"), images["small"])
+    capture = find(graph, "RefDiffCaptureAttention")
+    graph[capture]["inputs"]["dit_blocks"] = "last0"
+    assert "dit_blocks:" in refused(comfy, graph, capture, "malformed dit_blocks (CaptureAttention)")
+    out = run_graph(segment_graph(images["small"], variant="GS", map_kind="concept", image_size=128))
+    assert not out.ok
+    message = out.error()
+    SEEN["RefDiffSegment map_kind concept on the SD 1.5 test MODEL"] = message
+    assert "map_kind: Flux / SD 3 inputs, but this MODEL is SD1.x" in message
