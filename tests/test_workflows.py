@@ -21,7 +21,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
                ("RefDiffCLIPLoader", "clip_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
-            "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted"}
+            "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted", "ref-diff-sdxl"}
 NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
 EXAMPLE = REPO / "assets" / "refdiff-example.png"
 
@@ -202,7 +202,7 @@ def test_ablation_notes_name_the_wire_the_graph_lacks():
     full = next(n for n in load(WORKFLOWS / "api" / "ref-diff.json").values() if n["class_type"] == "RefDiffFuseSelect")
     assert {"generative", "discriminative"} <= set(full["inputs"])
     cut = {name for name in EXPECTED if "Cut from the full graph" in builder.TEMPLATES[name].description}
-    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting"}
+    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting", "ref-diff-sdxl"}
 
 
 def test_workflows_load_the_shipped_example_image():
