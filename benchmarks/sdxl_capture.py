@@ -9,6 +9,7 @@ part of this stage either. Each model gets one warm-up step, then ``--steps`` me
 preset runs 2: t = 51 and 1).
 
 Run: python -m benchmarks.sdxl_capture [--dtype bf16] [--threads 2] [--steps 1|2] [--out results.json]
+(``--tiny``: the tiny random models of refdiff.testing at S = 64 and 128, for CI; its numbers mean nothing.)
 """
 from __future__ import annotations
 
@@ -27,17 +28,30 @@ from benchmarks.memory import MemoryMonitor
 from refdiff.diffusion import SDComponents, run_capture
 from refdiff.schedule import scaled_linear_alphas_cumprod
 from refdiff.sd import bundled_config
-from refdiff.testing.sd import (SD15_TEXT_CONFIG, SDXL_TEXT_G_CONFIG, SDXL_TEXT_L_CONFIG, _seeded,
-                                text_encoder_from_config, text_encoder_with_projection_from_config)
+from refdiff.testing.sd import (SD15_TEXT_CONFIG, SDXL_TEXT_G_CONFIG, SDXL_TEXT_L_CONFIG, TINY_TEXT_CONFIG,
+                                TINY_UNET_CONFIG, _seeded, text_encoder_from_config,
+                                text_encoder_with_projection_from_config, tiny_sdxl, unet_from_config)
 from refdiff.tokenizer import OPEN_CLIP_PAD_TOKEN, clip_tokenizer
 
 PROMPT = "the black horse jumping on the left, "
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build(name: str, dtype: torch.dtype) -> SDComponents:
-    """Random-weight SD 2.1 base ("sd2") or SDXL base ("sdxl"): full-size UNet, two-layer text encoders."""
+def build(name: str, dtype: torch.dtype, tiny: bool = False) -> SDComponents:
+    """Random-weight SD 2.1 base ("sd2") or SDXL base ("sdxl"): full-size UNet, two-layer text encoders (tiny:
+    refdiff.testing's tiny SD 2.x-shaped and SDXL-shaped models)."""
     from diffusers import UNet2DConditionModel
+
+    if tiny and name == "sdxl":
+        sd = tiny_sdxl(0, dtype=dtype)
+        sd.vae = None
+        return sd
+    if tiny:
+        with _seeded(0):
+            unet = unet_from_config({**TINY_UNET_CONFIG, "use_linear_projection": True}, dtype=dtype)
+            text = text_encoder_from_config(TINY_TEXT_CONFIG, dtype=dtype)
+        return SDComponents(unet=unet, vae=None, text_encoder=text, tokenizer=clip_tokenizer(),
+                            alphas_cumprod=scaled_linear_alphas_cumprod(0.00085, 0.012, 1000), dtype=dtype)
 
     short = {"num_hidden_layers": 2, "intermediate_size": 512}
     with _seeded(0):
@@ -84,22 +98,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, choices=(1, 2), default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tiny", action="store_true", help="tiny models at S = 64 and 128 (CI smoke test)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     rows = {}
-    for name, size in (("sd2", 512), ("sdxl", 1024)):
-        sd = build(name, dtype)
+    sizes = {"sd2": 64, "sdxl": 128} if args.tiny else {"sd2": 512, "sdxl": 1024}
+    for name, size in sizes.items():
+        sd = build(name, dtype, args.tiny)
         rows[name] = measure(sd, size, args.steps)
         print(name, json.dumps(rows[name]), file=sys.stderr, flush=True)
         del sd
         gc.collect()
-    ratios = {"s_per_step_sdxl_over_sd2": round(rows["sdxl"]["s_per_step"] / rows["sd2"]["s_per_step"], 2),
-              "rss_delta_sdxl_over_sd2": round(rows["sdxl"]["rss_delta_mb"] / rows["sd2"]["rss_delta_mb"], 2),
-              "rss_peak_sdxl_over_sd2": round(rows["sdxl"]["rss_peak_mb"] / rows["sd2"]["rss_peak_mb"], 2)}
+    def ratio(key: str) -> float | None:
+        below = rows["sd2"][key]
+        return round(rows["sdxl"][key] / below, 2) if below > 0 else None
+
+    ratios = {"s_per_step_sdxl_over_sd2": ratio("s_per_step"), "rss_delta_sdxl_over_sd2": ratio("rss_delta_mb"),
+              "rss_peak_sdxl_over_sd2": ratio("rss_peak_mb")}
     out = {"what": "capture stage (UNet steps, CFG batch 2, factor-4 cross-attention logits)",
-           "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "dtype": args.dtype, "tiny": bool(args.tiny), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "models": {"sd2": "SD 2.1 base at S = 512",
                                                                           "sdxl": "SDXL base 1.0 at S = 1024"},
            "rows": rows, "ratios": ratios}

@@ -206,3 +206,16 @@ def test_slow_measurements_use_their_own_counts():
     m, _ = timer.measure("fast", lambda: calls.append(2))
     assert calls.count(2) == 4 and len(m.times) == 3  # the others keep repeats + warm-up
     assert Timer(device=torch.device("cpu"), repeats=2, warmup=1).counts(slow=True) == (2, 1)  # default: same
+
+
+def test_sdxl_capture_benchmark_runs_on_tiny_models(capsys):
+    """benchmarks/sdxl_capture.py --tiny: both rows, their layer counts and grids, and the ratios."""
+    from benchmarks import sdxl_capture
+
+    out = sdxl_capture.main(["--tiny", "--dtype", "fp32", "--threads", "1"])
+    sd2, sdxl = out["rows"]["sd2"], out["rows"]["sdxl"]
+    assert sd2["map_grid"] == [2, 2] and sdxl["map_grid"] == [4, 4]  # latent / 4 at S = 64 and 128
+    assert sdxl["layers_per_step"] == 12  # the tiny SDXL's factor-4 level: 3 + 3 + 2 x 3 transformers
+    assert sd2["steps"] == sdxl["steps"] == 2 and all(t > 0 for t in sd2["step_s"] + sdxl["step_s"])
+    assert out["ratios"]["s_per_step_sdxl_over_sd2"] > 0
+
