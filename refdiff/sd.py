@@ -208,7 +208,8 @@ def _check_pipeline_listing(listing: Mapping[str, Any], name: str) -> None:
     cls = str(listing.get("_class_name", "?"))
     if "transformer" in listing or "prior" in listing:
         raise ModelLoadError(f"{name} holds a {cls} model; {_SUPPORTED_NOTE}")
-    if listing.get("requires_aesthetics_score") or "Img2Img" in cls or _is_null(listing.get("text_encoder")):
+    if listing.get("requires_aesthetics_score") or ("text_encoder_2" in listing
+                                                    and _is_null(listing.get("text_encoder"))):
         raise ModelLoadError(f"{name} holds an SDXL refiner ({cls}: no CLIP-L text encoder, aesthetic-score "
                              f"conditioning); {_SUPPORTED_NOTE}")
     needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
