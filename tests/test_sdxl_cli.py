@@ -62,3 +62,20 @@ def test_segment_runs_an_sdxl_file(tmp_path: Path, tiny_sam_and_clip: dict, with
     mask = np.asarray(Image.open(tmp_path / "m.png"))
     assert mask.shape == (45, 67) and set(np.unique(mask)) <= {0, 255}
     assert json.loads((tmp_path / "s.json").read_text())["root_token"] == "box"
+
+
+def test_eval_loads_an_sdxl_file_with_its_vae(tmp_path: Path, tiny_sam_and_clip: dict) -> None:
+    """`refdiff eval`'s model loader reads --sd / --sd-config / --vae; the SDXL loads through the real loader."""
+    from refdiff.cli import build_parser
+    from refdiff.cli.eval import load_model
+
+    sd = tiny_sdxl(0)
+    model = write_sdxl_file(sd, tmp_path / "sd_xl_tiny.safetensors")
+    config = tiny_config_folder(sd, tmp_path / "cfg")
+    other = tiny_sdxl(4).vae
+    other.save_pretrained(tmp_path / "vae")
+    args = build_parser().parse_args(["eval", "--dataset", "refcoco", "--split", "val", "-o", str(tmp_path / "o"),
+                                      "--sd", str(model), "--sd-config", str(config), "--vae", str(tmp_path / "vae")])
+    loaded = load_model(args, {"image_size": 128}).sd
+    assert loaded.is_sdxl and not loaded.upcast_vae
+    assert all(np.array_equal(v.numpy(), other.state_dict()[k].numpy()) for k, v in loaded.vae.state_dict().items())
