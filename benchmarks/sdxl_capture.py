@@ -20,6 +20,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +37,17 @@ from refdiff.tokenizer import OPEN_CLIP_PAD_TOKEN, clip_tokenizer
 
 PROMPT = "the black horse jumping on the left, "
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` for the block (parameters are created in it)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def build(name: str, dtype: torch.dtype, tiny: bool = False) -> SDComponents:
@@ -54,9 +67,10 @@ def build(name: str, dtype: torch.dtype, tiny: bool = False) -> SDComponents:
                             alphas_cumprod=scaled_linear_alphas_cumprod(0.00085, 0.012, 1000), dtype=dtype)
 
     short = {"num_hidden_layers": 2, "intermediate_size": 512}
-    with _seeded(0):
+    with _seeded(0), _default_dtype(dtype):  # built in dtype: SDXL's UNet never exists in fp32 (10.3 GB)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(bundled_config(name) / "unet")))
-        unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+    unet = unet.eval().requires_grad_(False)
+    with _seeded(0):
         if name == "sdxl":
             text = text_encoder_from_config({**SDXL_TEXT_L_CONFIG, **short}, dtype=dtype)
             text_2 = text_encoder_with_projection_from_config({**SDXL_TEXT_G_CONFIG, **short}, dtype=dtype)
