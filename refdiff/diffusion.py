@@ -53,6 +53,7 @@ class SDComponents:
     dtype: torch.dtype = torch.float32
     text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection (CLIP-G: hidden states + pooled)
     tokenizer_2: Any = None  # SDXL: CLIP-G's tokenizer (the same BPE, padded with "!" = id 0)
+    upcast_vae: bool = False  # encode in float32 when the VAE is fp16 (SDXL's own VAE overflows fp16)
 
     @property
     def is_sdxl(self) -> bool:
@@ -79,19 +80,26 @@ class SDComponents:
 
 
 def encode_latent(vae: Any, pixels: torch.Tensor, latent_from: str = "sample",
-                  generator: torch.Generator | None = None, scaling_factor: float = 0.18215) -> torch.Tensor:
+                  generator: torch.Generator | None = None, scaling_factor: float = 0.18215,
+                  upcast: bool = False) -> torch.Tensor:
     """VAE latent of pixels [B, 3, S, S] in [-1, 1]: posterior sample or mean, times scaling_factor, float32.
 
     The VAE computes in its weights' dtype; an fp16 encode that overflows (a non-finite posterior: SD's VAE
-    can exceed fp16's range on some images) is computed again with the encoder in float32. The sample's
+    can exceed fp16's range on some images) is computed again with the encoder in float32; ``upcast`` encodes
+    fp16 VAEs in float32 from the start (SDXL's VAE overflows on most images). The sample's
     noise is drawn on the generator's device (CPU generators: same numbers on every device).
     """
     if latent_from not in ("sample", "mean"):
         raise InputError(f"latent_from must be 'sample' or 'mean', got {latent_from!r}")
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise InputError(f"pixels must have shape [B, 3, S, S], got {tuple(pixels.shape)}")
-    dist = _posterior(vae, pixels)
-    if next(vae.parameters()).dtype == torch.float16 and not _finite_posterior(dist):
+    half = next(vae.parameters()).dtype == torch.float16
+    if half and upcast:
+        with _encoder_in_float32(vae):
+            dist = _posterior(vae, pixels)
+    else:
+        dist = _posterior(vae, pixels)
+    if half and not upcast and not _finite_posterior(dist):
         with _encoder_in_float32(vae):  # fp16 overflowed: this image is encoded again in float32
             dist = _posterior(vae, pixels)
     mean = dist.mean.float()
@@ -507,7 +515,8 @@ def encode_image(sd: SDComponents, pixels: torch.Tensor, latent_from: str = "sam
     (seed + 1 keeps the posterior noise independent of the injection noise, which run_capture draws with seed.)
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
-    return encode_latent(sd.vae, pixels, latent_from=latent_from, generator=gen, scaling_factor=sd.scaling_factor)
+    return encode_latent(sd.vae, pixels, latent_from=latent_from, generator=gen, scaling_factor=sd.scaling_factor,
+                         upcast=sd.upcast_vae)
 
 
 def unet_predictor(sd: SDComponents, context: torch.Tensor, use_cfg: bool = True,

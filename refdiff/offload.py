@@ -18,7 +18,7 @@ import torch
 from .devices import as_device, same_device
 from .errors import InputError
 
-SD_PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder")
+SD_PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "text_encoder_2")
 OFFLOAD_DEVICE = torch.device("cpu")
 
 
@@ -73,7 +73,8 @@ def offload_sd(sd: Any, device: str | torch.device, offload_device: str | torch.
     ``offload_device``: inputs of every stage go to the compute device, idle weights stay off it."""
     device, offload_device = as_device(device), as_device(offload_device)
     for name in SD_PARTS:
-        move_to(getattr(sd, name), offload_device)
+        if getattr(sd, name, None) is not None:  # text_encoder_2: SDXL only
+            move_to(getattr(sd, name), offload_device)
     release_cache(device)
     if dataclasses.is_dataclass(sd) and not isinstance(sd, type):
         return dataclasses.replace(sd, device=device)
@@ -87,7 +88,9 @@ def sd_on_device(sd: Any, parts: Sequence[str], offload_device: str | torch.devi
     """Bring the named parts of an offloaded ``sd`` (e.g. ("unet", "text_encoder")) to ``sd.device`` for the
     block, then back to ``offload_device``."""
     _check_parts(parts)
-    with all_on_device([getattr(sd, name) for name in parts], sd.device, offload_device) as device:
+    names = list(parts) + (["text_encoder_2"] if "text_encoder" in parts and "text_encoder_2" not in parts else [])
+    models = [getattr(sd, name, None) for name in names]
+    with all_on_device([m for m in models if m is not None], sd.device, offload_device) as device:
         yield device
 
 

@@ -189,12 +189,14 @@ class RefDiff:
     @classmethod
     def from_pretrained(cls, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                        sd_config: str | None = None, offload: bool = False, **kwargs: Any) -> "RefDiff":
+                        sd_config: str | None = None, offload: bool = False, sd_vae: str | None = None,
+                        **kwargs: Any) -> "RefDiff":
         """Build from weights: ``sd`` a diffusers folder, hub id or single .safetensors/.ckpt file; ``sam`` a SAM
         (.pth) or SAM 2 / 2.1 (.pt, .safetensors) checkpoint, detected from its keys; ``clip`` an open_clip "MODEL/TAG" or a local file. None means the published weights
         (SD 1.5, SAM vit_h, CLIP ViT-B/16 openai), downloaded by the libraries' own caches. Models load on
-        first use. ``sd_config`` names the configuration of a single-file checkpoint (sd1, sd2, sd2-v or a
-        diffusers-layout folder) when it cannot be detected. ``offload=True`` loads the models on the CPU and
+        first use. ``sd`` may be SD 1.x/2.x or SDXL base (detected); ``sd_vae`` replaces its VAE (a diffusers
+        VAE folder or .safetensors file, e.g. an fp16-safe SDXL VAE). ``sd_config`` names the configuration of a
+        single-file checkpoint (sd1, sd2, sd2-v, sdxl or a diffusers-layout folder) when it cannot be detected. ``offload=True`` loads the models on the CPU and
         moves each to ``device`` only for its stage (see ``RefDiff``); dtype defaults follow ``device``."""
         from .clip import load_clip
         from .sam2_models import load_any_sam
@@ -206,7 +208,8 @@ class RefDiff:
             sd_dtype, load_to = resolve_dtype(dtype, compute), _offload.OFFLOAD_DEVICE
         else:
             sd_dtype, load_to = dtype, device
-        return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=load_to, dtype=sd_dtype, config=sd_config)),
+        return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=load_to, dtype=sd_dtype, config=sd_config,
+                                                            vae=sd_vae)),
                    sam=_Lazy(loader=lambda: load_any_sam(sam, device=load_to)),
                    clip=_Lazy(loader=lambda: load_clip(clip, device=load_to, dtype=dtype)),
                    preset=preset, offload=offload, device=compute, **kwargs)

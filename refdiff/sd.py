@@ -1,12 +1,14 @@
-"""Load Stable Diffusion 1.x / 2.x for the generative stage as ``SDComponents``.
+"""Load Stable Diffusion 1.x / 2.x or SDXL (base) for the generative stage as ``SDComponents``.
 
 Sources: a diffusers folder (``model_index.json``), a Hugging Face hub id, or a single checkpoint file
 (``.safetensors`` / ``.ckpt`` in the original LDM key layout, as ComfyUI keeps them in
 ``models/checkpoints``). Single files load fully offline: their architecture comes from the small diffusers
 configuration folders bundled in ``refdiff/configs`` (``sd1``: SD 1.x; ``sd2``: SD 2.x base, 512 px,
-epsilon; ``sd2-v``: SD 2.x 768-v, v-prediction) or from a folder passed as ``config=``.
+epsilon; ``sd2-v``: SD 2.x 768-v, v-prediction; ``sdxl``: SDXL base 1.0) or from a folder passed as ``config=``.
 
-The family is read from the weights (cross-attention context dim 768 -> ``sd1``, 1024 -> ``sd2``).
+The family is read from the weights (cross-attention context dim 768 -> ``sd1``, 1024 -> ``sd2``; CLIP-L plus
+OpenCLIP ViT-bigG text encoders and context 2048 -> ``sdxl``). The SDXL refiner (OpenCLIP-G alone, context
+1280, aesthetic-score conditioning) is refused: it was not trained to denoise from high noise levels.
 Whether an SD 2.x model predicts epsilon or v cannot be read from its weights: ``sd2`` is assumed unless
 the file carries a ``v_pred`` marker key (ComfyUI writes one) or ``config="sd2-v"`` is passed.
 
@@ -40,16 +42,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-BUNDLED_CONFIGS: tuple[str, ...] = ("sd1", "sd2", "sd2-v")
+BUNDLED_CONFIGS: tuple[str, ...] = ("sd1", "sd2", "sd2-v", "sdxl")
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 (transformers layout)
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: OpenAI CLIP ViT-L/14 (transformers layout)
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG/14
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP ViT-bigG/14 alone
 CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 IN_CONV_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 V_PRED_KEY = "v_pred"  # marker key ComfyUI saves in v-prediction checkpoints
-FAMILY_CONTEXT_DIM: dict[str, int] = {"sd1": 768, "sd2": 1024}
+FAMILY_CONTEXT_DIM: dict[str, int] = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 SD2_PAD_TOKEN = "!"  # OpenCLIP pads with id 0 ("!"), and SD 2.x was trained so
 HUB_FILES: tuple[str, ...] = (
     "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
@@ -60,26 +65,29 @@ _CONFIG_FILES: tuple[str, ...] = ("unet/config.json", "vae/config.json", "text_e
                                   "scheduler/scheduler_config.json")
 # Markers of model families this loader does not support, checked in order: (key substring, family name).
 _UNSUPPORTED_MARKERS: tuple[tuple[str, str], ...] = (
-    ("conditioner.embedders.1.", "SDXL"),
-    ("conditioner.embedders.0.model.", "SDXL refiner"),
+    (SDXL_REFINER_PREFIX, "SDXL refiner"),
     ("joint_blocks.", "SD3 / SD3.5"),
     ("double_blocks.", "Flux"),
     ("control_model.", "ControlNet"),
     ("clip_txt_mapper.", "Stable Cascade"),
 )
 _IN_CHANNEL_FAMILIES: dict[int, str] = {9: "SD inpainting", 8: "InstructPix2Pix", 7: "SD x4 upscaler"}
-_FAMILY_NAMES: dict[str, str] = {"sd1": "SD 1.x (CLIP ViT-L/14)", "sd2": "SD 2.x (OpenCLIP ViT-H/14)"}
-_SUPPORTED_NOTE = "refdiff supports Stable Diffusion 1.x and 2.x checkpoints (UNet + VAE + text encoder)"
+_FAMILY_NAMES: dict[str, str] = {"sd1": "SD 1.x (CLIP ViT-L/14)", "sd2": "SD 2.x (OpenCLIP ViT-H/14)",
+                                 "sdxl": "SDXL (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14)"}
+_SUPPORTED_NOTE = ("refdiff supports Stable Diffusion 1.x, 2.x and SDXL base checkpoints (UNet + VAE + text "
+                   "encoders); the SDXL refiner is not supported, use the SDXL base model")
 
 
 # ------------------------------------------------------------------------------------------ entry point
 def load_sd(source: str | Path | None = None, *, device: str | torch.device | None = None,
             dtype: str | torch.dtype | None = None, config: str | Path | None = None,
-            local_files_only: bool | None = None) -> "SDComponents":
-    """Load SD 1.x/2.x from a diffusers folder, a hub id (default: SD 1.5) or a single .safetensors/.ckpt file.
+            local_files_only: bool | None = None, vae: str | Path | None = None) -> "SDComponents":
+    """Load SD 1.x/2.x or SDXL from a diffusers folder, a hub id (default: SD 1.5) or a single checkpoint file.
 
-    ``config`` (single files only): "sd1", "sd2", "sd2-v" or a diffusers-layout folder describing the model;
-    by default the bundled configuration of the detected family. Models come back in eval mode, frozen.
+    ``config`` (single files only): "sd1", "sd2", "sd2-v", "sdxl" or a diffusers-layout folder describing the
+    model; by default the bundled configuration of the detected family. ``vae`` replaces the model's VAE (a
+    diffusers VAE folder or a .safetensors file, e.g. an fp16-safe SDXL VAE). Models come back in eval mode,
+    frozen. SDXL's own VAE overflows in fp16, so with it fp16 models encode images in float32.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -100,7 +108,9 @@ def load_sd(source: str | Path | None = None, *, device: str | torch.device | No
         raise ModelLoadError(f"Stable Diffusion model {str(path)!r} does not exist: pass an existing "
                              ".safetensors/.ckpt file, a diffusers folder (with model_index.json) or a hub id "
                              "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
-    return _finish(parts, dev, dt)
+    if vae is not None:
+        parts.vae = load_vae(vae, like=parts.vae, dtype=dt)
+    return _finish(parts, dev, dt, upcast_vae=vae is None)
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -128,11 +138,14 @@ def _reject_config(config: str | Path | None, source: object) -> None:
                          "own configuration: leave config unset")
 
 
-def _finish(parts: Any, device: torch.device, dtype: torch.dtype) -> "SDComponents":
-    """Move the models to device/dtype, freeze them, and bundle them as SDComponents."""
+def _finish(parts: Any, device: torch.device, dtype: torch.dtype, upcast_vae: bool = True) -> "SDComponents":
+    """Move the models to device/dtype, freeze them, and bundle them as SDComponents (SDXL with its own VAE:
+    fp16 images are encoded in float32, ``upcast_vae``)."""
     from .diffusion import SDComponents
 
-    for model in (parts.unet, parts.vae, parts.text_encoder):
+    models = [parts.unet, parts.vae, parts.text_encoder] + [m for m in (getattr(parts, "text_encoder_2", None),)
+                                                            if m is not None]
+    for model in models:
         if any(p.dtype != dtype for p in model.parameters()):
             model.to(dtype=dtype)  # (diffusers warns on every dtype cast, so cast only when needed)
         model.to(device=device)
@@ -141,7 +154,14 @@ def _finish(parts: Any, device: torch.device, dtype: torch.dtype) -> "SDComponen
     limit = int(getattr(parts.text_encoder.config, "max_position_embeddings", 77))
     if getattr(parts.tokenizer, "model_max_length", limit) > limit:
         parts.tokenizer.model_max_length = limit  # tokenizers saved without it report 1e30
-    return SDComponents.from_pipeline(parts)
+    tok2 = getattr(parts, "tokenizer_2", None)
+    if tok2 is not None and getattr(tok2, "model_max_length", limit) > limit:
+        tok2.model_max_length = limit
+    sd = SDComponents.from_pipeline(parts)
+    if sd.is_sdxl and (sd.text_encoder_2 is None or sd.tokenizer_2 is None):
+        raise ModelLoadError(f"the SDXL model lacks its second text encoder or tokenizer; {_SUPPORTED_NOTE}")
+    sd.upcast_vae = bool(upcast_vae and sd.is_sdxl)
+    return sd
 
 
 # ---------------------------------------------------------------------------------- folders and hub
@@ -184,26 +204,59 @@ def load_from_hub(repo_id: str, *, dtype: torch.dtype = torch.float32,
 
 
 def _check_pipeline_listing(listing: Mapping[str, Any], name: str) -> None:
-    """Refuse diffusers folders of other families (SDXL, SD3, Flux, ...) with a clear message."""
+    """Refuse diffusers folders of other families (SDXL refiner, SD3, Flux, ...) with a clear message."""
     cls = str(listing.get("_class_name", "?"))
-    if "text_encoder_2" in listing or "transformer" in listing or "prior" in listing:
+    if "transformer" in listing or "prior" in listing:
         raise ModelLoadError(f"{name} holds a {cls} model; {_SUPPORTED_NOTE}")
-    missing = [k for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if k not in listing]
+    if listing.get("requires_aesthetics_score") or ("text_encoder_2" in listing
+                                                    and _is_null(listing.get("text_encoder"))):
+        raise ModelLoadError(f"{name} holds an SDXL refiner ({cls}: no CLIP-L text encoder, aesthetic-score "
+                             f"conditioning); {_SUPPORTED_NOTE}")
+    needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+        ("text_encoder_2", "tokenizer_2") if _is_sdxl_listing(listing) else ())
+    missing = [k for k in needed if k not in listing or _is_null(listing.get(k))]
     if missing:
         raise ModelLoadError(f"{name} ({cls}) lacks the components {missing}; {_SUPPORTED_NOTE}")
 
 
-def _from_pretrained(name: str, *, dtype: torch.dtype, local_files_only: bool | None) -> Any:
-    """StableDiffusionPipeline.from_pretrained without safety checker / feature extractor."""
-    from diffusers import StableDiffusionPipeline
+def _is_null(entry: Any) -> bool:
+    """Whether a model_index.json component entry is absent ([null, null])."""
+    return isinstance(entry, (list, tuple)) and all(e is None for e in entry)
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "feature_extractor": None,
-                              "requires_safety_checker": False}
+
+def _is_sdxl_listing(listing: Mapping[str, Any]) -> bool:
+    """Whether a model_index.json lists SDXL's second text encoder."""
+    return "text_encoder_2" in listing and not _is_null(listing.get("text_encoder_2"))
+
+
+def _pipeline_listing(name: str, local_files_only: bool | None) -> Mapping[str, Any]:
+    """The model_index.json of a folder or hub repository (fetched alone for a hub id)."""
+    from diffusers import DiffusionPipeline
+
+    kwargs = {} if local_files_only is None else {"local_files_only": bool(local_files_only)}
+    return DiffusionPipeline.load_config(name, **kwargs)
+
+
+def _from_pretrained(name: str, *, dtype: torch.dtype, local_files_only: bool | None) -> Any:
+    """StableDiffusionPipeline (or StableDiffusionXLPipeline) .from_pretrained without safety checker,
+    feature extractor or watermarker."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    listing = _pipeline_listing(name, local_files_only)
+    _check_pipeline_listing(listing, name)
+    if _is_sdxl_listing(listing):
+        cls: Any = StableDiffusionXLPipeline
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "add_watermarker": False, "image_encoder": None,
+                                  "feature_extractor": None}
+    else:
+        cls = StableDiffusionPipeline
+        kwargs = {"torch_dtype": dtype, "safety_checker": None, "feature_extractor": None,
+                  "requires_safety_checker": False}
     if local_files_only is not None:
         kwargs["local_files_only"] = bool(local_files_only)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(name, **kwargs)
+        pipe = cls.from_pretrained(name, **kwargs)
     if int(pipe.unet.config.in_channels) != 4:
         family = _IN_CHANNEL_FAMILIES.get(int(pipe.unet.config.in_channels), "an unknown family")
         raise ModelLoadError(f"{name} is {family} (UNet input channels {pipe.unet.config.in_channels}); "
@@ -299,7 +352,7 @@ def detect_family(state: Mapping[str, Any], *, name: str = "checkpoint") -> str:
     if in_channels != 4:
         family = _IN_CHANNEL_FAMILIES.get(in_channels, f"a UNet with {in_channels} input channels")
         raise ModelLoadError(f"{name} is {family} (UNet input channels {in_channels}); {_SUPPORTED_NOTE}")
-    missing = [part for part, prefix in (("VAE", VAE_PREFIX), ("text encoder", "cond_stage_model."))
+    missing = [part for part, prefix in (("VAE", (VAE_PREFIX,)), ("text encoder", ("cond_stage_model.", "conditioner.")))
                if not any(k.startswith(prefix) for k in keys)]
     if missing:
         raise ModelLoadError(f"{name} has no {' and no '.join(missing)} weights (a UNet-only file?): "
@@ -307,10 +360,15 @@ def detect_family(state: Mapping[str, Any], *, name: str = "checkpoint") -> str:
     dim = context_dim(state)
     layout = "sd2" if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys) else (
         "sd1" if any(k.startswith(CLIP_PREFIX) for k in keys) else None)
+    if any(k.startswith(SDXL_CLIP_G_PREFIX) for k in keys):
+        if not any(k.startswith(SDXL_CLIP_L_PREFIX) for k in keys):
+            raise ModelLoadError(f"{name} has SDXL's OpenCLIP-G text encoder but no CLIP-L "
+                                 f"({SDXL_CLIP_L_PREFIX}*): an incomplete SDXL checkpoint; {_SUPPORTED_NOTE}")
+        layout = "sdxl"
     by_dim = {v: k for k, v in FAMILY_CONTEXT_DIM.items()}.get(dim) if dim is not None else None
     if layout is None:
-        raise ModelLoadError(f"{name}: unknown text encoder layout (neither {CLIP_PREFIX}* nor "
-                             f"{OPEN_CLIP_PREFIX}*); {_SUPPORTED_NOTE}")
+        raise ModelLoadError(f"{name}: unknown text encoder layout (neither {CLIP_PREFIX}*, {OPEN_CLIP_PREFIX}* "
+                             f"nor {SDXL_CLIP_G_PREFIX}*); {_SUPPORTED_NOTE}")
     if by_dim is not None and by_dim != layout:
         raise ModelLoadError(f"{name} has the text encoder of {_FAMILY_NAMES[layout]} but a UNet of context dim "
                              f"{dim} (that of {_FAMILY_NAMES[by_dim]}): an unknown mix; {_SUPPORTED_NOTE}")
@@ -320,7 +378,7 @@ def detect_family(state: Mapping[str, Any], *, name: str = "checkpoint") -> str:
 
 
 def bundled_config(name: str) -> Path:
-    """Folder of a bundled diffusers-layout configuration: "sd1", "sd2" or "sd2-v"."""
+    """Folder of a bundled diffusers-layout configuration: "sd1", "sd2", "sd2-v" or "sdxl"."""
     key = str(name).strip().lower()
     if key not in BUNDLED_CONFIGS:
         raise InputError(f"unknown config {name!r}: use one of {', '.join(BUNDLED_CONFIGS)} or a diffusers "
@@ -333,10 +391,11 @@ def resolve_config(state: Mapping[str, Any], config: str | Path | None = None, *
     """(configuration folder, family) for a single-file state dict; bundled by default, checked against it."""
     family = detect_family(state, name=name)
     if config is not None and not isinstance(config, (str, os.PathLike)):
-        raise InputError(f"config must be 'sd1', 'sd2', 'sd2-v' or a folder, got {config!r}")
+        raise InputError(f"config must be one of {', '.join(BUNDLED_CONFIGS)} or a folder, got {config!r}")
     if config is not None and Path(config).expanduser().is_dir():
         folder = Path(config).expanduser()
-        missing = [f for f in _CONFIG_FILES if not (folder / f).is_file()]
+        missing = [f for f in _CONFIG_FILES + (("text_encoder_2/config.json",) if family == "sdxl" else ())
+                   if not (folder / f).is_file()]
         if missing:
             raise ModelLoadError(f"config folder {folder} lacks {missing}: pass a diffusers-layout folder "
                                  "(model_index.json, unet/, vae/, text_encoder/, scheduler/ configs)")
@@ -347,7 +406,7 @@ def resolve_config(state: Mapping[str, Any], config: str | Path | None = None, *
             raise ModelLoadError(f"config folder {str(config)!r} does not exist")
         folder = bundled_config(key)
         if key.split("-")[0] != family.split("-")[0]:
-            fits = "'sd2' or 'sd2-v'" if family.startswith("sd2") else "'sd1'"
+            fits = "'sd2' or 'sd2-v'" if family.startswith("sd2") else f"'{family}'"
             raise ModelLoadError(f"{name} is a {family} checkpoint but config={config!r} was given; use {fits}")
         family = key
     else:
@@ -366,7 +425,8 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None,
                      dtype: torch.dtype = torch.float32) -> SimpleNamespace:
     """Build UNet, VAE, text encoder, tokenizer and scheduler from one LDM-layout checkpoint, offline.
 
-    Returns a pipeline-like namespace (unet, vae, text_encoder, tokenizer, scheduler) on the CPU.
+    Returns a pipeline-like namespace (unet, vae, text_encoder, tokenizer, scheduler; SDXL: text_encoder_2,
+    tokenizer_2 too) on the CPU.
     """
     path = Path(path)
     state = read_checkpoint(path)
@@ -374,6 +434,14 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None,
     log.info("loading %s as %s with the configuration in %s", path, family, folder)
     unet = _load_unet(state, folder, dtype, str(path))
     vae = _load_vae(state, folder, dtype, str(path))
+    if family == "sdxl":
+        text_l = _load_clip_l(state, folder / "text_encoder", SDXL_CLIP_L_PREFIX, dtype, str(path))
+        text_g = _load_clip_g(state, folder / "text_encoder_2", dtype, str(path))
+        del state
+        return SimpleNamespace(unet=unet, vae=vae, text_encoder=text_l, text_encoder_2=text_g,
+                               tokenizer=_load_tokenizer(folder, "sd1"),
+                               tokenizer_2=_load_tokenizer(folder, "sd2", sub="tokenizer_2"),
+                               scheduler=_load_scheduler(folder))
     text_encoder = _load_text_encoder(state, folder, family, dtype, str(path))
     del state  # weights the models do not use (EMA copies, ...) are freed here
     return SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder,
@@ -403,6 +471,35 @@ def _load_vae(state: Mapping[str, torch.Tensor], folder: Path, dtype: torch.dtyp
     vae_state = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     weights = convert_ldm_vae_checkpoint(vae_state, model.config)
     return _assign_strict(model, weights, dtype, f"{name} (VAE)", folder / "vae")
+
+
+def load_vae(source: str | Path, *, like: Any = None, dtype: torch.dtype = torch.float32) -> Any:
+    """An AutoencoderKL replacing a model's VAE: a diffusers VAE folder (config.json + weights, e.g.
+    madebyollin/sdxl-vae-fp16-fix) or a .safetensors file in the diffusers or LDM key layout, built with the
+    configuration of ``like`` (the model's own VAE)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"vae folder {path} has no config.json: pass a diffusers VAE folder or a "
+                                 ".safetensors VAE file")
+        try:
+            return AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        except Exception as exc:  # missing or broken weight files
+            raise ModelLoadError(f"cannot load the VAE folder {path} ({type(exc).__name__}: {exc})") from exc
+    if not path.is_file():
+        raise ModelLoadError(f"vae {str(path)!r} does not exist: pass a diffusers VAE folder or a .safetensors file")
+    if like is None:
+        raise InputError("load_vae of a single file needs like= (the VAE whose configuration it shares)")
+    state = read_checkpoint(path)
+    state = {k.removeprefix(VAE_PREFIX): v for k, v in state.items()}
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(like.config)
+    if not any(k.startswith("encoder.down_blocks.") for k in state):  # LDM layout (encoder.down.0.block.0...)
+        state = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in state.items()}, model.config)
+    return _assign_strict(model, state, dtype, f"{path} (VAE)", path)
 
 
 def _check_weights(expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], name: str,
@@ -455,13 +552,50 @@ def _load_text_encoder(state: Mapping[str, torch.Tensor], folder: Path, family: 
     return CLIPTextModel.from_pretrained(None, config=cfg, state_dict=weights)
 
 
-def _load_tokenizer(folder: Path, family: str) -> Any:
+def _load_clip_l(state: Mapping[str, torch.Tensor], config_dir: Path, prefix: str, dtype: torch.dtype,
+                 name: str) -> Any:
+    """A CLIPTextModel of config_dir from transformers-layout weights under prefix (SDXL's CLIP-L)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig.from_pretrained(str(config_dir), local_files_only=True)
+    weights = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(prefix)},
+                                          remove_prefix=prefix)
+    return _text_model(CLIPTextModel, cfg, weights, dtype, f"{name} (CLIP-L text encoder)", config_dir)
+
+
+def _load_clip_g(state: Mapping[str, torch.Tensor], config_dir: Path, dtype: torch.dtype, name: str) -> Any:
+    """A CLIPTextModelWithProjection of config_dir from SDXL's OpenCLIP ViT-bigG weights (with its projection)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig.from_pretrained(str(config_dir), local_files_only=True)
+    text_state = {k: v for k, v in state.items() if k.startswith(SDXL_CLIP_G_PREFIX)}
+    weights = convert_open_clip_checkpoint(SimpleNamespace(config=cfg), text_state, prefix=SDXL_CLIP_G_PREFIX)
+    return _text_model(CLIPTextModelWithProjection, cfg, weights, dtype, f"{name} (OpenCLIP-G text encoder)",
+                       config_dir)
+
+
+def _text_model(cls: Any, cfg: Any, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, name: str,
+                config_dir: Path) -> Any:
+    """A transformers text model of cfg from converted weights, checked strictly."""
+    with torch.device("meta"):
+        probe = cls(cfg)
+    wrapped = hasattr(probe, "text_model")  # transformers >= 5.6 has no text_model level
+    weights = {(("text_model." + k.removeprefix("text_model.")) if wrapped and not k.startswith("text_projection")
+                else k.removeprefix("text_model.")): v for k, v in weights.items()}
+    expected = probe.state_dict()
+    _check_weights(expected, weights, name, config_dir)
+    return cls.from_pretrained(None, config=cfg, state_dict={k: weights[k].to(dtype) for k in expected})
+
+
+def _load_tokenizer(folder: Path, family: str, sub: str = "tokenizer") -> Any:
     """The config folder's own tokenizer/ if it has one, else the offline CLIP BPE (pad "!" for SD 2.x)."""
     from transformers import CLIPTokenizer
 
     from .tokenizer import MODEL_MAX_LENGTH, clip_tokenizer, clip_tokenizer_folder
 
-    own = folder / "tokenizer"
+    own = folder / sub
     if (own / "vocab.json").is_file() and (own / "merges.txt").is_file():
         try:
             return CLIPTokenizer.from_pretrained(str(own), local_files_only=True)

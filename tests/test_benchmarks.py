@@ -223,3 +223,16 @@ def test_external_scoring_and_sam2_benchmarks_run_in_short_mode(tmp_path):
     amg = json.loads((tmp_path / "sam2.json").read_text())
     assert amg["reference"] == "sam_tiny" and set(amg["ratios"]) == {"sam2.1_tiny_test"}
     assert amg["amg"]["points_per_side"] == 4
+
+
+def test_sdxl_capture_benchmark_runs_on_tiny_models(capsys):
+    """benchmarks/sdxl_capture.py --tiny: both rows, their layer counts and grids, and the ratios."""
+    from benchmarks import sdxl_capture
+
+    out = sdxl_capture.main(["--tiny", "--dtype", "fp32", "--threads", "1"])
+    sd2, sdxl = out["rows"]["sd2"], out["rows"]["sdxl"]
+    assert sd2["map_grid"] == [2, 2] and sdxl["map_grid"] == [4, 4]  # latent / 4 at S = 64 and 128
+    assert sdxl["layers_per_step"] == 12  # the tiny SDXL's factor-4 level: 3 + 3 + 2 x 3 transformers
+    assert sd2["steps"] == sdxl["steps"] == 2 and all(t > 0 for t in sd2["step_s"] + sdxl["step_s"])
+    assert out["ratios"]["s_per_step_sdxl_over_sd2"] > 0
+

@@ -82,7 +82,7 @@ def tiny_from_pretrained(seen: dict):
     from refdiff.testing.sd import tiny_sd
 
     def fake(cls, sd=None, sam=None, clip=None, preset="official", device=None, dtype=None, sd_config=None,
-             **kwargs):
+             sd_vae=None, **kwargs):
         seen.update(sd=sd, sam=sam, clip=clip, preset=preset, device=device, dtype=dtype, kwargs=kwargs)
         return RefDiff(sd=tiny_sd(), sam=tiny_sam(), clip=tiny_clip(), preset=preset, **kwargs)
 
@@ -172,7 +172,7 @@ def test_image_size_and_set_image_size_must_agree(tmp_path, image, loud_loaders,
     assert "--image-size 512 and --set image_size=768 disagree" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["sam", "sd-file", "sd-folder", "clip", "sd-config", "image", "device",
+@pytest.mark.parametrize("case", ["sam", "sd-file", "sd-folder", "clip", "sd-config", "vae", "image", "device",
                                   "output", "overlay-folder"])
 def test_every_named_file_is_checked_before_any_model_loads(case, tmp_path, image, loud_loaders, monkeypatch,
                                                             capsys):
@@ -187,7 +187,9 @@ def test_every_named_file_is_checked_before_any_model_loads(case, tmp_path, imag
         "sd-folder": (["--sd", str(empty)], None, [f"--sd {empty}: the folder has no model_index.json"]),
         "clip": (["--clip", str(tmp_path / "clip.safetensors")], None,
                  [f"--clip {tmp_path / 'clip.safetensors'}: no such file", "ViT-B-16/openai"]),
-        "sd-config": (["--sd-config", "sd3"], None, ["--sd-config sd3: neither one of sd1, sd2, sd2-v"]),
+        "sd-config": (["--sd-config", "sd3"], None, ["--sd-config sd3: neither one of sd1, sd2, sd2-v, sdxl"]),
+        "vae": (["--vae", str(tmp_path / "sdxl_vae.safetensors")], None,
+                [f"--vae {tmp_path / 'sdxl_vae.safetensors'}: no such file or folder", "leave --vae out"]),
         "image": ([], tmp_path / "nope.png", ["nope.png", "no such file"]),
         "device": (["--device", "cuda"], None, ["--device cuda:", "CUDA is not available"]),
         "output": (["-o", str(tmp_path / "mask.msk")], None, ["-o/--output", "cannot write an image", ".png"]),

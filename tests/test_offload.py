@@ -225,7 +225,7 @@ def test_from_pretrained_with_offload_loads_on_the_cpu_in_the_compute_dtype(mode
     assert parked.device == torch.device("cuda") and module_device(parked.unet) == torch.device("cpu")
     model.sam, model.clip
     cpu = torch.device("cpu")
-    assert calls["sd"] == dict(device=cpu, dtype=torch.float16, config=None)
+    assert calls["sd"] == dict(device=cpu, dtype=torch.float16, config=None, vae=None)
     assert calls["sam"] == dict(device=cpu) and calls["clip"] == dict(device=cpu, dtype=None)
     plain = RefDiff.from_pretrained(device="cuda")
     assert plain.device is None and not plain.offload

@@ -220,19 +220,20 @@ def test_folder_without_model_index(tmp_path: Path) -> None:
     assert str(tmp_path) in str(err.value)
 
 
-def test_sdxl_folder_is_refused(tmp_path: Path) -> None:
+def test_incomplete_sdxl_folder_names_its_missing_parts(tmp_path: Path) -> None:
     listing = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
     (tmp_path / "model_index.json").write_text(json.dumps(listing))
-    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline.*1.x and 2.x"):
+    with pytest.raises(ModelLoadError, match=r"StableDiffusionXLPipeline\) lacks the components \['vae', "
+                                             r"'text_encoder', 'tokenizer', 'scheduler', 'tokenizer_2'\]"):
         rsd.load_sd(tmp_path)
 
 
 def test_bad_config_argument_fails_before_reading(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"never read")
-    with pytest.raises(InputError, match="'sdxl' is neither one of sd1, sd2, sd2-v"):
-        rsd.load_sd(path, config="sdxl")
+    with pytest.raises(InputError, match="'sdxl-v' is neither one of sd1, sd2, sd2-v, sdxl"):
+        rsd.load_sd(path, config="sdxl-v")
     with pytest.raises(InputError, match="config must be"):
         rsd.load_sd(path, config=2)  # type: ignore[arg-type]
 
@@ -387,8 +388,10 @@ def test_detection_accepts_shapes() -> None:
 def test_config_family_mismatch_and_bad_names() -> None:
     with pytest.raises(ModelLoadError, match="sd1 checkpoint.*'sd2'"):
         rsd.resolve_config(_ldm_like(768), "sd2")
-    with pytest.raises(InputError, match="unknown config 'sdxl'"):
+    with pytest.raises(ModelLoadError, match="sd1 checkpoint but config='sdxl'.*'sd1'"):
         rsd.resolve_config(_ldm_like(768), "sdxl")
+    with pytest.raises(InputError, match="unknown config 'sd3'"):
+        rsd.resolve_config(_ldm_like(768), "sd3")
     with pytest.raises(ModelLoadError, match="does not exist"):
         rsd.resolve_config(_ldm_like(768), "/no/such/config")
     with pytest.raises(ModelLoadError, match=r"text encoder of SD 1.x .* context dim 1024 \(that of SD 2.x"):
@@ -396,13 +399,13 @@ def test_config_family_mismatch_and_bad_names() -> None:
 
 
 @pytest.mark.parametrize("extra, family", [
-    ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}, "SDXL"),
+    ({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}, "SDXL refiner"),
     ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,)}, "SD3"),
     ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux"),
 ])
 def test_unsupported_families_are_named(extra: dict, family: str) -> None:
     state = {k: torch.empty(s, device="meta") for k, s in extra.items()}
-    with pytest.raises(ModelLoadError, match=f"{family}.*Stable Diffusion 1.x and 2.x"):
+    with pytest.raises(ModelLoadError, match=f"{family}.*Stable Diffusion 1.x, 2.x and SDXL base"):
         rsd.detect_family(state)
 
 
@@ -419,10 +422,10 @@ def test_inpainting_and_partial_files_are_named() -> None:
 
 
 def test_unsupported_family_file_names_file_and_family(tmp_path: Path) -> None:
-    path = tmp_path / "sd_xl_base_1.0.safetensors"
-    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(4),
+    path = tmp_path / "sd_xl_refiner_1.0.safetensors"
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(path))
-    with pytest.raises(ModelLoadError, match="sd_xl_base_1.0.safetensors is a SDXL checkpoint"):
+    with pytest.raises(ModelLoadError, match="sd_xl_refiner_1.0.safetensors is a SDXL refiner checkpoint"):
         rsd.load_sd(path)
 
 
@@ -432,7 +435,7 @@ def test_bundled_configs_are_the_published_architectures() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     want = {"sd1": (859_520_964, 83_653_863, 123_060_480), "sd2": (865_910_724, 83_653_863, 340_387_840),
-            "sd2-v": (865_910_724, 83_653_863, 340_387_840)}
+            "sd2-v": (865_910_724, 83_653_863, 340_387_840), "sdxl": (2_567_463_684, 83_653_863, 123_060_480)}
     for name in rsd.BUNDLED_CONFIGS:
         folder = rsd.bundled_config(name)
         with torch.device("meta"):
@@ -448,7 +451,13 @@ def test_bundled_configs_are_the_published_architectures() -> None:
         scheduler = rsd._load_scheduler(folder)
         assert type(scheduler).__name__ == sched["_class_name"]
         torch.testing.assert_close(scheduler.alphas_cumprod, scaled_linear_alphas_cumprod(0.00085, 0.012, 1000))
-        assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == 0.18215
+        scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+        assert scaling == (0.13025 if name == "sdxl" else 0.18215)
+    from transformers import CLIPTextModelWithProjection
+    with torch.device("meta"):  # SDXL's OpenCLIP ViT-bigG/14 text tower with its projection
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(
+            str(rsd.bundled_config("sdxl") / "text_encoder_2")))
+    assert sum(p.numel() for p in clip_g.parameters()) == 694_659_840
     text2 = json.loads((rsd.bundled_config("sd2") / "text_encoder" / "config.json").read_text())
     assert (text2["hidden_size"], text2["num_hidden_layers"], text2["hidden_act"]) == (1024, 23, "gelu")
 

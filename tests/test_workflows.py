@@ -23,7 +23,7 @@ MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), 
                ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
             "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted", "ref-diff-external-masks",
-            "ref-diff-spatial", "ref-diff-flux"}
+            "ref-diff-spatial", "ref-diff-flux", "ref-diff-sdxl"}
 NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
 EXAMPLE = REPO / "assets" / "refdiff-example.png"
 
@@ -204,7 +204,7 @@ def test_ablation_notes_name_the_wire_the_graph_lacks():
     full = next(n for n in load(WORKFLOWS / "api" / "ref-diff.json").values() if n["class_type"] == "RefDiffFuseSelect")
     assert {"generative", "discriminative"} <= set(full["inputs"])
     cut = {name for name in EXPECTED if "Cut from the full graph" in builder.TEMPLATES[name].description}
-    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting", "ref-diff-flux"}
+    assert cut == EXPECTED - {"ref-diff", "ref-diff-inpainting", "ref-diff-flux", "ref-diff-sdxl"}
 
 
 def test_workflows_load_the_shipped_example_image():

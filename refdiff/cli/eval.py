@@ -101,7 +101,7 @@ def build_manifest(args: argparse.Namespace, evalset: EvalSet, variants: list[st
     return {"dataset": evalset.dataset, "split": evalset.split, "split_by": evalset.split_by,
             "text": "phrase" if evalset.dataset == "phrasecut" else args.text, "preset": args.preset,
             "overrides": overrides, "seed": args.seed, "sd": model_path(args.sd), "sam": model_path(args.sam),
-            "clip": model_path(args.clip), "sd_config": model_path(args.sd_config),
+            "clip": model_path(args.clip), "sd_config": model_path(args.sd_config), "vae": model_path(args.vae),
             "dtype": args.dtype, "variants": variants,
             "n_sentences": evalset.n_sentences, "limit": args.limit, "refdiff_version": __version__}
 
@@ -112,7 +112,7 @@ def load_model(args: argparse.Namespace, overrides: dict[str, Any], device: str 
 
     return RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
                                    device=args.device if device is None else device, dtype=args.dtype,
-                                   sd_config=args.sd_config, offload=args.offload, **overrides)
+                                   sd_config=args.sd_config, sd_vae=args.vae, offload=args.offload, **overrides)
 
 
 def _print_summary(out_dir: Path) -> None:

@@ -40,8 +40,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                              "written (default: official)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the VAE sample and the injected noise (default: 0)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="side S of the square fed to Stable Diffusion (default: the preset's, 1024); "
-                             "512 is about 4x faster and changes results")
+                        help="side S of the square fed to Stable Diffusion (default: the preset's, 1024, which "
+                             "is also SDXL's training resolution); 512 is about 4x faster and changes results "
+                             "(SDXL below 1024 leaves its training resolution)")
     parser.add_argument("--proposal-mode", choices=("automatic", "prompted"), default=None,
                         help="how SAM proposals are made: automatic (SAM's automatic mask generator on a 32 x 32 point "
                              "grid, as the paper) or prompted (SAM prompted at the peaks of the generative map c: "
@@ -53,12 +54,18 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                              "the fields and their defaults are listed in docs/METHOD.md)")
     g = parser.add_argument_group("models (default: the published weights, downloaded once)")
     g.add_argument("--sd", metavar="PATH_OR_ID", default=None,
-                   help="Stable Diffusion 1.x/2.x: a diffusers folder, a hub id, or a single .safetensors/.ckpt "
-                        "checkpoint (e.g. ComfyUI's models/checkpoints/v1-5-pruned-emaonly.safetensors). "
+                   help="Stable Diffusion 1.x/2.x or SDXL base: a diffusers folder, a hub id, or a single "
+                        ".safetensors/.ckpt checkpoint (e.g. ComfyUI's models/checkpoints/v1-5-pruned-emaonly"
+                        ".safetensors or sd_xl_base_1.0.safetensors; the family is read from the weights, the "
+                        "SDXL refiner is refused). "
                         f"Default: {DEFAULT_SD}, downloaded to the Hugging Face cache")
     g.add_argument("--sd-config", metavar="NAME_OR_DIR", default=None,
-                   help="configuration for a single-file checkpoint: sd1, sd2, sd2-v, or a diffusers-layout folder "
-                        "(default: detected from the weights)")
+                   help="configuration for a single-file checkpoint: sd1, sd2, sd2-v, sdxl, or a diffusers-layout "
+                        "folder (default: detected from the weights)")
+    g.add_argument("--vae", metavar="PATH", default=None,
+                   help="replace the model's VAE: a diffusers VAE folder or a .safetensors VAE file, e.g. an "
+                        "fp16-safe SDXL VAE such as madebyollin/sdxl-vae-fp16-fix (default: the model's own; "
+                        "SDXL's own VAE encodes in float32 when --dtype is fp16, as it overflows fp16)")
     g.add_argument("--sam", metavar="FILE", default=None,
                    help="SAM checkpoint (sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth) or SAM 2 / 2.1 "
                         "checkpoint (sam2.1_hiera_tiny/small/base_plus/large .pt or .safetensors; detected). "
@@ -208,6 +215,10 @@ def check_model_options(args: argparse.Namespace, device: str | None = None) -> 
             raise ModelLoadError(f"--sd {args.sd}: no such file or folder, and not a hub id (OWNER/NAME); pass "
                                  "an existing .safetensors/.ckpt checkpoint, a diffusers folder (with "
                                  f"model_index.json) or a hub id such as {DEFAULT_SD}, or leave --sd out")
+    vae = getattr(args, "vae", None)
+    if vae is not None and not Path(vae).expanduser().exists():
+        raise ModelLoadError(f"--vae {vae}: no such file or folder; pass a diffusers VAE folder (config.json and "
+                             "weights) or a .safetensors VAE file, or leave --vae out to use the model's own VAE")
     config = args.sd_config
     if config is not None and config.strip().lower() not in BUNDLED_CONFIGS and not Path(config).expanduser().is_dir():
         raise InputError(f"--sd-config {config}: neither one of {', '.join(BUNDLED_CONFIGS)} nor an existing "

@@ -141,7 +141,7 @@ def _segment(args: argparse.Namespace) -> int:
     check_model_options(args)
     check_outputs(args)
     model = RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
-                                    device=args.device, dtype=args.dtype, sd_config=args.sd_config,
+                                    device=args.device, dtype=args.dtype, sd_config=args.sd_config, sd_vae=args.vae,
                                     offload=args.offload, no_noun=args.no_noun, progress=lambda stage: say(f"  {stage} ..."), **overrides)
     start = time.perf_counter()
     with warnings.catch_warnings():  # printed once below, as the user should read them

@@ -24,6 +24,7 @@ OBJECT_INFO = Path(__file__).resolve().parent / "object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 CKPT = "v1-5-pruned-emaonly.safetensors"
+CKPT_SDXL = "sd_xl_base_1.0.safetensors"
 SAM = "sam_vit_h_4b8939.pth"
 CLIP = "ViT-B-16-openai.safetensors"
 IMAGE = "refdiff-example.png"  # assets/refdiff-example.png, copied into ComfyUI's input folder by the pack
@@ -120,10 +121,19 @@ TEMPLATES = {
         "blocks, after a flow noise injection at t = 0.25), then SAM, s_G, s_D and the fusion run unchanged. "
         "Loaded as ComfyUI's Flux templates load it: the diffusion model, CLIP-L + T5 and the VAE. Not an "
         "ablation: nothing is cut; set map_kind to concept for ConceptAttention's output-space map."),
+    "ref-diff-sdxl": Template(
+        "Ref-Diff on SDXL", "RefDiffSegment with an SDXL base checkpoint",
+        "The all-in-one RefDiffSegment node on SDXL base instead of SD 1.5: the cross-attention of SDXL's "
+        "factor-4 layers (down_blocks.2, mid_block, up_blocks.0: 60 layers per step, a 32 x 32 map at 1024 px, "
+        "text from CLIP-L and OpenCLIP-G) gives c, which ranks SAM's proposals with CLIP's score. Not an "
+        "ablation: nothing is cut; only the checkpoint differs from the full method. The SDXL refiner is "
+        "refused."),
 }
 # The model files a graph's loaders ask for, named in its note.
+CHECKPOINT_NOTES = {CKPT: f"an SD 1.5 checkpoint in models/checkpoints ({CKPT})",
+                    CKPT_SDXL: f"an SDXL base 1.0 checkpoint in models/checkpoints ({CKPT_SDXL}; not the refiner)"}
 MODEL_NOTES = {
-    "CheckpointLoaderSimple": f"an SD 1.5 checkpoint in models/checkpoints ({CKPT})",
+    "CheckpointLoaderSimple": CHECKPOINT_NOTES[CKPT],
     "RefDiffSAMLoader": f"SAM ViT-H in models/sams ({SAM})",
     "RefDiffCLIPLoader": f"CLIP ViT-B/16 (OpenAI weights, open_clip format) in models/open_clip ({CLIP})",
     "UNETLoader": f"Flux.1 dev in models/diffusion_models ({FLUX_UNET})",
@@ -149,9 +159,10 @@ class Graph:
         return [node_id, slot]
 
 
-def sd_front(g: Graph) -> tuple[str, str]:
+def sd_front(g: Graph, ckpt_name: str = CKPT) -> tuple[str, str]:
     """Checkpoint + image nodes every generative workflow starts with."""
-    ckpt = g.add("CheckpointLoaderSimple", "Load SD 1.5 checkpoint", ckpt_name=CKPT)
+    title = "Load SDXL base checkpoint" if ckpt_name == CKPT_SDXL else "Load SD 1.5 checkpoint"
+    ckpt = g.add("CheckpointLoaderSimple", title, ckpt_name=ckpt_name)
     image = g.add("LoadImage", "Image to segment", image=IMAGE)
     return ckpt, image
 
@@ -334,18 +345,31 @@ def sam_clip() -> Graph:
     return g
 
 
-def inpainting() -> Graph:
-    g = Graph()
-    ckpt, image = sd_front(g)
+def segment_node(g: Graph, ckpt: str, image: str) -> str:
+    """SAM and CLIP loaders and the all-in-one RefDiffSegment node on a checkpoint's MODEL, CLIP and VAE."""
     sam = g.add("RefDiffSAMLoader", "Load SAM", sam_name=SAM, model_type="auto")
     clip_loader = g.add("RefDiffCLIPLoader", "Load CLIP ViT-B/16", clip_name=CLIP, model_name="ViT-B-16",
                         quick_gelu="auto", precision="fp32")
-    segment = g.add("RefDiffSegment", "Ref-Diff: the referred object", model=g.out(ckpt, 0), clip=g.out(ckpt, 1),
-                    vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
-                    image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
-                    keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error", proposal_mode="preset",
-                    sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error",
-                    **DIT_WIDGETS)
+    return g.add("RefDiffSegment", "Ref-Diff: the referred object", model=g.out(ckpt, 0), clip=g.out(ckpt, 1),
+                 vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
+                 image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
+                 keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error", proposal_mode="preset",
+                 sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error",
+                 **DIT_WIDGETS)
+
+
+def ref_diff_sdxl() -> Graph:
+    """RefDiffSegment on an SDXL base checkpoint: the mask saved, the overlay and the score table shown."""
+    g = Graph()
+    ckpt, image = sd_front(g, CKPT_SDXL)
+    outputs(g, segment_node(g, ckpt, image), "ref-diff-sdxl")  # RefDiffSegment's slots match FuseSelect's
+    return g
+
+
+def inpainting() -> Graph:
+    g = Graph()
+    ckpt, image = sd_front(g)
+    segment = segment_node(g, ckpt, image)
     positive = g.add("CLIPTextEncode", "What to paint there", text="a white horse, photo", clip=g.out(ckpt, 1))
     negative = g.add("CLIPTextEncode", "Negative prompt", text="blurry, low quality", clip=g.out(ckpt, 1))
     latent = g.add("VAEEncodeForInpaint", pixels=g.out(image), vae=g.out(ckpt, 2), mask=g.out(segment, 0),
@@ -424,7 +448,7 @@ WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS":
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
                   "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
                   "ref-diff-prompted": ref_diff_prompted, "ref-diff-external-masks": ref_diff_external_masks,
-                  "ref-diff-spatial": ref_diff_spatial, "ref-diff-flux": ref_diff_flux}
+                  "ref-diff-spatial": ref_diff_spatial, "ref-diff-flux": ref_diff_flux, "ref-diff-sdxl": ref_diff_sdxl}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion
@@ -587,7 +611,9 @@ def layout(graph: dict, sizes: dict[str, tuple[int, int]], top: int) -> dict[str
 def note_text(template: Template, graph: dict) -> str:
     """The note a workflow opens with: what it shows, what was cut, the image and the models it needs."""
     loaders = sorted({n["class_type"] for n in graph.values()} & set(MODEL_NOTES))
-    models = "; ".join(MODEL_NOTES[c] for c in loaders)
+    checkpoints = {n["inputs"].get("ckpt_name") for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"}
+    models = "; ".join(CHECKPOINT_NOTES[next(iter(checkpoints))] if c == "CheckpointLoaderSimple" else MODEL_NOTES[c]
+                       for c in loaders)
     return (f"## {template.title}\n\n{template.description}\n\n"
             f"Image: `{IMAGE}` (two horses, copied into ComfyUI's input folder by the pack), text: \"{TEXT}\". "
             f"Models: {models}. Node reference: the pack's docs/NODES.md.")

@@ -15,6 +15,9 @@ layers) in a comfy.sd.CLIP. The checks:
   (UNet converted to diffusers, text encoders to transformers), latent and seed.
 - ``planted``: a capture patch on an SDXL layer key, fed queries aligned with the root token's key inside a
   square, gives that square as the thresholded generative map.
+- ``segment``: RefDiffSegment (the all-in-one node, as the ref-diff-sdxl workflow wires it) runs on the SDXL
+  MODEL and CLIP with a random SD VAE (ComfyUI's own class; SDXL's VAE has SD's architecture), a tiny SAM and a
+  tiny CLIP scorer: a float32 [1, H, W] mask that is one of its proposals, a finite map c of the image's size.
 """
 from __future__ import annotations
 
@@ -244,10 +247,38 @@ def check_planted(nodes, model) -> dict:
             "mask": (c > 0.5).int().tolist(), "planted": planted.int().tolist()}
 
 
+def check_segment(nodes, model, clip) -> dict:
+    import comfy.sd
+    from make_models import vae_state
+
+    from refdiff.testing.clip import tiny_clip
+    from refdiff.testing.sam import tiny_sam
+    from refdiff.sam2_models import sam_model_name
+
+    sn = importlib.import_module(nodes.__name__ + ".segment_node")
+    wt = importlib.import_module(nodes.__name__ + ".wire_types")
+    sam_model = tiny_sam()
+    sam = wt.SamHandle(model=sam_model, model_type=sam_model_name(sam_model), path="tiny-sam")
+    scorer = wt.ClipHandle(scorer=tiny_clip(), path="tiny-clip")
+    vae = comfy.sd.VAE(sd=vae_state(2))
+    image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    image[:, 20:70, 10:60] = torch.tensor([0.8, 0.15, 0.15])  # a red box on the left
+    out = sn.RefDiffSegment.execute(model=model, clip=clip, vae=vae, image=image, text="the red box on the left",
+                                    variant="full", preset="official", seed=0, image_size=128, top_k=3,
+                                    points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                    keep_largest=-1, min_area=0, sam=sam, clip_scorer=scorer).args
+    mask, c, report = out[0], out[1], out[2]
+    return {"mask_shape": list(mask.shape), "mask_dtype": str(mask.dtype), "mask_device": str(mask.device),
+            "mask_values": sorted({float(v) for v in mask.unique()}), "mask_pixels": int(mask.sum()),
+            "c_shape": list(c.shape), "c_finite": bool(torch.isfinite(c).all()), "c_range": float(c.max() - c.min()),
+            "report": str(report)}
+
+
 if __name__ == "__main__":
     pack = load_pack(REPO)
     sdxl = sdxl_model()
     result = {"family": check_family(pack, sdxl), "transparent": check_transparent(pack, sdxl),
               "planted": check_planted(pack, sdxl)}
     result["same_as_library"] = check_same_as_library(pack, sdxl, sdxl_clip())
+    result["segment"] = check_segment(pack, sdxl, sdxl_clip())
     print(json.dumps(result))

@@ -63,3 +63,12 @@ def test_sdxl_comfyui_backend_gives_the_library_maps(sdxl):
     assert all(k.startswith("class_embedding.") for k in r["unet_unexpected"]), r
     assert r["comfy_shape"] == r["lib_shape"] == [72, 4, 4, 77] and r["finite"]
     assert r["cond_diff"] < 1e-4 and r["uncond_diff"] < 1e-4, r
+
+
+def test_refdiff_segment_runs_on_sdxl(sdxl):
+    """The all-in-one node on an SDXL MODEL / CLIP (the ref-diff-sdxl workflow's wiring): a mask and a map."""
+    r = sdxl["segment"]
+    assert r["mask_shape"] == [1, 96, 128] and r["mask_dtype"] == "torch.float32" and r["mask_device"] == "cpu"
+    assert set(r["mask_values"]) <= {0.0, 1.0} and r["mask_pixels"] > 0, r
+    assert r["c_shape"] == [1, 96, 128] and r["c_finite"] and r["c_range"] > 0, r
+    assert "box" in r["report"], r["report"][:2000]
