@@ -236,3 +236,15 @@ def test_sdxl_capture_benchmark_runs_on_tiny_models(capsys):
     assert sd2["steps"] == sdxl["steps"] == 2 and all(t > 0 for t in sd2["step_s"] + sdxl["step_s"])
     assert out["ratios"]["s_per_step_sdxl_over_sd2"] > 0
 
+
+
+def test_sdxl_unet_call_benchmark_runs_on_tiny_models(capsys):
+    """benchmarks/sdxl_unet_call.py --tiny: plain and captured calls alternate, the capture records the factor-4
+    layers, and in float32 the captured call's output equals the plain one's."""
+    from benchmarks import sdxl_unet_call
+
+    out = sdxl_unet_call.main(["--tiny", "--dtype", "fp32", "--threads", "1", "--rounds", "2"])
+    assert len(out["plain_s"]) == len(out["captured_s"]) == 2
+    assert out["captured_layers"] == 12  # the tiny SDXL's factor-4 level
+    assert out["ratio_captured_over_plain"] > 0 and out["output_max_abs"] > 0
+    assert out["output_max_abs_change"] == 0.0

@@ -143,3 +143,26 @@ def test_help_describes_the_proposal_options(capsys):
     for words in ("--proposals MASKS", "folder of PNG masks", "--proposals-resize {error,nearest}",
                   "--proposals-post-filter", "no SAM checkpoint is needed"):
         assert words in out
+
+
+@pytest.mark.parametrize("how", [("--variant", "full+ordinals"), ("--preset", "plus")])
+def test_an_ordinal_in_the_text_picks_the_second_mask_from_the_left(how, image, tmp_path, planted, capsys):
+    """The spatial terms from the command line (a spatial variant, or preset plus, whose prompted proposal mode
+    the given masks replace): "the second box from the left" moves the choice from the planted blob's mask to
+    the second of the three masks by box centre from the left (the file's mask 3: centres x = 4, 10, 50)."""
+    path = write("npz", tmp_path, boxes())
+    plain = cli.main(["segment", str(image), "the second box from the left", "-o", str(tmp_path / "p.png"),
+                      "--json", str(tmp_path / "plain.json"), "--image-size", "64", "--variant", "full",
+                      "--proposals", str(path)])
+    assert plain == 0, capsys.readouterr().err
+    before = json.loads((tmp_path / "plain.json").read_text())
+    assert before["file_indices"][before["chosen"]] == 2  # without the terms: the blob's mask (s_G)
+    option, value = how
+    args = ["segment", str(image), "the second box from the left", "-o", str(tmp_path / "m.png"),
+            "--json", str(tmp_path / "s.json"), "--image-size", "64", "--proposals", str(path), option, value]
+    if option == "--preset":
+        args += ["--variant", "full"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["file_indices"][data["chosen"]] == 3
+    assert any(k.startswith("spatial_ordinal") for k in data["scores"]), sorted(data["scores"])

@@ -11,11 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VARIANT_HELP, VARIANTS
+from ..config import SPATIAL_TERMS, VARIANT_HELP, VARIANTS, get_variant
 from ..errors import InputError, RefDiffError, RefDiffWarning
 from .options import add_shared_arguments, check_model_options, preset_overrides, report_error
 
 PROG = "refdiff segment"
+
+
+def variant_name(text: str) -> str:
+    """--variant's value, lower-cased, once get_variant knows it (a base variant, with spatial terms after '+')."""
+    try:
+        get_variant(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip().lower()
 
 
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +32,11 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="input image file (any format Pillow reads; grayscale/RGBA/16-bit converted)")
     parser.add_argument("text", help='referring expression, e.g. "the black horse jumping on the left"')
     parser.add_argument("-o", "--output", required=True, help="where to write the mask (PNG, white = selected)")
-    parser.add_argument("--variant", default="full", type=str.lower, choices=sorted(VARIANTS),
-                        help=VARIANT_HELP + " (case-insensitive)")
+    parser.add_argument("--variant", default="full", type=variant_name,
+                        metavar="{" + ",".join(sorted(VARIANTS)) + "}[+TERM...]",
+                        help=VARIANT_HELP + " (case-insensitive); spatial terms beyond the paper added after '+': "
+                             f"{', '.join(SPATIAL_TERMS)}, or spatial for all (full+ordinals, full+size+middle, "
+                             "full+spatial)")
     parser.add_argument("--overlay", metavar="OUT.png", default=None, help="also write the image with the mask overlaid")
     parser.add_argument("--json", metavar="SCORES.json", default=None,
                         help="also write root token, direction, every proposal's scores, the choice and timings")

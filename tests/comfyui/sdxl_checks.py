@@ -18,6 +18,9 @@ layers) in a comfy.sd.CLIP. The checks:
 - ``segment``: RefDiffSegment (the all-in-one node, as the ref-diff-sdxl workflow wires it) runs on the SDXL
   MODEL and CLIP with a random SD VAE (ComfyUI's own class; SDXL's VAE has SD's architecture), a tiny SAM and a
   tiny CLIP scorer: a float32 [1, H, W] mask that is one of its proposals, a finite map c of the image's size.
+- ``siblings``: the sibling methods on the SDXL MODEL as their workflows wire them: RefDiffCaptureAttention at
+  every level with self-attention on, then RefDiffSelfAttentionRefine (DiffSegmenter), and
+  RefDiffFeatureClusterProposals (FreeSeg-Diff) on the same latent: what each gives, or the message it stops with.
 """
 from __future__ import annotations
 
@@ -274,6 +277,50 @@ def check_segment(nodes, model, clip) -> dict:
             "report": str(report)}
 
 
+def check_siblings(nodes, model, clip) -> dict:
+    import comfy.sd
+    from make_models import vae_state
+
+    dn = importlib.import_module(nodes.__name__ + ".diffusion_nodes")
+    tn = importlib.import_module(nodes.__name__ + ".text_nodes")
+    rn = importlib.import_module(nodes.__name__ + ".refine_nodes")
+    cn = importlib.import_module(nodes.__name__ + ".cluster_nodes")
+    vae = comfy.sd.VAE(sd=vae_state(2))
+    image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    image[:, 20:70, 10:60] = torch.tensor([0.8, 0.15, 0.15])
+    parse = tn.RefDiffParseText.execute(text="the red box on the left", preset="official", root_rule="preset",
+                                        root_word="", clip=clip).args[0]
+    square = dn.RefDiffPrepareImage.execute(image=image, size=128, resize_filter="lanczos").args[0]
+    latent = {"samples": vae.encode(square[:, :, :, :3])}
+    noised = dn.RefDiffNoiseInjection.execute(latent=latent, seed=0, schedule="preset", preset="official",
+                                              strength=0.1, ddim_steps=20).args[0]
+    out: dict = {}
+    try:
+        attention = dn.RefDiffCaptureAttention.execute(model=model, latent=noised, preset="official", kind="preset",
+                                                       guidance=9.0, use_cfg=True, factor=0, blocks="down,mid,up",
+                                                       steps=0, clip=clip, parse=parse, self_attention=True).args[0]
+        refined = rn.RefDiffSelfAttentionRefine.execute(attention=attention, parse=parse, image=image,
+                                                        preset="official", iterations=1,
+                                                        factor_weights="8:0.3,4:0.5,2:0.1,1:0.1", eps=1e-8,
+                                                        self_factor=0, resize="preset").args[0]
+        out["refine"] = {"shape": list(refined.shape), "finite": bool(torch.isfinite(refined).all()),
+                         "range": float(refined.max() - refined.min()),
+                         "layers": len(attention.layers)}
+    except Exception as exc:  # the message a user would see
+        out["refine"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        proposals = cn.RefDiffFeatureClusterProposals.execute(model=model, latent=latent, image=image, clusters=4,
+                                                              features="queries", feature_factor=4, cluster_factor=2,
+                                                              timestep=0, normalize=True, split_components=True,
+                                                              min_area=0, seed=0, clip=clip).args[0]
+        masks = proposals.masks[0]
+        out["clusters"] = {"n": int(masks.shape[0]), "hw": list(masks.shape[1:]),
+                           "cover": float(masks.any(0).float().mean())}
+    except Exception as exc:
+        out["clusters"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
 if __name__ == "__main__":
     pack = load_pack(REPO)
     sdxl = sdxl_model()
@@ -281,4 +328,5 @@ if __name__ == "__main__":
               "planted": check_planted(pack, sdxl)}
     result["same_as_library"] = check_same_as_library(pack, sdxl, sdxl_clip())
     result["segment"] = check_segment(pack, sdxl, sdxl_clip())
+    result["siblings"] = check_siblings(pack, sdxl, sdxl_clip())
     print(json.dumps(result))

@@ -72,3 +72,15 @@ def test_refdiff_segment_runs_on_sdxl(sdxl):
     assert set(r["mask_values"]) <= {0.0, 1.0} and r["mask_pixels"] > 0, r
     assert r["c_shape"] == [1, 96, 128] and r["c_finite"] and r["c_range"] > 0, r
     assert "box" in r["report"], r["report"][:2000]
+
+
+def test_sibling_methods_run_on_sdxl(sdxl):
+    """DiffSegmenter's refined map (capture at every level with self-attention, then SelfAttentionRefine) and
+    FreeSeg-Diff's feature clusters run on an SDXL MODEL: a finite map of the image's size, and masks that cover
+    the image."""
+    r = sdxl["siblings"]
+    assert "error" not in r["refine"], r["refine"]
+    assert r["refine"]["shape"] == [1, 96, 128] and r["refine"]["finite"] and r["refine"]["range"] > 0
+    assert r["refine"]["layers"] == 43  # the factor-4 level (36) and the factor-2 level (7)
+    assert "error" not in r["clusters"], r["clusters"]
+    assert r["clusters"]["n"] >= 1 and r["clusters"]["hw"] == [96, 128] and r["clusters"]["cover"] > 0.5
