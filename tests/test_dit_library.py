@@ -1,0 +1,140 @@
+"""The library's Flux backend (refdiff.dit) on tiny random diffusers Flux models: the capture leaves the
+transformer unchanged, records the attention the model computes, and places words at their T5 pieces."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from refdiff import dit
+from refdiff.capture import token_map
+from refdiff.stores import AttentionStore
+from refdiff.testing.flux import tiny_flux, tiny_t5_tokenizer
+from refdiff.text import word_token_positions
+
+COMFY_T5 = Path("/work/comfyui/comfy/text_encoders/t5_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def flux() -> dit.FluxComponents:
+    return tiny_flux(seed=0)
+
+
+def _inputs(flux: dit.FluxComponents, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    grid = (3, 4)
+    return dict(hidden_states=torch.randn(1, 12, 64, generator=g), encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.25]),
+                img_ids=dit.image_ids(grid), txt_ids=torch.zeros(7, 3), guidance=torch.tensor([3.5]),
+                return_dict=False)
+
+
+def test_capture_leaves_the_output_bit_identical_and_restores_processors(flux):
+    tr = flux.transformer
+    before = [b.attn.processor for b in tr.transformer_blocks]
+    with torch.no_grad():
+        plain = tr(**_inputs(flux))[0]
+        store = AttentionStore(kind="probs")
+        with dit.capture_joint_attention(tr, [0, 1], store, (3, 4)):
+            captured = tr(**_inputs(flux))[0]
+    assert torch.equal(plain, captured)
+    assert [b.attn.processor for b in tr.transformer_blocks] == before
+    maps = store.maps()
+    assert maps.cond.shape == (2, 3, 4, 7)
+    assert maps.layers == ("step0/double_blocks.0", "step0/double_blocks.1")
+
+
+def test_recorded_probs_are_the_softmax_the_model_attends_with(flux, monkeypatch):
+    """q and k as the model's attention call receives them (diffusers' dispatch), softmax computed by hand."""
+    import diffusers.models.transformers.transformer_flux as tf
+
+    seen = []
+    original = tf.dispatch_attention_fn
+
+    def spy(query, key, value, **kw):
+        seen.append((query.clone(), key.clone()))
+        return original(query, key, value, **kw)
+
+    monkeypatch.setattr(tf, "dispatch_attention_fn", spy)
+    store = AttentionStore(kind="probs")
+    with torch.no_grad(), dit.capture_joint_attention(flux.transformer, [1], store, (3, 4)):
+        flux.transformer(**_inputs(flux, seed=1))
+    q, k = seen[1]  # block 1's joint attention, [B, L, heads, dh] with the 7 text tokens first
+    scores = torch.einsum("blhd,bmhd->bhlm", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    expected = scores.softmax(-1)[:, :, 7:, :7].mean(1)  # image rows, text columns, heads averaged
+    got = store.maps().cond[0].reshape(12, 7)
+    assert torch.allclose(got.double(), expected[0], atol=1e-5)
+
+
+def test_planted_joint_attention_gives_its_mask():
+    """A block whose q/k projections are the identity: image tokens of the top row carry the pattern of text
+    token 0, the bottom row that of text token 1. After QK-norm each head's score is 4 for equal patterns and
+    0 otherwise, so an image token gives e^4 / (3 e^4 + 3) to its own text token and 1 / (3 e^4 + 3) to the
+    other (3 matching keys of 6)."""
+    tr = tiny_flux(seed=3).transformer
+    attn = tr.transformer_blocks[0].attn
+    with torch.no_grad():
+        for lin in (attn.to_q, attn.to_k, attn.add_q_proj, attn.add_k_proj):
+            lin.weight.copy_(torch.eye(32))
+            lin.bias.zero_()
+    a = torch.zeros(32)
+    a[[0, 16]] = 5.0  # the pattern in both heads
+    b = torch.zeros(32)
+    b[[1, 17]] = 5.0
+    img = torch.stack([a, a, b, b])[None]  # grid 2 x 2: top row a, bottom row b
+    txt = torch.stack([a, b])[None]
+    store = AttentionStore(kind="probs")
+    with torch.no_grad(), dit.capture_joint_attention(tr, [0], store, (2, 2)):
+        attn(hidden_states=img, encoder_hidden_states=txt)
+    probs = store.maps().cond[0]  # [2, 2, 2]
+    hi, lo = math.exp(4) / (3 * math.exp(4) + 3), 1 / (3 * math.exp(4) + 3)
+    expected = torch.tensor([[[hi, lo], [hi, lo]], [[lo, hi], [lo, hi]]])
+    assert torch.allclose(probs, expected, atol=1e-4)
+    mask = token_map(probs[None], 0) > 0.5
+    assert mask.tolist() == [[True, True], [False, False]]
+
+
+def test_a_word_cut_into_t5_pieces_keeps_all_of_them():
+    tok = tiny_t5_tokenizer()
+    prompt = "the dog beside the snowboarder, "
+    start = prompt.index("snowboarder")
+    pieces = word_token_positions(prompt, (start, start + len("snowboarder")), tok)
+    ids = tok(prompt)["input_ids"]
+    assert pieces == [4, 5, 6]
+    assert tok.convert_ids_to_tokens([ids[p] for p in pieces]) == ["▁snow", "board", "er"]
+    assert word_token_positions(prompt, (4, 7), tok) == [1]  # "dog": one piece; position 0 is "the"
+
+
+@pytest.mark.skipif(not COMFY_T5.is_dir(), reason="T5's real tokenizer (ComfyUI's copy) is not here")
+def test_real_t5_tokenizer_pieces_spell_the_word():
+    from transformers import T5TokenizerFast
+
+    tok = T5TokenizerFast.from_pretrained(str(COMFY_T5), local_files_only=True)
+    prompt = "the skateboarder beside a dog, "
+    start = prompt.index("skateboarder")
+    pieces = word_token_positions(prompt, (start, start + len("skateboarder")), tok)
+    ids = tok(prompt)["input_ids"]
+    assert pieces[0] == 1 and len(pieces) >= 2
+    assert "".join(tok.convert_ids_to_tokens([ids[p] for p in pieces])).lstrip("▁") == "skateboarder"
+
+
+def test_run_flux_capture_maps_over_the_t5_context(flux):
+    latent = dit.encode_image(flux, torch.rand(1, 3, 64, 64) * 2 - 1, seed=0)
+    assert latent.shape == (1, 16, 8, 8)
+    maps = dit.run_flux_capture(flux, latent, "the dog beside the snowboarder, ", seed=0)
+    assert maps.cond.shape == (2, 4, 4, dit.FLUX_T5_TOKENS)  # last 4 of 2 blocks: both; grid latent / 2
+    rows = maps.cond.sum(-1)
+    assert torch.all(rows > 0) and torch.all(rows < 1)  # text shares of softmaxes over text and image keys
+    again = dit.run_flux_capture(flux, latent, "the dog beside the snowboarder, ", seed=0)
+    other = dit.run_flux_capture(flux, latent, "the dog beside the snowboarder, ", seed=1)
+    assert torch.equal(maps.cond, again.cond) and not torch.equal(maps.cond, other.cond)
+
+
+def test_odd_latents_are_padded_to_whole_patches(flux):
+    latent = torch.randn(1, 16, 5, 7)
+    maps = dit.run_flux_capture(flux, latent, "a dog, ", blocks=[1])
+    assert maps.cond.shape[1:3] == (3, 4)
+    x = torch.randn(2, 16, 6, 8)
+    assert torch.equal(dit.unpack_latents(dit.pack_latents(x), (6, 8)), x)
