@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -267,7 +268,90 @@ def run_flux_capture(flux: FluxComponents, latent: torch.Tensor, prompt: str, *,
     return store.maps()
 
 
+
+
+# ---------------------------------------------------------------------------------------------- loading
+FLUX_PIPELINES: tuple[str, ...] = ("FluxPipeline",)
+FLUX_COMPONENTS: tuple[str, ...] = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                    "tokenizer_2")
+SUPPORTED_DIT_NOTE = ("diffusion transformers load from a diffusers Flux.1 folder (dev or schnell, FluxPipeline: "
+                      "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/); other "
+                      "transformer models (SD 3, PixArt, Sana, Flux Fill / Kontext / ControlNet, ...) are not "
+                      "supported by the library, and SD 1.x / 2.x / SDXL load as before")
+
+
+def is_flux_listing(listing: dict) -> bool:
+    """Whether a model_index.json describes a plain Flux.1 text-to-image pipeline."""
+    return str(listing.get("_class_name", "")) in FLUX_PIPELINES
+
+
+def check_dit_listing(listing: dict, name: str) -> None:
+    """Refuse a transformer-based diffusers folder that is not plain Flux, naming its class and what works."""
+    from .errors import ModelLoadError
+
+    cls = str(listing.get("_class_name", "?"))
+    if not is_flux_listing(listing):
+        raise ModelLoadError(f"{name} holds a {cls} model; {SUPPORTED_DIT_NOTE}")
+    missing = [c for c in FLUX_COMPONENTS if not isinstance(listing.get(c), (list, tuple))
+               or all(e is None for e in listing[c])]
+    if missing:
+        raise ModelLoadError(f"{name} ({cls}) lacks the components {missing}; {SUPPORTED_DIT_NOTE}")
+
+
+def _strict(cls: Any, folder: Any, sub: str, dtype: torch.dtype) -> Any:
+    """``cls.from_pretrained(folder/sub)`` offline; a weight missing from the files is an error."""
+    from .errors import ModelLoadError
+
+    path = folder / sub
+    try:
+        model, info = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
+                                          output_loading_info=True)
+    except Exception as exc:  # missing or broken files
+        raise ModelLoadError(f"cannot load {sub}/ of the Flux folder {folder} ({type(exc).__name__}: {exc}); "
+                             f"{SUPPORTED_DIT_NOTE}") from exc
+    missing = list(info.get("missing_keys", []) or []) + list(info.get("mismatched_keys", []) or [])
+    if missing:
+        raise ModelLoadError(f"{sub}/ of {folder} lacks {len(missing)} weight(s) (e.g. {missing[0]}); every "
+                             "weight must come from the files, none is left random")
+    return model.eval().requires_grad_(False)
+
+
+def load_flux_folder(folder: Any, *, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> FluxComponents:
+    """Load a diffusers Flux.1 folder offline and strictly as FluxComponents on ``device`` / ``dtype``."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from .errors import ModelLoadError
+
+    folder = Path(folder)
+    listing = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    check_dit_listing(listing, str(folder))
+    parts = {"transformer": _strict(FluxTransformer2DModel, folder, "transformer", dtype),
+             "vae": _strict(AutoencoderKL, folder, "vae", dtype),
+             "text_encoder": _strict(CLIPTextModel, folder, "text_encoder", dtype),
+             "text_encoder_2": _strict(T5EncoderModel, folder, "text_encoder_2", dtype)}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        tokenizer_2 = T5TokenizerFast.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizers (tokenizer/, tokenizer_2/) of {folder}: {exc}") from exc
+    if int(parts["vae"].config.latent_channels) * 4 != int(parts["transformer"].config.in_channels):
+        raise ModelLoadError(f"{folder}: the VAE's {parts['vae'].config.latent_channels} latent channels do not "
+                             f"pack into the transformer's {parts['transformer'].config.in_channels} inputs; "
+                             f"{SUPPORTED_DIT_NOTE}")
+    for model in parts.values():
+        model.to(device=device)
+    flux = FluxComponents.from_pipeline(SimpleNamespace(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2))
+    flux.upcast_vae = True  # Flux's VAE, like SDXL's, is encoded in float32 when the models are fp16
+    return flux
+
+
 __all__ = ["PATCH_FACTOR", "FLUX_T5_TOKENS", "CLIP_TOKENS", "DEFAULT_FLUX_GUIDANCE", "FluxComponents", "is_dit",
            "encode_image", "pad_to_patches", "pack_latents", "unpack_latents", "image_ids", "t5_ids",
            "encode_flux_text", "joint_qk", "JointCaptureProcessor", "capture_joint_attention", "flux_predictor",
-           "run_flux_capture"]
+           "run_flux_capture", "FLUX_PIPELINES", "SUPPORTED_DIT_NOTE", "is_flux_listing", "check_dit_listing",
+           "load_flux_folder"]

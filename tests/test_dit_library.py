@@ -138,3 +138,66 @@ def test_odd_latents_are_padded_to_whole_patches(flux):
     assert maps.cond.shape[1:3] == (3, 4)
     x = torch.randn(2, 16, 6, 8)
     assert torch.equal(dit.unpack_latents(dit.pack_latents(x), (6, 8)), x)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory) -> Path:
+    from refdiff.testing.flux import tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("flux") / "tiny-flux"
+    tiny_flux_pipeline(seed=0).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_saved_flux_folder_loads_back_offline_with_the_same_weights(flux_folder, flux):
+    from refdiff.sd import load_sd
+
+    loaded = load_sd(flux_folder, device="cpu", dtype=torch.float32)
+    assert isinstance(loaded, dit.FluxComponents) and loaded.has_guidance
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(flux, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert loaded.scaling_factor == pytest.approx(0.3611) and loaded.shift_factor == pytest.approx(0.1159)
+    prompt = "the dog beside the snowboarder, "
+    assert loaded.tokenizer_2(prompt)["input_ids"] == flux.tokenizer_2(prompt)["input_ids"]
+    latent = dit.encode_image(flux, torch.rand(1, 3, 64, 64) * 2 - 1, latent_from="mean")
+    a = dit.run_flux_capture(flux, latent, prompt, seed=2)
+    b = dit.run_flux_capture(loaded, latent, prompt, seed=2)
+    assert torch.equal(a.cond, b.cond)
+
+
+def test_a_flux_folder_missing_a_weight_is_refused(flux_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from refdiff.errors import ModelLoadError
+    from refdiff.sd import load_sd
+
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_folder, broken)
+    weights = broken / "text_encoder_2" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop(next(k for k in state if "layer.1" in k))
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="text_encoder_2/"):
+        load_sd(broken, device="cpu")
+
+
+def test_other_transformer_folders_are_refused_by_name(flux_folder, tmp_path):
+    import json
+    import shutil
+
+    from refdiff.errors import ModelLoadError
+    from refdiff.sd import load_sd
+
+    other = tmp_path / "sd3"
+    shutil.copytree(flux_folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusion3Pipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"StableDiffusion3Pipeline.*diffusers Flux\.1 folder"):
+        load_sd(other, device="cpu")
+    with pytest.raises(Exception, match="leave vae unset"):
+        load_sd(flux_folder, device="cpu", vae=str(flux_folder / "vae"))

@@ -46,20 +46,14 @@ TINY_T5_CONFIG: dict[str, Any] = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_lay
 
 
 def tiny_t5_tokenizer() -> Any:
-    """A T5TokenizerFast over a small unigram vocabulary (T5's specials and pre-tokenisation)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    """A transformers T5 tokenizer (fast: character offsets) over a small unigram vocabulary, built as
+    transformers builds T5's own (its specials, "▁" pre-tokenisation and "</s>" end)."""
     from transformers import T5TokenizerFast
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0) for p in T5_PIECES] + \
         [(c, -5.0) for c in letters] + [("▁" + c, -6.0) for c in letters]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=512)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
 def tiny_t5_encoder(vocab_size: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
