@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,93 @@ def test_other_transformer_folders_are_refused_by_name(flux_folder, tmp_path):
         load_sd(other, device="cpu")
     with pytest.raises(Exception, match="leave vae unset"):
         load_sd(flux_folder, device="cpu", vae=str(flux_folder / "vae"))
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+@pytest.fixture()
+def tiny_sam_and_clip(monkeypatch):
+    from refdiff.testing.clip import tiny_clip
+    from refdiff.testing.sam import tiny_sam
+
+    import refdiff.clip
+    import refdiff.sam2_models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(refdiff.sam2_models, "load_any_sam", lambda *a, **k: tiny_sam())
+    monkeypatch.setattr(refdiff.clip, "load_clip", lambda *a, **k: tiny_clip())
+
+
+SAM_LOOSE = {"sam_points_per_side": 4, "sam_pred_iou_thresh": 0.0, "sam_stability_score_thresh": 0.0,
+             "sam_min_area": 0}
+
+
+def test_refdiff_full_variant_on_a_flux_folder(flux_folder, tiny_sam_and_clip, monkeypatch):
+    """RefDiff.from_pretrained(sd=<Flux folder>): c comes from the joint attention at the root word's last T5
+    piece, then SAM, CLIP and the fusion as for SD."""
+    from refdiff import dit as dit_module
+    from refdiff.pipeline import RefDiff
+    from tiny_runs import two_box_image
+
+    seen = {}
+    real = dit_module.run_flux_capture
+
+    def spy(flux, latent, prompt, **kw):
+        seen.update(prompt=prompt, latent=tuple(latent.shape), tokenizer=flux.tokenizer_2, **kw)
+        out = real(flux, latent, prompt, **kw)
+        seen["maps"] = out
+        return out
+
+    monkeypatch.setattr(dit_module, "run_flux_capture", spy)
+    model = RefDiff.from_pretrained(sd=str(flux_folder), device="cpu", dtype="float32", image_size=64, **SAM_LOOSE)
+    image = two_box_image()
+    result = model(image, "the snowboarder beside the dog", variant="full", seed=0)
+    assert result.mask.shape == image.shape[:2]
+    c = result.attention
+    assert c.shape == image.shape[:2] and torch.isfinite(torch.as_tensor(c)).all()
+    assert seen["latent"] == (1, 16, 8, 8) and seen["prompt"] == "the snowboarder beside the dog, "
+    assert seen["maps"].cond.shape[-1] == dit.FLUX_T5_TOKENS
+    assert result.root_token == "snowboarder" and result.root_position == 3  # "▁snow" "board" "er": the last
+
+
+def test_refdiff_refuses_sd_only_parts_on_flux(flux_folder, tiny_sam_and_clip):
+    from refdiff.errors import InputError
+    from refdiff.pipeline import RefDiff
+    from tiny_runs import two_box_image
+
+    model = RefDiff.from_pretrained(sd=str(flux_folder), device="cpu", dtype="float32", image_size=64, **SAM_LOOSE)
+    with pytest.raises(InputError, match="refined map"):
+        model(two_box_image(), "the dog", variant="g-refine")
+
+
+def test_cli_segment_with_a_flux_folder(flux_folder, tiny_sam_and_clip, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from refdiff import cli
+    from tiny_runs import two_box_image
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(two_box_image()).save(image)
+    argv = ["segment", str(image), "the red car", "-o", str(tmp_path / "m.png"), "--json", str(tmp_path / "s.json"),
+            "--sd", str(flux_folder), "--image-size", "64", "--quiet",
+            *[a for k, v in SAM_LOOSE.items() for a in ("--set", f"{k}={v}")]]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    mask = np.asarray(Image.open(tmp_path / "m.png"))
+    assert mask.shape == two_box_image().shape[:2] and set(np.unique(mask)) <= {0, 255}
+    assert json.loads((tmp_path / "s.json").read_text())["root_token"] == "car"
+
+
+def test_offload_moves_the_flux_transformer_and_keeps_the_result(flux_folder, tiny_sam_and_clip):
+    from refdiff import offload
+    from refdiff.pipeline import RefDiff
+    from tiny_runs import two_box_image
+
+    plain = RefDiff.from_pretrained(sd=str(flux_folder), device="cpu", dtype="float32", image_size=64, **SAM_LOOSE)
+    parked = RefDiff.from_pretrained(sd=str(flux_folder), device="cpu", dtype="float32", image_size=64,
+                                     offload=True, **SAM_LOOSE)
+    a = plain(two_box_image(), "the dog", variant="GS", seed=0)
+    b = parked(two_box_image(), "the dog", variant="GS", seed=0)
+    assert offload.sd_part(parked.sd, "unet") is parked.sd.transformer
+    assert np.array_equal(a.attention, b.attention)
