@@ -7,7 +7,6 @@ image, or several variants of one expression, pay for it once.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -404,17 +403,16 @@ class RefDiff:
         from .capture import token_map
         from .maps import generative_map
 
-        from .dit import is_dit
+        from . import dit
 
         p, sd = self.preset, self.sd
         prompt = parsed.text + p.prompt_suffix
-        if is_dit(sd):  # T5's context is not truncated; c is read from the root word's last T5 piece
+        if dit.is_dit(sd):  # T5's context is not truncated; c is read from the root word's last T5 piece
             if refine:
                 raise InputError("the refined map (DiffSegmenter: UNet cross- and self-attention) needs an SD UNet; "
                                  f"this {sd.family} model gives the joint-attention map: use a variant without "
                                  "refine_map")
-            position = root_token_position(parsed, sd.map_tokenizer, prompt_suffix=p.prompt_suffix,
-                                           max_length=sys.maxsize)
+            position = dit.root_position(sd, parsed, prompt_suffix=p.prompt_suffix)
         else:
             warning = truncation_warning(prompt, sd.tokenizer)
             if warning:
@@ -452,7 +450,7 @@ class RefDiff:
         """The cross-attention captured on the noised latent for ``prompt`` (cached: one UNet call per image,
         prompt and schedule, shared by the root word's map and the other objects' maps)."""
         from .diffusion import run_capture
-        from .dit import is_dit, run_flux_capture
+        from . import dit
 
         p, sd = self.preset, self.sd
         prep = self._prepare(rgb, key, timings)
@@ -462,8 +460,9 @@ class RefDiff:
 
         def capture() -> Any:
             with self._using_sd("unet", "text_encoder"):
-                if is_dit(sd):  # docs/METHOD.md section 15: flow t 0.25, one step, last 4 double blocks
-                    return run_flux_capture(sd, latent, prompt, seed=seed)
+                if dit.is_dit(sd):  # docs/METHOD.md section 15: flow t 0.25, one step, last 4 double blocks
+                    return dit.run_dit_capture(sd, latent, prompt, seed=seed, use_cfg=p.use_cfg,
+                                               guidance_scale=p.guidance_scale)
                 return run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)
 
         return self._timed(timings, "unet", lambda: self._attention.get(("capture", *base_key, p.capture_factor),
@@ -481,8 +480,11 @@ class RefDiff:
         captured = self._captured(rgb, key, prompt, seed, timings)
         combined = captured.combined(p.guidance_scale)
         prep = self._prepare(rgb, key, timings)
-        tokenizer = getattr(sd, "map_tokenizer", sd.tokenizer)  # Flux: T5's positions
-        return relation_maps(expr, combined, lambda rel: word_token_positions(prompt, rel.other_span, tokenizer),
+        from . import dit
+
+        if dit.is_dit(sd):  # positions in the transformer's context (T5; SD 3: CLIP-L then T5)
+            return relation_maps(expr, combined, lambda rel: dit.word_positions(sd, prompt, rel.other_span), prep, p)
+        return relation_maps(expr, combined, lambda rel: word_token_positions(prompt, rel.other_span, sd.tokenizer),
                              prep, p)
 
     def _spatial_inputs(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor, v: Variant,

@@ -127,13 +127,13 @@ def _is_transformer_folder(path: Path) -> bool:
 
 
 def _load_dit_folder(path: Path, device: torch.device, dtype: torch.dtype, vae: str | Path | None) -> Any:
-    """A diffusers Flux.1 folder as FluxComponents (refdiff.dit); any other transformer folder is refused."""
-    from .dit import load_flux_folder
+    """A diffusers Flux.1 or SD 3 folder (refdiff.dit); any other transformer folder is refused."""
+    from .dit import load_dit_folder
 
     if vae is not None:
         raise InputError(f"vae={str(vae)!r} replaces the VAE of SD 1.x / 2.x / SDXL models; {path} is a diffusion "
                          "transformer folder that carries its own: leave vae unset")
-    return load_flux_folder(path, device=device, dtype=dtype)
+    return load_dit_folder(path, device=device, dtype=dtype)
 
 
 def looks_like_hub_id(text: str) -> bool:

@@ -193,12 +193,12 @@ def test_other_transformer_folders_are_refused_by_name(flux_folder, tmp_path):
     from refdiff.errors import ModelLoadError
     from refdiff.sd import load_sd
 
-    other = tmp_path / "sd3"
+    other = tmp_path / "pixart"
     shutil.copytree(flux_folder, other)
     index = json.loads((other / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusion3Pipeline"
+    index["_class_name"] = "PixArtAlphaPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match=r"StableDiffusion3Pipeline.*diffusers Flux\.1 folder"):
+    with pytest.raises(ModelLoadError, match=r"PixArtAlphaPipeline.*diffusers Flux\.1 folder"):
         load_sd(other, device="cpu")
     with pytest.raises(Exception, match="leave vae unset"):
         load_sd(flux_folder, device="cpu", vae=str(flux_folder / "vae"))
@@ -292,3 +292,86 @@ def test_offload_moves_the_flux_transformer_and_keeps_the_result(flux_folder, ti
     b = parked(two_box_image(), "the dog", variant="GS", seed=0)
     assert offload.sd_part(parked.sd, "unet") is parked.sd.transformer
     assert np.array_equal(a.attention, b.attention)
+
+
+# ---------------------------------------------------------------------------------------------- SD 3
+@pytest.fixture(scope="module")
+def sd3():
+    from refdiff.testing.flux import tiny_sd3
+
+    return tiny_sd3(seed=0)
+
+
+def _sd3_inputs(seed: int = 0, batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 16, 6, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 9, 64, generator=g),
+                pooled_projections=torch.randn(batch, 64, generator=g), timestep=torch.tensor([250.0] * batch),
+                return_dict=False)
+
+
+def test_sd3_capture_is_bit_identical_and_records_the_conditional_rows(sd3, monkeypatch):
+    """Batch [uncond, cond]: the output is unchanged, and the map is the cond row's softmax (image tokens
+    first, then the 9 text tokens) over the q / k the model's SDPA call receives."""
+    import torch.nn.functional as F
+
+    tr = sd3.transformer
+    before = [b.attn.processor for b in tr.transformer_blocks]
+    with torch.no_grad():
+        plain = tr(**_sd3_inputs())[0]
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.clone(), k.clone()))
+        return original(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    store = AttentionStore(kind="probs")
+    with torch.no_grad(), dit.capture_joint_attention(tr, [1], store, (3, 4), "SD3", slice(1, 2)):
+        captured = tr(**_sd3_inputs())[0]
+    assert torch.equal(plain, captured)
+    assert [b.attn.processor for b in tr.transformer_blocks] == before
+    q, k = [s for s in seen if s[0].shape[2] == 12 + 9][1]  # block 1's joint attention [B, heads, 21, dh]
+    scores = torch.einsum("bhld,bhmd->bhlm", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    expected = scores.softmax(-1)[1, :, :12, 12:].mean(0)  # cond row; image queries on the text keys
+    maps = store.maps()
+    assert maps.uncond is None and maps.cond.shape == (1, 3, 4, 9)
+    assert torch.allclose(maps.cond[0].reshape(12, 9).double(), expected, atol=1e-5)
+
+
+def test_sd3_word_positions_are_clip_l_then_77_plus_t5(sd3):
+    prompt = "the snowboarder beside the dog, "
+    start = prompt.index("snowboarder")
+    span = (start, start + len("snowboarder"))
+    clip = word_token_positions(prompt, span, sd3.tokenizer)
+    assert clip and clip[0] == 2  # CLIP: start token 0, "the" 1
+    assert dit.word_positions(sd3, prompt, span) == clip + [77 + 1, 77 + 2, 77 + 3]
+
+
+def test_refdiff_on_an_sd3_folder(tmp_path, tiny_sam_and_clip):
+    from refdiff.pipeline import RefDiff
+    from refdiff.sd import load_sd
+    from refdiff.testing.flux import tiny_sd3_pipeline
+    from tiny_runs import two_box_image
+
+    folder = tmp_path / "tiny-sd3"
+    tiny_sd3_pipeline(seed=0).save_pretrained(str(folder))
+    assert isinstance(load_sd(folder, device="cpu"), dit.SD3Components)
+    model = RefDiff.from_pretrained(sd=str(folder), device="cpu", dtype="float32", image_size=64, **SAM_LOOSE)
+    image = two_box_image()
+    result = model(image, "the snowboarder beside the dog", variant="full", seed=0)
+    assert result.mask.shape == image.shape[:2] and np.isfinite(result.attention).all()
+    assert result.root_position == 77 + 3  # the last T5 piece of "snowboarder"
+    import json
+    import shutil
+
+    from refdiff.errors import ModelLoadError
+
+    no_t5 = tmp_path / "no-t5"
+    shutil.copytree(folder, no_t5)
+    index = json.loads((no_t5 / "model_index.json").read_text())
+    index["text_encoder_3"] = [None, None]
+    (no_t5 / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"lacks the components \['text_encoder_3'\]"):
+        load_sd(no_t5, device="cpu")
