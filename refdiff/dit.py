@@ -1,6 +1,7 @@
-"""diffusers backend of the generative stage for Flux.1 (docs/METHOD.md section 15, "library path"): VAE
-encoding with Flux's shift and scale, T5 + CLIP-L text encoding, the flow noise injection and Euler steps of
-``refdiff.flow`` on a diffusers FluxTransformer2DModel, and the capture of its joint attention.
+"""diffusers backend of the generative stage for Flux.1 and SD 3 (docs/METHOD.md section 15, "library path"): VAE
+encoding with the model's shift and scale, T5 + CLIP text encoding, the flow noise injection and Euler steps of
+``refdiff.flow`` on a diffusers FluxTransformer2DModel / SD3Transformer2DModel, and the capture of its joint
+attention.
 
 The capture mirrors the ComfyUI backend (nodes/dit_backend.py): an attention processor on the chosen double
 blocks (``transformer_blocks[i].attn``) calls the block's own processor unchanged, so the transformer computes
