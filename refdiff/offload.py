@@ -129,5 +129,5 @@ class OnDemand:
             release_cache(self.device)
 
 
-__all__ = ["SD_PARTS", "OFFLOAD_DEVICE", "move_to", "release_cache", "on_device", "all_on_device", "offload_sd", "sd_part",
-           "sd_on_device", "OnDemand"]
+__all__ = ["SD_PARTS", "OFFLOAD_DEVICE", "move_to", "release_cache", "on_device", "all_on_device", "offload_sd",
+           "sd_part", "sd_on_device", "OnDemand"]

@@ -26,7 +26,8 @@ def flux() -> dit.FluxComponents:
 def _inputs(flux: dit.FluxComponents, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     grid = (3, 4)
-    return dict(hidden_states=torch.randn(1, 12, 64, generator=g), encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 12, 64, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.25]),
                 img_ids=dit.image_ids(grid), txt_ids=torch.zeros(7, 3), guidance=torch.tensor([3.5]),
                 return_dict=False)

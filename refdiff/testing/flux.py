@@ -151,5 +151,6 @@ def tiny_sd3_pipeline(seed: int = 0) -> Any:
                                     transformer=m.transformer)
 
 
-__all__ = ["TINY_SD3_CONFIG", "TINY_SD3_VAE_CONFIG", "tiny_sd3", "tiny_sd3_pipeline", "T5_PIECES", "TINY_FLUX_CONFIG", "TINY_FLUX_VAE_CONFIG", "TINY_T5_CONFIG", "tiny_t5_tokenizer",
-           "tiny_t5_encoder", "tiny_flux_transformer", "tiny_flux", "tiny_flux_pipeline"]
+__all__ = ["T5_PIECES", "TINY_FLUX_CONFIG", "TINY_FLUX_VAE_CONFIG", "TINY_T5_CONFIG", "TINY_SD3_CONFIG",
+           "TINY_SD3_VAE_CONFIG", "tiny_t5_tokenizer", "tiny_t5_encoder", "tiny_flux_transformer", "tiny_flux",
+           "tiny_flux_pipeline", "tiny_sd3", "tiny_sd3_pipeline"]
