@@ -22,6 +22,12 @@ SD_PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "text_encoder_2")
 OFFLOAD_DEVICE = torch.device("cpu")
 
 
+def sd_part(sd: Any, name: str) -> Any:
+    """The model of a part name; "unet" is a diffusion transformer's ``transformer`` (refdiff.dit.FluxComponents)."""
+    model = getattr(sd, name, None)
+    return getattr(sd, "transformer", None) if model is None and name == "unet" else model
+
+
 def move_to(model: Any, device: torch.device) -> None:
     """Move a model's weights to ``device`` in place (torch modules and ClipScorer both move in place)."""
     model.to(device=device)
@@ -73,8 +79,8 @@ def offload_sd(sd: Any, device: str | torch.device, offload_device: str | torch.
     ``offload_device``: inputs of every stage go to the compute device, idle weights stay off it."""
     device, offload_device = as_device(device), as_device(offload_device)
     for name in SD_PARTS:
-        if getattr(sd, name, None) is not None:  # text_encoder_2: SDXL only
-            move_to(getattr(sd, name), offload_device)
+        if sd_part(sd, name) is not None:  # text_encoder_2: SDXL and Flux only
+            move_to(sd_part(sd, name), offload_device)
     release_cache(device)
     if dataclasses.is_dataclass(sd) and not isinstance(sd, type):
         return dataclasses.replace(sd, device=device)
@@ -89,7 +95,7 @@ def sd_on_device(sd: Any, parts: Sequence[str], offload_device: str | torch.devi
     block, then back to ``offload_device``."""
     _check_parts(parts)
     names = list(parts) + (["text_encoder_2"] if "text_encoder" in parts and "text_encoder_2" not in parts else [])
-    models = [getattr(sd, name, None) for name in names]
+    models = [sd_part(sd, name) for name in names]
     with all_on_device([m for m in models if m is not None], sd.device, offload_device) as device:
         yield device
 
@@ -124,4 +130,4 @@ class OnDemand:
 
 
 __all__ = ["SD_PARTS", "OFFLOAD_DEVICE", "move_to", "release_cache", "on_device", "all_on_device", "offload_sd",
-           "sd_on_device", "OnDemand"]
+           "sd_part", "sd_on_device", "OnDemand"]

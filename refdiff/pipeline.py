@@ -382,9 +382,10 @@ class RefDiff:
 
     def _latent(self, prep: PreparedImage, key: str, seed: int, timings: dict[str, float]) -> torch.Tensor:
         """The scaled VAE latent of the prepared square (cached per image and seed)."""
-        from .diffusion import encode_image
+        from . import diffusion, dit
 
         p, sd = self.preset, self.sd
+        encode_image = dit.encode_image if dit.is_dit(sd) else diffusion.encode_image
 
         def encode() -> torch.Tensor:
             with self._using_sd("vae"):
@@ -402,12 +403,21 @@ class RefDiff:
         from .capture import token_map
         from .maps import generative_map
 
+        from . import dit
+
         p, sd = self.preset, self.sd
         prompt = parsed.text + p.prompt_suffix
-        warning = truncation_warning(prompt, sd.tokenizer)
-        if warning:
-            warnings.warn(warning, stacklevel=3)
-        position = root_token_position(parsed, sd.tokenizer, prompt_suffix=p.prompt_suffix)
+        if dit.is_dit(sd):  # T5's context is not truncated; c is read from the root word's last T5 piece
+            if refine:
+                raise InputError("the refined map (DiffSegmenter: UNet cross- and self-attention) needs an SD UNet; "
+                                 f"this {sd.family} model gives the joint-attention map: use a variant without "
+                                 "refine_map")
+            position = dit.root_position(sd, parsed, prompt_suffix=p.prompt_suffix)
+        else:
+            warning = truncation_warning(prompt, sd.tokenizer)
+            if warning:
+                warnings.warn(warning, stacklevel=3)
+            position = root_token_position(parsed, sd.tokenizer, prompt_suffix=p.prompt_suffix)
         prep = self._prepare(rgb, key, timings)
         latent = self._latent(prep, key, seed, timings)
         schedule = self._schedule(seed)
@@ -440,6 +450,7 @@ class RefDiff:
         """The cross-attention captured on the noised latent for ``prompt`` (cached: one UNet call per image,
         prompt and schedule, shared by the root word's map and the other objects' maps)."""
         from .diffusion import run_capture
+        from . import dit
 
         p, sd = self.preset, self.sd
         prep = self._prepare(rgb, key, timings)
@@ -449,6 +460,9 @@ class RefDiff:
 
         def capture() -> Any:
             with self._using_sd("unet", "text_encoder"):
+                if dit.is_dit(sd):  # docs/METHOD.md section 15: flow t 0.25, one step, last 4 double blocks
+                    return dit.run_dit_capture(sd, latent, prompt, seed=seed, use_cfg=p.use_cfg,
+                                               guidance_scale=p.guidance_scale)
                 return run_capture(sd, latent, prompt, capture_factor=p.capture_factor, **schedule)
 
         return self._timed(timings, "unet", lambda: self._attention.get(("capture", *base_key, p.capture_factor),
@@ -466,6 +480,10 @@ class RefDiff:
         captured = self._captured(rgb, key, prompt, seed, timings)
         combined = captured.combined(p.guidance_scale)
         prep = self._prepare(rgb, key, timings)
+        from . import dit
+
+        if dit.is_dit(sd):  # positions in the transformer's context (T5; SD 3: CLIP-L then T5)
+            return relation_maps(expr, combined, lambda rel: dit.word_positions(sd, prompt, rel.other_span), prep, p)
         return relation_maps(expr, combined, lambda rel: word_token_positions(prompt, rel.other_span, sd.tokenizer),
                              prep, p)
 
@@ -511,6 +529,11 @@ class RefDiff:
                      p.cluster_split, p.cluster_min_area)
 
         def cluster() -> torch.Tensor:
+            from .dit import is_dit
+
+            if is_dit(self.sd):
+                raise InputError("cluster proposals (FreeSeg-Diff) cluster SD UNet features; this "
+                                 f"{self.sd.family} model has none: use SAM proposals")
             with self._using_sd("unet", "text_encoder"):
                 return feature_cluster_proposals(
                     self.sd, latent, "", prep, feature_factor=p.cluster_feature_factor, timestep=p.cluster_timestep,

@@ -37,6 +37,7 @@ from .errors import InputError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion import SDComponents
+    from .dit import FluxComponents
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ _SUPPORTED_NOTE = ("refdiff supports Stable Diffusion 1.x, 2.x and SDXL base che
 # ------------------------------------------------------------------------------------------ entry point
 def load_sd(source: str | Path | None = None, *, device: str | torch.device | None = None,
             dtype: str | torch.dtype | None = None, config: str | Path | None = None,
-            local_files_only: bool | None = None, vae: str | Path | None = None) -> "SDComponents":
-    """Load SD 1.x/2.x or SDXL from a diffusers folder, a hub id (default: SD 1.5) or a single checkpoint file.
+            local_files_only: bool | None = None, vae: str | Path | None = None) -> "SDComponents | FluxComponents":
+    """Load SD 1.x/2.x or SDXL from a diffusers folder, a hub id (default: SD 1.5) or a single checkpoint file;
+    a local diffusers Flux.1 folder loads as ``refdiff.dit.FluxComponents`` (offline, strict).
 
     ``config`` (single files only): "sd1", "sd2", "sd2-v", "sdxl" or a diffusers-layout folder describing the
     model; by default the bundled configuration of the detected family. ``vae`` replaces the model's VAE (a
@@ -100,6 +102,8 @@ def load_sd(source: str | Path | None = None, *, device: str | torch.device | No
         parts = load_single_file(path, config=config, dtype=dt)
     elif path.is_dir():
         _reject_config(config, path)
+        if _is_transformer_folder(path):
+            return _load_dit_folder(path, dev, dt, vae)
         parts = load_diffusers_folder(path, dtype=dt)
     elif looks_like_hub_id(str(src)):
         _reject_config(config, str(src))
@@ -111,6 +115,25 @@ def load_sd(source: str | Path | None = None, *, device: str | torch.device | No
     if vae is not None:
         parts.vae = load_vae(vae, like=parts.vae, dtype=dt)
     return _finish(parts, dev, dt, upcast_vae=vae is None)
+
+
+def _is_transformer_folder(path: Path) -> bool:
+    """Whether a diffusers folder's model_index.json lists a transformer (Flux, SD 3, PixArt, ...)."""
+    index = path / "model_index.json"
+    try:
+        return index.is_file() and "transformer" in json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # load_diffusers_folder reports the unreadable file
+
+
+def _load_dit_folder(path: Path, device: torch.device, dtype: torch.dtype, vae: str | Path | None) -> Any:
+    """A diffusers Flux.1 or SD 3 folder (refdiff.dit); any other transformer folder is refused."""
+    from .dit import load_dit_folder
+
+    if vae is not None:
+        raise InputError(f"vae={str(vae)!r} replaces the VAE of SD 1.x / 2.x / SDXL models; {path} is a diffusion "
+                         "transformer folder that carries its own: leave vae unset")
+    return load_dit_folder(path, device=device, dtype=dtype)
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -207,7 +230,10 @@ def _check_pipeline_listing(listing: Mapping[str, Any], name: str) -> None:
     """Refuse diffusers folders of other families (SDXL refiner, SD3, Flux, ...) with a clear message."""
     cls = str(listing.get("_class_name", "?"))
     if "transformer" in listing or "prior" in listing:
-        raise ModelLoadError(f"{name} holds a {cls} model; {_SUPPORTED_NOTE}")
+        from .dit import SUPPORTED_DIT_NOTE
+
+        raise ModelLoadError(f"{name} holds a {cls} model; {_SUPPORTED_NOTE}; {SUPPORTED_DIT_NOTE} (a local "
+                             "folder, not a hub id)")
     if listing.get("requires_aesthetics_score") or ("text_encoder_2" in listing
                                                     and _is_null(listing.get("text_encoder"))):
         raise ModelLoadError(f"{name} holds an SDXL refiner ({cls}: no CLIP-L text encoder, aesthetic-score "

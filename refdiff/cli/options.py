@@ -57,7 +57,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Stable Diffusion 1.x/2.x or SDXL base: a diffusers folder, a hub id, or a single "
                         ".safetensors/.ckpt checkpoint (e.g. ComfyUI's models/checkpoints/v1-5-pruned-emaonly"
                         ".safetensors or sd_xl_base_1.0.safetensors; the family is read from the weights, the "
-                        "SDXL refiner is refused). "
+                        "SDXL refiner is refused), or a local diffusers Flux.1 / SD 3 folder (joint-attention map, "
+                        "docs/METHOD.md section 15). "
                         f"Default: {DEFAULT_SD}, downloaded to the Hugging Face cache")
     g.add_argument("--sd-config", metavar="NAME_OR_DIR", default=None,
                    help="configuration for a single-file checkpoint: sd1, sd2, sd2-v, sdxl, or a diffusers-layout "
