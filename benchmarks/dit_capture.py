@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -122,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(a.threads)
     comfy_on_path()
     from benchmarks.memory import MemoryMonitor
+    from benchmarks.report import emit
 
     import comfy.sample
     import comfy.samplers
@@ -188,11 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
            "params": params, "dtype": "fp32", "flow_ts": ts, "concepts": 6, "threads": torch.get_num_threads(),
            "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": a.repeats, "rows": rows,
            "estimate_full_flux1": estimate, "flops_per_double_block": flops}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n", encoding="utf-8")
+    emit(out, a.out)
     return out
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 from refdiff import RefDiff
 
+from benchmarks.report import emit
 from benchmarks.workload import MODES, SEED, SENTENCE, build_models, synthetic_image, synthetic_proposals
 
 COUNTS = (1, 10, 50, 200)
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.mode, args.size, tuple(args.counts), args.repeats)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
     return 0
 
 

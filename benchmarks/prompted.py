@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from refdiff import RefDiff
 
+from benchmarks.report import emit
 from benchmarks.workload import MODES, SENTENCE, SENTENCES, build_models, synthetic_image
 
 PROPOSAL_TARGET, END_TO_END_TARGET = 0.05, 0.25
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.mode, args.size)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
     return 0
 
 

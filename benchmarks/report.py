@@ -1,7 +1,9 @@
 """Results as a JSON-ready dict and as Markdown tables."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from .harness import Measurement
@@ -21,6 +23,16 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return value
+
+
+def emit(result: dict[str, Any], out: str | Path | None) -> None:
+    """Print a benchmark's result as JSON and, when ``out`` is given, write it there too (folders created)."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
 
 
 def _f(value: float | None, digits: int = 3) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import resource
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 from refdiff.config import sam_generator_kwargs
 from refdiff.proposals import make_mask_generator, sam_proposals
 
+from benchmarks.report import emit
 from benchmarks.workload import MODES, SEED, synthetic_image
 
 
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.mode, args.repeats)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
     return 0
 
 

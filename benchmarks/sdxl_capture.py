@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.report import emit
 from benchmarks.memory import MemoryMonitor
 from refdiff.diffusion import SDComponents, run_capture
 from refdiff.schedule import scaled_linear_alphas_cumprod
@@ -136,11 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "machine": platform.processor() or platform.machine(), "models": {"sd2": "SD 2.1 base at S = 512",
                                                                           "sdxl": "SDXL base 1.0 at S = 1024"},
            "rows": rows, "ratios": ratios}
-    text = json.dumps(out, indent=1)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(text)
+    emit(out, args.out)
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.report import emit
 from benchmarks.memory import MemoryMonitor
 from benchmarks.sdxl_capture import DTYPES, PROMPT, build
 from refdiff.capture import LayerSelector
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "capture_extra_mb": round(med(captured, "rss_delta_mb") - med(plain, "rss_delta_mb"), 1),
            "rss_peak_mb": max(row["rss_peak_mb"] for row in plain + captured),
            "output_max_abs_change": moved, "output_max_abs": scale}
-    text = json.dumps(out, indent=1)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(text)
+    emit(out, args.out)
     return out
 
 
