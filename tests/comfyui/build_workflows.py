@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import textwrap
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,53 +227,53 @@ def select_node(g: Graph, proposals: str, image: str, generative: str | None, di
     return g.add("RefDiffFuseSelect", "Fuse scores and select (Eq. 1, 2)", **inputs)
 
 
-def ref_diff() -> Graph:
+def score_and_select(g: Graph, image: str, parse: str, c: str, proposals: str, name: str) -> None:
+    """The full method's back half on given proposals: s_G from c, s_D from CLIP, fusion, and the outputs."""
+    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
+                preset="official")
+    s_d = clip_score(g, image, proposals, parse, "ref-diff")
+    outputs(g, select_node(g, proposals, image, s_g, s_d), name)
+
+
+def full_graph(name: str, make_proposals: Callable[[Graph, str, str], str]) -> Graph:
+    """The full method on the SD 1.5 checkpoint, its proposals from ``make_proposals(g, image, c)``."""
     g = Graph()
     ckpt, image = sd_front(g)
     parse = parse_node(g, g.out(ckpt, 1))
     c = generative_chain(g, ckpt, image, parse)
-    proposals = sam_chain(g, image)
-    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
-                preset="official")
-    s_d = clip_score(g, image, proposals, parse, "ref-diff")
-    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff")
+    score_and_select(g, image, parse, c, make_proposals(g, image, c), name)
     return g
+
+
+def ref_diff() -> Graph:
+    return full_graph("ref-diff", lambda g, image, c: sam_chain(g, image))
+
+
+def prompted_sam(g: Graph, image: str, c: str) -> str:
+    """SAM prompted at the peaks of c instead of its automatic point grid."""
+    sam = g.add("RefDiffSAMLoader", "Load SAM", sam_name=SAM, model_type="auto")
+    return g.add("RefDiffPromptedSAM", "Prompted SAM proposals (peaks of c)", sam=g.out(sam),
+                 image=g.out(image), c=g.out(c), preset="official", threshold=0.5, max_prompts=4,
+                 min_distance=0.1, prompt_kind="points+boxes", multimask=True, nms_iou=0.8, min_score=0.0,
+                 post_filter="preset", keep_largest=10, min_area=10000, area_filter="preset")
 
 
 def ref_diff_prompted() -> Graph:
-    """The full method with SAM prompted at the peaks of c instead of its automatic point grid."""
-    g = Graph()
-    ckpt, image = sd_front(g)
-    parse = parse_node(g, g.out(ckpt, 1))
-    c = generative_chain(g, ckpt, image, parse)
-    sam = g.add("RefDiffSAMLoader", "Load SAM", sam_name=SAM, model_type="auto")
-    proposals = g.add("RefDiffPromptedSAM", "Prompted SAM proposals (peaks of c)", sam=g.out(sam),
-                      image=g.out(image), c=g.out(c), preset="official", threshold=0.5, max_prompts=4,
-                      min_distance=0.1, prompt_kind="points+boxes", multimask=True, nms_iou=0.8, min_score=0.0,
-                      post_filter="preset", keep_largest=10, min_area=10000, area_filter="preset")
-    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
-                preset="official")
-    s_d = clip_score(g, image, proposals, parse, "ref-diff")
-    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-prompted")
-    return g
+    """The full method with SAM prompted at the peaks of c."""
+    return full_graph("ref-diff-prompted", prompted_sam)
+
+
+def mask_batch_proposals(g: Graph, image: str, c: str) -> str:
+    """Proposals that arrive as a ComfyUI MASK batch (here SAM's own masks, re-entered)."""
+    masks = g.add("RefDiffProposalsToMasks", "Stand-in segmenter: SAM to MASK", proposals=g.out(sam_chain(g, image)))
+    return g.add("RefDiffMaskProposals", "Mask proposals from a MASK batch", masks=g.out(masks),
+                 image=g.out(image), counts="", resize="error", preset="official", post_filter="none",
+                 keep_largest=10, min_area=10000, area_filter="preset")
 
 
 def ref_diff_external_masks() -> Graph:
-    """The full method on proposals that arrive as a ComfyUI MASK batch (here SAM's own masks, re-entered)."""
-    g = Graph()
-    ckpt, image = sd_front(g)
-    parse = parse_node(g, g.out(ckpt, 1))
-    c = generative_chain(g, ckpt, image, parse)
-    sam = sam_chain(g, image)
-    masks = g.add("RefDiffProposalsToMasks", "Stand-in segmenter: SAM to MASK", proposals=g.out(sam))
-    proposals = g.add("RefDiffMaskProposals", "Mask proposals from a MASK batch", masks=g.out(masks),
-                      image=g.out(image), counts="", resize="error", preset="official", post_filter="none",
-                      keep_largest=10, min_area=10000, area_filter="preset")
-    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
-                preset="official")
-    s_d = clip_score(g, image, proposals, parse, "ref-diff")
-    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-external-masks")
-    return g
+    """The full method on proposals that arrive as a ComfyUI MASK batch."""
+    return full_graph("ref-diff-external-masks", mask_batch_proposals)
 
 
 def ref_diff_flux() -> Graph:
@@ -287,11 +287,7 @@ def ref_diff_flux() -> Graph:
     parse = parse_node(g, g.out(clip))
     c = generative_chain(g, unet, image, parse, loaders=(g.out(unet), g.out(clip), g.out(vae)),
                          title="Capture Flux joint attention", **CAPTURE_DIT_WIDGETS)
-    proposals = sam_chain(g, image)
-    s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
-                preset="official")
-    s_d = clip_score(g, image, proposals, parse, "ref-diff")
-    outputs(g, select_node(g, proposals, image, s_g, s_d), "ref-diff-flux")
+    score_and_select(g, image, parse, c, sam_chain(g, image), "ref-diff-flux")
     return g
 
 
