@@ -15,7 +15,7 @@ from refdiff.scoring import fuse_and_select
 from refdiff.scoring import fusion_weights as preset_fusion_weights
 
 from . import previews, runtime, sockets, tensors
-from .wire_types import ProposalBatch, ScoreBatch
+from .wire_types import ProposalBatch, ScoreBatch, check_unfused_scores
 
 
 @dataclass
@@ -72,14 +72,9 @@ def fuse_select(proposals: ProposalBatch, generative: ScoreBatch | None, discrim
             raise InputError(f"fused: these are {fused_scores.kind} scores; connect RefDiffSpatial's scores here, "
                              f"or connect them to the {fused_scores.kind} input")
         fused_scores.check_against(proposals, "fused")
-    elif generative is None and discriminative is None:
-        raise InputError("scores: connect generative scores, discriminative scores or both")
-    for scores, name in ((generative, "generative"), (discriminative, "discriminative")):
-        if scores is not None:
-            if scores.kind == "fused":
-                raise InputError(f"{name}: these scores come from RefDiffSpatial (already fused); connect them to "
-                                 "the fused input instead")
-            scores.check_against(proposals, name)
+    else:
+        check_unfused_scores(proposals, generative, discriminative,
+                             "come from RefDiffSpatial (already fused); connect them to the fused input instead")
     best, tops, indices, fused_all, orders, lines = [], [], [], [], [], []
     for i, masks in enumerate(proposals.masks):
         n, h, w = masks.shape

@@ -17,7 +17,7 @@ from refdiff.spatial import needs_maps, needs_negatives, relation_maps, spatial_
 
 from . import attention_maps, tensors
 from .token_positions import describe_expression
-from .wire_types import AttentionBatch, ParsedBatch, ParsedItem, ProposalBatch, ScoreBatch
+from .wire_types import AttentionBatch, ParsedBatch, ParsedItem, ProposalBatch, ScoreBatch, check_unfused_scores
 
 # Each term's switch and weight field of the Preset, by term (SPATIAL_TERMS order).
 WEIGHT_FIELDS = {"position": "spatial_position_weight", "middle": "spatial_middle_weight",
@@ -65,14 +65,9 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
     preset's) plus each term of ``terms`` the expression says. Relations read the other noun's map from
     ``attention`` (the same capture as the root's); negatives call ``negatives``. Returns a "fused" ScoreBatch
     and the notes: per image what was understood and applied, and why a term said by the words was not."""
-    if generative is None and discriminative is None:
-        raise InputError("scores: connect generative scores, discriminative scores or both")
-    for scores, name in ((generative, "generative"), (discriminative, "discriminative")):
-        if scores is not None:
-            if scores.kind == "fused":
-                raise InputError(f"{name}: these scores already went through RefDiffSpatial; connect the "
-                                 "generative / discriminative scores themselves")
-            scores.check_against(proposals, name)
+    check_unfused_scores(proposals, generative, discriminative,
+                         "already went through RefDiffSpatial; connect the generative / discriminative scores "
+                         "themselves")
     batch = len(proposals)
     items = parse.for_batch(batch, "parse")
     if attention is not None:

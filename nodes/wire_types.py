@@ -198,6 +198,19 @@ class ScoreBatch:
                              f"with {got}; connect the scores made from the same proposals")
 
 
+def check_unfused_scores(proposals: ProposalBatch, generative: ScoreBatch | None,
+                         discriminative: ScoreBatch | None, if_fused: str) -> None:
+    """InputError unless at least one of s_G / s_D is given, neither is RefDiffSpatial's fused kind (``if_fused``
+    says what to do then) and each was computed on ``proposals``."""
+    if generative is None and discriminative is None:
+        raise InputError("scores: connect generative scores, discriminative scores or both")
+    for scores, name in ((generative, "generative"), (discriminative, "discriminative")):
+        if scores is not None:
+            if scores.kind == "fused":
+                raise InputError(f"{name}: these scores {if_fused}")
+            scores.check_against(proposals, name)
+
+
 @dataclass
 class SamHandle:
     """REFDIFF_SAM: a loaded SAM model (kept on the offload device while idle)."""
@@ -229,5 +242,5 @@ def match_batch(items: list[Any], batch: int, what: str) -> list[Any]:
 
 __all__ = ["ATTENTION", "PARSE", "PROPOSALS", "SCORES", "SAM_MODEL", "CLIP_MODEL", "INJECTION_KEY", "Injection",
            "AttentionBatch", "InternalsAttentionBatch", "JointAttentionBatch", "ParsedItem", "ParsedBatch",
-           "ProposalBatch", "ScoreBatch",
+           "ProposalBatch", "ScoreBatch", "check_unfused_scores",
            "SamHandle", "ClipHandle", "match_batch"]
