@@ -350,23 +350,24 @@ def flux_predictor(flux: FluxComponents, context: torch.Tensor, pooled: torch.Te
     return denoise
 
 
-def run_flux_capture(flux: FluxComponents, latent: torch.Tensor, prompt: str, *, flow_t: float = DEFAULT_FLOW_T,
-                     steps: int = 1, blocks: Sequence[int] | None = None, seed: int = 0,
-                     progress: Callable[[int, int], None] | None = None,
-                     should_stop: Callable[[], None] | None = None) -> CrossAttentionMaps:
-    """Noise Flux's latent [1, 16, h, w] to ``flow_t`` with the seeded noise and run ``steps`` Euler steps
-    (refdiff.flow), capturing the joint attention of ``blocks`` (default: the last 4 double blocks). Returns
-    the conditional maps [L, h', w', T] over the T5 positions (h', w' = latent / 2, rounded up)."""
+def _flow_capture(transformer: Any, latent: torch.Tensor,
+                  make_denoise: Callable[[tuple[int, int]], Callable[[torch.Tensor, float, int], torch.Tensor]],
+                  flow_t: float, steps: int, blocks: Sequence[int] | None, seed: int,
+                  progress: Callable[[int, int], None] | None, should_stop: Callable[[], None] | None,
+                  family: str = "Flux", rows: slice = slice(None)) -> CrossAttentionMaps:
+    """The flow capture both families share: noise the latent [1, C, h, w] (padded to whole patches) to
+    ``flow_t`` with the seeded noise and run ``steps`` Euler steps of ``make_denoise(padded h, w)``, capturing
+    the joint attention of ``blocks`` (default: the last 4 double blocks). ``make_denoise`` encodes the text: it
+    is called once the latent has passed its check."""
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise InputError(f"latent must have shape [1, C, h, w] (one image at a time), got {tuple(latent.shape)}")
-    depth = len(flux.transformer.transformer_blocks)
+    depth = len(transformer.transformer_blocks)
     chosen = last_blocks(depth) if blocks is None else [int(b) for b in blocks]
     ts = flow_ts(flow_t, steps)
     padded = pad_to_patches(latent.float())
     grid = downsampled_grid((int(latent.shape[-2]), int(latent.shape[-1])), PATCH_FACTOR)
     store = AttentionStore(kind="probs")
-    context, pooled = encode_flux_text(flux, prompt)
-    denoise = flux_predictor(flux, context, pooled, (int(padded.shape[-2]), int(padded.shape[-1])))
+    denoise = make_denoise((int(padded.shape[-2]), int(padded.shape[-1])))
     noise = pad_to_patches(injection_noise(latent.shape, seed))
 
     def before(i: int) -> None:
@@ -376,14 +377,22 @@ def run_flux_capture(flux: FluxComponents, latent: torch.Tensor, prompt: str, *,
         if progress is not None and i:
             progress(i, len(ts))
 
-    with torch.no_grad(), capture_joint_attention(flux.transformer, chosen, store, grid):
+    with torch.no_grad(), capture_joint_attention(transformer, chosen, store, grid, family, rows):
         flow_loop(padded, noise, ts, denoise, before_step=before)
     if progress is not None:
         progress(len(ts), len(ts))
     return store.maps()
 
 
-
+def run_flux_capture(flux: FluxComponents, latent: torch.Tensor, prompt: str, *, flow_t: float = DEFAULT_FLOW_T,
+                     steps: int = 1, blocks: Sequence[int] | None = None, seed: int = 0,
+                     progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], None] | None = None) -> CrossAttentionMaps:
+    """Noise Flux's latent [1, 16, h, w] to ``flow_t`` with the seeded noise and run ``steps`` Euler steps
+    (refdiff.flow), capturing the joint attention of ``blocks`` (default: the last 4 double blocks). Returns
+    the conditional maps [L, h', w', T] over the T5 positions (h', w' = latent / 2, rounded up)."""
+    return _flow_capture(flux.transformer, latent, lambda hw: flux_predictor(flux, *encode_flux_text(flux, prompt), hw),
+                         flow_t, steps, blocks, seed, progress, should_stop)
 
 
 def sd3_predictor(model: SD3Components, context: torch.Tensor, pooled: torch.Tensor, use_cfg: bool,
@@ -412,31 +421,11 @@ def run_sd3_capture(model: SD3Components, latent: torch.Tensor, prompt: str, *, 
                     guidance_scale: float = 9.0, progress: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], None] | None = None) -> CrossAttentionMaps:
     """run_flux_capture's SD 3 counterpart: maps of the conditional rows over the 77 CLIP + T positions."""
-    if latent.ndim != 4 or latent.shape[0] != 1:
-        raise InputError(f"latent must have shape [1, C, h, w] (one image at a time), got {tuple(latent.shape)}")
-    depth = len(model.transformer.transformer_blocks)
-    chosen = last_blocks(depth) if blocks is None else [int(b) for b in blocks]
-    ts = flow_ts(flow_t, steps)
-    padded = pad_to_patches(latent.float())
-    grid = downsampled_grid((int(latent.shape[-2]), int(latent.shape[-1])), PATCH_FACTOR)
-    store = AttentionStore(kind="probs")
-    context, pooled = encode_sd3_text(model, ["", prompt] if use_cfg else [prompt])
-    denoise = sd3_predictor(model, context, pooled, use_cfg, guidance_scale)
-    noise = pad_to_patches(injection_noise(latent.shape, seed))
-
-    def before(i: int) -> None:
-        if should_stop is not None:
-            should_stop()
-        store.step = i
-        if progress is not None and i:
-            progress(i, len(ts))
-
-    rows = slice(1, 2) if use_cfg else slice(None)
-    with torch.no_grad(), capture_joint_attention(model.transformer, chosen, store, grid, "SD3", rows):
-        flow_loop(padded, noise, ts, denoise, before_step=before)
-    if progress is not None:
-        progress(len(ts), len(ts))
-    return store.maps()
+    texts = ["", prompt] if use_cfg else [prompt]
+    return _flow_capture(model.transformer, latent,
+                         lambda _hw: sd3_predictor(model, *encode_sd3_text(model, texts), use_cfg, guidance_scale),
+                         flow_t, steps, blocks, seed, progress, should_stop, "SD3",
+                         slice(1, 2) if use_cfg else slice(None))
 
 
 def run_dit_capture(model: Any, latent: torch.Tensor, prompt: str, *, seed: int = 0, use_cfg: bool = True,
@@ -447,6 +436,7 @@ def run_dit_capture(model: Any, latent: torch.Tensor, prompt: str, *, seed: int 
         return run_flux_capture(model, latent, prompt, seed=seed, **kwargs)
     return run_sd3_capture(model, latent, prompt, seed=seed, use_cfg=use_cfg, guidance_scale=guidance_scale,
                            **kwargs)
+
 
 # ---------------------------------------------------------------------------------------------- loading
 # Pipeline class in model_index.json -> (family, the components it must list).
