@@ -106,18 +106,27 @@ def test_presets_and_variants() -> None:
         get_variant("full+colour")
 
 
-@pytest.fixture
-def one_thread():
-    """The pins were recorded on one CPU thread: other thread counts reorder float sums (differences ~1e-5)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Scores move by up to ~3e-5 between CPUs and thread counts (float sums reorder): SAM-proposal variants are pinned
+# within ten times that, and every recorded gap that decides their index or top-k is wider than twice it. G's
+# proposals are thresholds of the map, which gain or lose boundary pixels on another CPU and move that proposal's
+# score by a few 1e-3 (measured up to 4.6e-3): G is pinned within 1e-2, its index and top-k exactly.
+PIN_ATOL = {"G": 1e-2}
+PIN_ATOL_DEFAULT = 3e-4
 
 
-def test_paper_and_official_keep_their_pinned_results(models, image, one_thread) -> None:
+def test_pinned_rankings_are_decided_by_gaps_wider_than_the_tolerance() -> None:
+    pinned = json.loads((DATA / "pinned_presets.json").read_text())["results"]
+    for key, want in pinned.items():
+        fused = np.asarray(want["fused"], dtype=np.float64)
+        ranked = np.sort(fused)[::-1]
+        m = min(len(want["top_k"]), len(ranked) - 1)
+        gaps = ranked[:m] - ranked[1:m + 1]
+        assert int(np.argmax(fused)) == want["index"], key
+        if key.rsplit("|", 1)[1] not in PIN_ATOL:
+            assert gaps.min() > 2 * PIN_ATOL_DEFAULT, (key, gaps)
+
+
+def test_paper_and_official_keep_their_pinned_results(models, image) -> None:
     from refdiff import RefDiff
     from tiny_runs import FAST
 
@@ -131,7 +140,8 @@ def test_paper_and_official_keep_their_pinned_results(models, image, one_thread)
             for v, r in res.items():
                 want = pinned[f"{preset}|{text}|{v}"]
                 assert r.index == want["index"] and r.top_k == want["top_k"]
-                np.testing.assert_allclose(r.scores["fused"], want["fused"], rtol=0, atol=1e-6)
+                np.testing.assert_allclose(r.scores["fused"], want["fused"], rtol=0,
+                                           atol=PIN_ATOL.get(v, PIN_ATOL_DEFAULT))
                 assert not any(k.startswith("spatial_") for k in r.scores)
 
 
