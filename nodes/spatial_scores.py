@@ -95,7 +95,8 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
                 notes.append("  negatives not applied: connect clip and image")
             else:
                 neg = negatives(i, expr, masks)
-        adjust, applied = spatial_adjuster(expr, masks, preset, terms, other_maps, neg)
+        adjust, applied = spatial_adjuster(expr, masks, preset, terms, other_maps, neg,
+                                           uses_clip=discriminative is not None)
         s_g = generative.scores[i] if generative is not None else None
         s_d = discriminative.scores[i] if discriminative is not None else None
         try:
@@ -109,6 +110,7 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
         if applied:
             said = ", ".join(f"{k} (max {float(v.abs().max()):.3g})" for k, v in applied[0].contributions.items())
             notes.append(f"  applied: {said or 'no term (the words say none of the terms switched on)'}")
+            notes.extend(f"  {note}" for note in applied[0].notes)
         if progress is not None:
             progress()
     parts = {"generative": generative.scores if generative is not None else None,

@@ -110,14 +110,20 @@ class Preset:
     spatial_size: bool = False  # "biggest", "smaller", "tallest": the extreme of the pool by area/height/width
     spatial_relations: bool = False  # "next to", "behind", "on", "holding" X: a rule against X's own map
     spatial_negatives: bool = False  # the other nouns of the sentence subtracted in the CLIP score
-    spatial_pool: int = 5  # the terms rank this many best candidates by fused score (duplicates skipped)
-    spatial_pool_overlap: float = 0.8  # a candidate overlapping a better pool member by this share is a duplicate
-    spatial_position_weight: float = 0.5
-    spatial_middle_weight: float = 1.0
-    spatial_ordinal_weight: float = 1.0
-    spatial_size_weight: float = 1.0
-    spatial_relation_weight: float = 0.5
-    spatial_negative_weight: float = 0.5
+    # the pool: whole instances of the target the frame and relation terms rank (docs/METHOD.md section 13)
+    spatial_pool: int = 12  # at most this many instances, best first
+    spatial_pool_margin: float = 0.05  # instances score within this of the best one (units of a CLIP-fused score)
+    spatial_pool_margin_generative: float = 0.3  # the same for a score without s_D (G, GS: s_G alone)
+    spatial_pool_overlap: float = 0.8  # a mask this much inside another is its part, or (similar area) its duplicate
+    spatial_pool_group_cover: float = 0.6  # a mask whose parts (>= 2, apart) cover this share of it is a group
+    spatial_pool_band: float = 0.95  # a mask whose box spans this share of the image width is a band (sky, road)
+    # term weights, in units of the pool margin: above 1 a one-hot term decides among the pool's instances
+    spatial_position_weight: float = 3.0
+    spatial_middle_weight: float = 2.0
+    spatial_ordinal_weight: float = 2.0
+    spatial_size_weight: float = 2.0
+    spatial_relation_weight: float = 2.0
+    spatial_negative_weight: float = 0.5  # in units of the score itself: -weight * cosine with the other nouns
     spatial_relation_threshold: float = 0.5  # the other object's region: its map >= this (maps are in [0, 1])
     spatial_near_scale: float = 0.1  # "near": exp(-gap / scale), the box gap as a share of the image diagonal
     spatial_order_margin: float = 0.05  # above/below/left/right: a difference of this share of the side is sure

@@ -355,7 +355,7 @@ class RefDiff:
                 spatial = self._timed(timings, "spatial", lambda: self._spatial_inputs(
                     rgb, key, parsed, masks, v, terms, seed, timings))
             results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings), spatial)
-            results[v.name].warnings = notes + extra
+            results[v.name].warnings = notes + extra + results[v.name].warnings
         return results
 
     # -- stages ---------------------------------------------------------------------------------------------
@@ -674,22 +674,26 @@ class RefDiff:
         adjust, applied = None, []
         if spatial is not None:
             expr, terms, maps, negatives = spatial
-            adjust, applied = spatial_adjuster(expr, masks, p, terms, maps, negatives)
+            adjust, applied = spatial_adjuster(expr, masks, p, terms, maps, negatives, uses_clip=s_d is not None)
         choice = fuse_and_select(masks, s_g, s_d, p, adjust=adjust)
 
         def arr(x: torch.Tensor | None) -> np.ndarray | None:
             return None if x is None else x.detach().float().cpu().numpy()
 
         extra: dict[str, np.ndarray | None] = {}
+        said: list[str] = []
         if applied:
             extra["fused_base"] = arr(applied[0].base)
             extra.update({f"spatial_{k}": arr(t) for k, t in applied[0].contributions.items()})
+            said = list(applied[0].notes)
+            for note in said:
+                warnings.warn(note, RefDiffWarning, stacklevel=3)
         return Result(mask=choice.mask.cpu().numpy().astype(bool), proposals=masks.cpu().numpy().astype(bool),
                       scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(choice.fused),
                               **extra},
                       index=choice.index, top_k=list(choice.top_k), root_token=parsed.root,
                       root_position=root_position, direction=parsed.directions,
-                      attention=arr(c), variant=v.name, preset=p.name, timings=timings)
+                      attention=arr(c), variant=v.name, preset=p.name, timings=timings, warnings=said)
 
 
 __all__ = ["RefDiff", "Result"]

@@ -16,7 +16,7 @@ import torch
 from .config import SPATIAL_TERMS, Preset
 from .discriminative import mask_boxes
 from .errors import InputError
-from .expression import Expression, FrameTerm, Relation
+from .expression import FRAME_KINDS, Expression, FrameTerm, Relation
 
 
 @dataclass(frozen=True)
@@ -59,27 +59,113 @@ def geometry(masks: torch.Tensor) -> Geometry:
     return Geometry(boxes, area)
 
 
-def candidate_pool(masks: torch.Tensor, scores: torch.Tensor, size: int, overlap: float = 0.8) -> list[int]:
-    """The ``size`` best candidates by ``scores`` that match the target: best first, a candidate skipped when
-    a better member covers ``overlap`` of the smaller of the two masks (a part of it, or the same object)."""
+@dataclass(frozen=True)
+class Pool:
+    """The candidates the terms rank (``members``, best first) and why each other candidate is left out:
+    index -> "band", "group", "part of <j>", "duplicate of <j>", "below the margin" or "over the pool size"."""
+
+    members: list[int]
+    left_out: dict[int, str] = field(default_factory=dict)
+
+
+def _sampled(masks: torch.Tensor, side: int = 256) -> torch.Tensor:
+    """Masks [N, H, W] sampled on a grid of at most ``side`` cells along the longer side (every k-th pixel), as
+    float [N, h*w]: enough to measure how much of one mask lies inside another."""
+    step = max(1, -(-max(int(masks.shape[1]), int(masks.shape[2])) // side))
+    return masks[:, ::step, ::step].reshape(masks.shape[0], -1).cpu().to(torch.float32)
+
+
+def instance_pool(masks: torch.Tensor, scores: torch.Tensor, size: int, margin: float | None,
+                  overlap: float = 0.8, group_cover: float = 0.6, band: float = 0.95) -> Pool:
+    """The whole instances of the target among N candidates, best first (docs/METHOD.md section 13).
+
+    Left out, in this order: empty or NaN candidates; bands (box spanning ``band`` of the image width: sky, road,
+    table top); groups (a mask holding >= 2 apart candidates that cover ``group_cover`` of it); parts (a mask
+    ``overlap`` inside a larger candidate that is not a group, whatever their scores); duplicates (IoU >=
+    ``overlap``: the lower score), all judged among the candidates within two margins of the best, so that a part
+    outscoring its whole cannot push the whole out; then candidates scoring more than ``margin`` below the best
+    instance (None: no margin, the open class of a placeholder target); at most ``size`` remain."""
     _check_masks(masks)
-    if scores.dim() != 1 or scores.shape[0] != masks.shape[0]:
-        raise InputError(f"{masks.shape[0]} masks but scores of shape {tuple(scores.shape)}")
+    n = masks.shape[0]
+    if scores.dim() != 1 or scores.shape[0] != n:
+        raise InputError(f"{n} masks but scores of shape {tuple(scores.shape)}")
     if size < 1:
         raise InputError(f"spatial_pool must be >= 1, got {size}")
-    order = torch.sort(torch.nan_to_num(scores.float(), nan=float("-inf")), descending=True, stable=True).indices
-    flat = masks.reshape(masks.shape[0], -1).cpu()
-    area = flat.sum(dim=1)
-    pool: list[int] = []
-    for i in (int(j) for j in order):
-        if area[i] == 0 or bool(torch.isnan(scores[i])):
-            continue
-        dup = any(float((flat[i] & flat[j]).sum()) >= overlap * float(min(area[i], area[j])) for j in pool)
-        if not dup:
-            pool.append(i)
-        if len(pool) == size:
+    if margin is not None and margin < 0:
+        raise InputError(f"spatial_pool_margin must be >= 0, got {margin}")
+    s = torch.nan_to_num(scores.detach().float().cpu(), nan=float("-inf"))
+    left: dict[int, str] = {}
+    if n == 0:
+        return Pool([], left)
+    geo = geometry(masks)
+    for i in range(n):
+        if geo.area[i] == 0 or not math.isfinite(float(s[i])):
+            left[i] = "empty" if geo.area[i] == 0 else "no score"
+        elif float(geo.width[i]) >= band:
+            left[i] = "band"
+    live = sorted((i for i in range(n) if i not in left), key=lambda i: (-float(s[i]), i))
+    best = float(s[live[0]]) if live else 0.0
+    while True:  # wholes, parts and groups within two margins of the best; again when the best was a part
+        near = [i for i in live if margin is None or float(s[i]) >= best - 2 * margin]
+        kept, why = _wholes(masks, near, s, overlap, group_cover)
+        if not kept or float(s[kept[0]]) >= best:
             break
-    return pool
+        best = float(s[kept[0]])
+    left.update(why)
+    members: list[int] = []
+    for i in live:
+        if i in why:
+            continue
+        if i not in kept or (margin is not None and float(s[i]) < best - margin):
+            left[i] = "below the margin"
+        elif len(members) >= size:
+            left[i] = "over the pool size"
+        else:
+            members.append(i)
+    return Pool(members, left)
+
+
+def _wholes(masks: torch.Tensor, idx: Sequence[int], s: torch.Tensor, overlap: float, group_cover: float
+            ) -> tuple[list[int], dict[int, str]]:
+    """Of the candidates ``idx`` (best first), the whole instances (best first) and why each other one is not:
+    groups, then parts of the remaining wholes, then duplicates (see ``instance_pool``)."""
+    if not idx:
+        return [], {}
+    flat = _sampled(masks[torch.tensor(list(idx))])
+    area = flat.sum(dim=1).clamp_min(1)
+    inter = flat @ flat.T
+    inside = inter / area[:, None]  # inside[a, b]: the share of a inside b
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp_min(1)
+    k = len(idx)
+    why: dict[int, str] = {}
+    contained = [[a for a in range(k) if a != b and inside[a, b] >= overlap and area[a] < overlap * area[b]]
+                 for b in range(k)]
+    for b in range(k):  # a group: two or more apart children (not parts of each other) covering most of it
+        top = [a for a in contained[b] if not any(a in contained[c] for c in contained[b])]
+        apart = [a for a in top if all(iou[a, c] < 1 - overlap for c in top if c != a)]
+        if len(apart) >= 2 and float(flat[torch.tensor(apart)].amax(dim=0) @ flat[b] / area[b]) >= group_cover:
+            why[idx[b]] = "group"
+    for b in range(k):  # parts of a whole, whatever their scores
+        if idx[b] not in why:
+            for a in contained[b]:
+                why.setdefault(idx[a], f"part of {idx[b]}")
+    kept: list[int] = []
+    for a in range(k):  # duplicates: the better of two near-equal masks stays
+        if idx[a] in why:
+            continue
+        twin = next((b for b in kept if iou[a, b] >= overlap), None)
+        if twin is None:
+            kept.append(a)
+        else:
+            why[idx[a]] = f"duplicate of {idx[twin]}"
+    return [idx[a] for a in kept], why
+
+
+def pool_margin(preset: Preset, uses_clip: bool, open_class: bool = False) -> float | None:
+    """The pool's margin for a score with s_D (``uses_clip``) or s_G alone; None for an open target class."""
+    if open_class:
+        return None
+    return float(preset.spatial_pool_margin if uses_clip else preset.spatial_pool_margin_generative)
 
 
 def _on_pool(values: torch.Tensor, pool: Sequence[int], n: int) -> torch.Tensor:
@@ -272,6 +358,8 @@ class SpatialScores:
     total: torch.Tensor
     contributions: dict[str, torch.Tensor] = field(default_factory=dict)
     pool: list[int] = field(default_factory=list)
+    left_out: dict[int, str] = field(default_factory=dict)  # candidate -> why it is not in the pool
+    notes: list[str] = field(default_factory=list)  # what the words said that was not applied, or how
 
 
 def needs_maps(expr: Expression, terms: Sequence[str]) -> bool:
@@ -284,16 +372,74 @@ def needs_negatives(expr: Expression, terms: Sequence[str]) -> bool:
     return "negatives" in terms and bool(expr.others)
 
 
+def _target_frame(expr: Expression, kind: str) -> tuple[FrameTerm, ...]:
+    """The frame terms of one kind that the parse attaches to the target (not to a related object)."""
+    return tuple(t for t in expr.frame_of(kind) if getattr(t, "of", None) is None)
+
+
+def _is_open(expr: Expression) -> bool:
+    """Whether the target class is open: the expression names no object for the target ("the one on the left")."""
+    opened = getattr(expr, "open", None)
+    return bool(opened) if opened is not None else bool(expr.parsed is not None and not expr.parsed.root_is_noun)
+
+
+def frame_values(geo: Geometry, pool: Sequence[int], expr_terms: Mapping[str, tuple[FrameTerm, ...]],
+                 terms: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each frame term switched on in ``terms`` and present in ``expr_terms`` (kind -> terms), its value [N] on
+    the pool: position (mean over the sides named), middle, the first ordinal, the first size word."""
+    out: dict[str, torch.Tensor] = {}
+    if "position" in terms and expr_terms.get("position"):
+        sides = list(dict.fromkeys(t.side for t in expr_terms["position"] if t.side))
+        out["position"] = position_term(geo, pool, sides)
+    if "middle" in terms and expr_terms.get("middle"):
+        out["middle"] = middle_term(geo, pool)
+    if "ordinals" in terms and expr_terms.get("ordinal"):
+        t = expr_terms["ordinal"][0]
+        out["ordinals"] = ordinal_term(geo, pool, t.order or 1, t.side or "left")
+    if "size" in terms and expr_terms.get("size"):
+        t = expr_terms["size"][0]
+        out["size"] = size_term(geo, pool, t.sign, t.measure or "area")
+    return out
+
+
+def other_instance(other_map: torch.Tensor, frame: Sequence[FrameTerm], threshold: float = 0.5,
+                   max_parts: int = 32) -> tuple[torch.Tensor, str | None]:
+    """The related object's map kept on the one instance its own frame words pick ("next to the biggest plate":
+    the biggest connected region of the plates' map >= ``threshold``), with a note; unchanged without words."""
+    if not frame:
+        return other_map, None
+    from scipy import ndimage
+
+    region = (other_map.detach().cpu().float() >= threshold).numpy()
+    labels, count = ndimage.label(region)
+    if count < 2:
+        return other_map, None
+    lab = torch.from_numpy(labels)
+    parts = torch.stack([lab == k for k in range(1, count + 1)])
+    parts = parts[torch.argsort(parts.reshape(count, -1).sum(1), descending=True, stable=True)[:max_parts]]
+    geo = geometry(parts)
+    pool = list(range(parts.shape[0]))
+    kinds = {k: tuple(t for t in frame if t.kind == k) for k in FRAME_KINDS}
+    values = frame_values(geo, pool, kinds, SPATIAL_TERMS)
+    if not values:
+        return other_map, None
+    name, value = next(iter(values.items()))
+    pick = int(torch.argmax(value))
+    words = " ".join(t.word for t in frame)
+    note = f"'{words}' picked one of {parts.shape[0]} regions of the related object's map ({name})"
+    return other_map * parts[pick].to(other_map.device, other_map.dtype), note
+
+
 def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, preset: Preset,
                    terms: Sequence[str], other_maps: Mapping[str, torch.Tensor] | None = None,
-                   negatives: torch.Tensor | None = None) -> SpatialScores:
+                   negatives: torch.Tensor | None = None, uses_clip: bool = True) -> SpatialScores:
     """The one assembly of the spatial terms: fused [N] -> fused + weighted terms.
 
     The negative term (``negatives``: ``negative_similarity`` [N]) comes first, as a change of the CLIP score:
-    -spatial_negative_weight * similarity. The pool (``candidate_pool`` of spatial_pool) is then ranked on that
-    score, and each frame term of ``expr`` switched on in ``terms`` adds its weight times its value on the pool;
-    a relation uses ``other_maps[relation.other]`` (the first relation with a map). Terms not parsed add nothing.
-    """
+    -spatial_negative_weight * similarity. The pool (``instance_pool``: whole instances within the margin of
+    ``pool_margin``, ``uses_clip``: the score holds s_D) is then ranked on that score, and each frame term the
+    parse attaches to the target adds weight * margin * value on the pool; a relation uses
+    ``other_maps[relation.other]`` (the first relation with a map), kept on the instance its own words pick."""
     bad = [t for t in terms if t not in SPATIAL_TERMS]
     if bad:
         raise InputError(f"unknown spatial term(s) {bad}; choose among {', '.join(SPATIAL_TERMS)}")
@@ -303,39 +449,43 @@ def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, p
     if base.shape != (n,):
         raise InputError(f"{n} masks but fused scores of shape {tuple(fused.shape)}")
     contributions: dict[str, torch.Tensor] = {}
+    notes: list[str] = []
     score = base.clone()
     if "negatives" in terms and negatives is not None and expr.others:
         contributions["negatives"] = -preset.spatial_negative_weight * negatives.to(torch.float32).cpu()
         score = score + contributions["negatives"]
     if n == 0:
-        return SpatialScores(base, score, contributions, [])
-    pool = candidate_pool(masks, score, preset.spatial_pool, preset.spatial_pool_overlap)
+        return SpatialScores(base, score, contributions, [], notes=notes)
+    open_class = _is_open(expr)
+    unit = pool_margin(preset, uses_clip)
+    pool = instance_pool(masks, score, preset.spatial_pool, pool_margin(preset, uses_clip, open_class),
+                         preset.spatial_pool_overlap, preset.spatial_pool_group_cover, preset.spatial_pool_band)
+    members = pool.members
     geo = geometry(masks)
-    frame: dict[str, tuple[FrameTerm, ...]] = {k: expr.frame_of(k) for k in ("position", "middle", "ordinal",
-                                                                              "size")}
-    if "position" in terms and frame["position"]:
-        sides = list(dict.fromkeys(t.side for t in frame["position"] if t.side))
-        contributions["position"] = preset.spatial_position_weight * position_term(geo, pool, sides)
-    if "middle" in terms and frame["middle"]:
-        contributions["middle"] = preset.spatial_middle_weight * middle_term(geo, pool)
-    if "ordinals" in terms and frame["ordinal"]:
-        t = frame["ordinal"][0]
-        contributions["ordinals"] = preset.spatial_ordinal_weight * ordinal_term(geo, pool, t.order or 1,
-                                                                                 t.side or "left")
-    if "size" in terms and frame["size"]:
-        t = frame["size"][0]
-        contributions["size"] = preset.spatial_size_weight * size_term(geo, pool, t.sign, t.measure or "area")
+    weights = {"position": preset.spatial_position_weight, "middle": preset.spatial_middle_weight,
+               "ordinals": preset.spatial_ordinal_weight, "size": preset.spatial_size_weight}
+    frame = {k: _target_frame(expr, k) for k in FRAME_KINDS}
+    for name, value in frame_values(geo, members, frame, terms).items():
+        contributions[name] = weights[name] * unit * value
     if "relations" in terms and other_maps:
         rel: Relation | None = next((r for r in expr.relations if r.other in other_maps), None)
         if rel is not None:
-            value = relation_term(masks, geo, pool, other_maps[rel.other], rel.family,
+            own = tuple(t for t in expr.frame if getattr(t, "of", None) == rel.other)
+            other_map, note = other_instance(other_maps[rel.other], own, preset.spatial_relation_threshold)
+            if note:
+                notes.append(note)
+            value = relation_term(masks, geo, members, other_map, rel.family,
                                   threshold=preset.spatial_relation_threshold, near_scale=preset.spatial_near_scale,
                                   order_margin=preset.spatial_order_margin)
-            contributions["relations"] = preset.spatial_relation_weight * value
+            contributions["relations"] = preset.spatial_relation_weight * unit * value
+    dropped = [t.word for t in expr.frame if getattr(t, "of", None) is not None
+               and not ("relations" in terms and other_maps and t.of in other_maps)]
+    if dropped:
+        notes.append(f"not applied: {', '.join(dropped)} (words about another object, whose map is not given)")
     for name, value in contributions.items():
         if name != "negatives":
             score = score + value
-    return SpatialScores(base, score, contributions, pool)
+    return SpatialScores(base, score, contributions, members, pool.left_out, notes)
 
 
 def relation_maps(expr: Expression, combined: torch.Tensor, positions: Callable[[Relation], Sequence[int]],
@@ -367,19 +517,19 @@ def candidate_negatives(scorer: object, image: torch.Tensor, masks: torch.Tensor
 
 
 def spatial_adjuster(expr: Expression, masks: torch.Tensor, preset: Preset, terms: Sequence[str],
-                     other_maps: Mapping[str, torch.Tensor] | None = None, negatives: torch.Tensor | None = None
-                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[SpatialScores]]:
+                     other_maps: Mapping[str, torch.Tensor] | None = None, negatives: torch.Tensor | None = None,
+                     uses_clip: bool = True) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[SpatialScores]]:
     """The ``adjust`` of ``refdiff.scoring.fuse_and_select`` that adds the spatial terms (``spatial_scores``),
     and the list that receives the applied SpatialScores (base, contributions, pool) once it has run."""
     applied: list[SpatialScores] = []
 
     def adjust(fused: torch.Tensor) -> torch.Tensor:
-        applied.append(spatial_scores(expr, masks, fused, preset, terms, other_maps, negatives))
+        applied.append(spatial_scores(expr, masks, fused, preset, terms, other_maps, negatives, uses_clip))
         return applied[-1].total.to(fused.device)
 
     return adjust, applied
 
 
-__all__ = ["Geometry", "geometry", "candidate_pool", "position_term", "middle_term", "ordinal_term", "size_term",
+__all__ = ["Geometry", "geometry", "Pool", "instance_pool", "pool_margin", "frame_values", "other_instance", "position_term", "middle_term", "ordinal_term", "size_term",
            "relation_term", "negative_similarity", "negative_prompts", "SpatialScores", "spatial_scores",
            "needs_maps", "needs_negatives", "relation_maps", "candidate_negatives", "spatial_adjuster"]

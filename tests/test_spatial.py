@@ -13,7 +13,7 @@ import torch
 from refdiff.config import PLUS, SPATIAL_TERMS, get_preset, get_variant, spatial_rows, spatial_terms_of
 from refdiff.errors import InputError
 from refdiff.expression import parse_expression
-from refdiff.spatial import (candidate_pool, geometry, negative_similarity, ordinal_term, size_term,
+from refdiff.spatial import (geometry, instance_pool, negative_similarity, ordinal_term, pool_margin, size_term,
                              spatial_scores)
 
 DATA = Path(__file__).parent / "data"
@@ -21,10 +21,12 @@ SPEC = json.loads((DATA / "spatial_expressions.json").read_text())
 CASES = [(form, case) for form, cases in SPEC["forms"].items() for case in cases]
 
 
-def _box_masks(size: list[int], boxes: list[list[int]]) -> torch.Tensor:
+def _box_masks(size: list[int], boxes: list) -> torch.Tensor:
+    """One mask per entry: a box (y0, x0, y1, x1), or a list of boxes whose union is the mask."""
     masks = torch.zeros(len(boxes), *size, dtype=torch.bool)
-    for i, (y0, x0, y1, x1) in enumerate(boxes):
-        masks[i, y0:y1, x0:x1] = True
+    for i, entry in enumerate(boxes):
+        for y0, x0, y1, x1 in (entry if isinstance(entry[0], list) else [entry]):
+            masks[i, y0:y1, x0:x1] = True
     return masks
 
 
@@ -57,8 +59,7 @@ def test_ranking_changes_where_the_words_say(form: str, case: dict) -> None:
     if "labels" in case:
         feats, texts = _labels_features(case["labels"], expr.others)
         negatives = negative_similarity(feats, texts)
-    preset = PLUS.with_(spatial_pool=scene["pool"])
-    out = spatial_scores(expr, masks, fused, preset, SPATIAL_TERMS, maps, negatives)
+    out = spatial_scores(expr, masks, fused, PLUS, SPATIAL_TERMS, maps, negatives)  # the defaults, every scene
     base = int(torch.argmax(fused))
     want = base if case["pick"] is None else case["pick"]
     assert int(torch.argmax(out.total)) == want, (out.contributions, out.total)
@@ -79,10 +80,42 @@ def test_terms_off_leave_the_scores() -> None:
     assert set(on.contributions) == {"ordinals"} and int(torch.argmax(on.total)) == 1
 
 
-def test_pool_skips_parts_and_ranks_by_score() -> None:
-    masks = _box_masks([20, 40], [[0, 0, 10, 10], [0, 0, 5, 5], [0, 20, 10, 30], [10, 30, 20, 40]])
-    pool = candidate_pool(masks, torch.tensor([0.9, 0.8, 0.7, 0.1]), size=2, overlap=0.8)
-    assert pool == [0, 2]  # the part of 0 is skipped; the pool stops at two
+def test_pool_keeps_whole_instances_whatever_outscores_them() -> None:
+    scene = SPEC["scenes"]["row"]
+    masks, fused = _box_masks(scene["size"], scene["boxes"]), torch.tensor(scene["fused"])
+    pool = instance_pool(masks, fused, size=12, margin=0.05)
+    assert pool.members == [3, 2, 0, 1]  # the instances, best first
+    assert pool.left_out == {4: "band", 5: "part of 1", 6: "part of 3", 7: "group", 8: "below the margin",
+                             9: "below the margin"}
+    assert instance_pool(masks, fused, size=2, margin=0.05).members == [3, 2]
+    # the open class (a placeholder target): no margin, the other class's objects join the instances
+    assert sorted(instance_pool(masks, fused, size=12, margin=None).members) == [0, 1, 2, 3, 8, 9]
+
+
+def test_pool_duplicates_keep_the_better_and_a_lone_part_stays() -> None:
+    masks = _box_masks([20, 40], [[0, 0, 10, 10], [0, 0, 10, 9], [0, 20, 10, 30], [2, 22, 6, 26]])
+    pool = instance_pool(masks, torch.tensor([0.30, 0.31, 0.29, 0.36]), size=5, margin=0.05)
+    assert pool.members == [1, 2] and pool.left_out == {0: "duplicate of 1", 3: "part of 2"}
+    # a part scoring more than two margins above its whole stands for itself
+    assert instance_pool(masks[2:], torch.tensor([0.1, 0.5]), size=5, margin=0.05).members == [1]
+    with pytest.raises(InputError, match="spatial_pool_margin"):
+        instance_pool(masks, torch.zeros(4), size=5, margin=-1)
+
+
+def test_terms_are_in_units_of_the_margin_and_never_lift_a_candidate_out_of_the_pool() -> None:
+    scene = SPEC["scenes"]["mixed"]
+    masks, fused = _box_masks(scene["size"], scene["boxes"]), torch.tensor(scene["fused"])
+    out = spatial_scores(parse_expression("the second car from the left"), masks, fused, PLUS, SPATIAL_TERMS)
+    unit = pool_margin(PLUS, uses_clip=True)
+    assert out.pool == [2, 4, 0, 6]
+    want = torch.zeros(7)
+    want[2] = PLUS.spatial_ordinal_weight * unit
+    assert torch.allclose(out.contributions["ordinals"], want)
+    # a score without s_D (G): the wider margin of s_G
+    g = spatial_scores(parse_expression("the second car from the left"), masks, fused * 6, PLUS, SPATIAL_TERMS,
+                       uses_clip=False)
+    assert g.pool == [2, 4, 0, 6] and float(g.contributions["ordinals"].max()) == pytest.approx(
+        PLUS.spatial_ordinal_weight * PLUS.spatial_pool_margin_generative)
 
 
 def test_ordinal_needs_enough_candidates_and_size_checks_its_input() -> None:
@@ -151,21 +184,26 @@ def test_refdiff_applies_the_terms_end_to_end(models, image) -> None:
 
     sd, sam, clip = models
     warnings.simplefilter("ignore")
-    rd = RefDiff(sd=sd, sam=sam, clip=clip, preset="official", **FAST)
+    preset = get_preset("official").with_(spatial_pool_margin=0.2)  # random CLIP spreads the three boxes widely
+    rd = RefDiff(sd=sd, sam=sam, clip=clip, preset=preset, **FAST)
     text = "the smallest box next to the blue square"
-    res = rd.segment_variants(image, text, ["full", "full+size", "full+relations", "full+spatial"], seed=0)
+    boxes = torch.zeros(3, *image.shape[:2], dtype=torch.bool)  # the red box, the blue box, a small box below
+    boxes[0, 5:30, 4:25], boxes[1, 10:40, 40:60], boxes[2, 34:42, 6:14] = True, True, True
+    res = rd.segment_variants(image, text, ["full", "full+size", "full+relations", "full+spatial"], seed=0,
+                              proposals=boxes.numpy())
     base = res["full"]
     assert not any(k.startswith("spatial_") for k in base.scores)
     size = res["full+size"]
     np.testing.assert_allclose(size.scores["fused_base"], base.scores["fused"], atol=1e-6)
     np.testing.assert_allclose(size.scores["fused"], base.scores["fused"] + size.scores["spatial_size"], atol=1e-6)
     masks = torch.from_numpy(size.proposals)
-    pool = candidate_pool(masks, torch.from_numpy(base.scores["fused"]), PLUS.spatial_pool, PLUS.spatial_pool_overlap)
+    pool = instance_pool(masks, torch.from_numpy(base.scores["fused"]), preset.spatial_pool,
+                         pool_margin(preset, uses_clip=True), preset.spatial_pool_overlap,
+                         preset.spatial_pool_group_cover, preset.spatial_pool_band).members
+    assert sorted(pool) == [0, 1, 2]
     areas = masks.reshape(masks.shape[0], -1).sum(1)
-    smallest = min(pool, key=lambda i: int(areas[i]))
     want = np.zeros(len(areas), dtype=np.float32)
-    if len(pool) >= 2:  # the size bonus goes to the smallest pool member
-        want[smallest] = PLUS.spatial_size_weight
+    want[2] = preset.spatial_size_weight * preset.spatial_pool_margin  # the size bonus: the smallest box
     np.testing.assert_array_equal(size.scores["spatial_size"], want)
     assert size.index == int(np.argmax(size.scores["fused"]))
     rel = res["full+relations"]

@@ -63,7 +63,8 @@ def test_second_from_the_left_picks_the_second_box(tokenizer):
     assert _chosen(masks, out.scores[0]) == 3  # second from the left: x order 1, 3, 2, 0
     applied = out.spatial[0]
     assert set(applied.contributions) == {"ordinals"}  # the words say an ordinal only
-    assert torch.equal(applied.contributions["ordinals"], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    unit = PLUS.spatial_ordinal_weight * PLUS.spatial_pool_margin  # one-hot, in units of the pool margin
+    assert torch.equal(applied.contributions["ordinals"], torch.tensor([0.0, 0.0, 0.0, unit]))
     assert torch.allclose(out.scores[0], ROW_S_D + applied.contributions["ordinals"])
     assert out.kind == "fused" and out.counts == [4]
     assert "ordinal 'second' (side left, order 2)" in notes[0] and "target 'dog'" in notes[0]
@@ -167,15 +168,16 @@ def test_table_and_gallery_show_each_terms_contribution(tokenizer):
     table = previews.score_table(masks, total, [3, 0], 3, ROW_S_G, ROW_S_D, "image 0", base=applied.base,
                                  terms=applied.contributions)
     first = table.splitlines()[1]
-    assert f"base {float(applied.base[3]):+.4f}" in first and "ordinals +1.0000" in first
+    assert f"base {float(applied.base[3]):+.4f}" in first and f"ordinals {PLUS.spatial_ordinal_weight * PLUS.spatial_pool_margin:+.4f}" in first
     assert f"fused {float(total[3]):+.4f}" in first and first.endswith("<- selected")
     view = previews.proposal_gallery_view(masks, total, ROW_S_G, ROW_S_D, [3, 0], 3, [{}, {}], base=applied.base,
                                           terms=applied.contributions, spatial=True, weights=out.weights)
     assert view["spatial"] == ["ordinals"]
     top = view["items"][0]
-    assert top["index"] == 3 and top["terms"] == {"ordinals": 1.0}
+    bonus = PLUS.spatial_ordinal_weight * PLUS.spatial_pool_margin
+    assert top["index"] == 3 and top["terms"] == {"ordinals": pytest.approx(bonus)}
     assert top["base"] == pytest.approx(float(applied.base[3]))
-    assert top["fused"] == pytest.approx(top["base"] + 1.0)
+    assert top["fused"] == pytest.approx(top["base"] + bonus)
     plain = previews.proposal_gallery_view(masks, total, ROW_S_G, ROW_S_D, [3], 3, [{}])
     assert "spatial" not in plain and "terms" not in plain["items"][0]
 
@@ -191,3 +193,27 @@ def test_parse_summary_says_what_was_understood(tokenizer):
     assert summary[3] == "    understood: target 'dog', spatial: none, relations: none"
     assert "understood" not in token_positions.parse_summary(items)
 
+
+
+def _planted_frame_cases() -> list[tuple[str, dict]]:
+    import json
+    from pathlib import Path
+
+    spec = json.loads((Path(__file__).parent / "data" / "spatial_expressions.json").read_text())
+    forms = ("ordinal", "extreme", "position", "middle", "size", "two_classes")
+    return [(c, spec["scenes"][c["scene"]]) for f in forms for c in spec["forms"][f] if c["pick"] is not None]
+
+
+@pytest.mark.parametrize("case,scene", _planted_frame_cases(), ids=[c["text"] for c, _ in _planted_frame_cases()])
+def test_planted_scenes_through_the_node_stage_at_the_defaults(tokenizer, case: dict, scene: dict) -> None:
+    """Every frame form on the planted scenes (bands, parts, groups, another class) through the function
+    RefDiffSpatial and RefDiffSegment run, with the node's defaults (preset plus), the scores as s_D."""
+    masks = torch.zeros(len(scene["boxes"]), *scene["size"], dtype=torch.bool)
+    for i, entry in enumerate(scene["boxes"]):
+        for y0, x0, y1, x1 in (entry if isinstance(entry[0], list) else [entry]):
+            masks[i, y0:y1, x0:x1] = True
+    proposals = wire_types.ProposalBatch([masks], source="sam")
+    s_d = torch.tensor(scene["fused"])
+    out, _ = spatial_scores.spatial_score_batch(proposals, None, _scores([s_d], "discriminative"),
+                                                _parse(tokenizer, case["text"]), PLUS, SPATIAL_TERMS)
+    assert _chosen(masks, out.scores[0]) == case["pick"], (out.spatial[0].contributions, out.spatial[0].pool)
