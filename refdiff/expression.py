@@ -8,6 +8,7 @@ compounds out ("the left-handed pitcher", "the man who left", "the right answer"
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -77,7 +78,8 @@ class FrameTerm:
     """A place or size of the target among its candidates.
 
     kind "position": ``side`` (left/right/top/bottom); "middle"; "ordinal": the ``order``-th from ``side``
-    ("leftmost" = 1st from the left); "size": ``sign`` +1 the biggest / -1 the smallest by ``measure``."""
+    ("leftmost" = 1st from the left); "size": ``sign`` +1 the biggest / -1 the smallest by ``measure``.
+    ``of``: None for a term of the target, else the related object's head noun ("next to the biggest plate")."""
 
     kind: str
     word: str
@@ -199,7 +201,7 @@ def _ordinal_side(doc: Any, i: int) -> str | None:
     return None
 
 
-def _frame_terms(doc: Any, hits: list[tuple[Relation, int, int]] = ()) -> tuple[tuple[FrameTerm, ...], set[int]]:
+def _frame_terms(doc: Any, hits: Sequence[tuple[Relation, int, int]] = ()) -> tuple[tuple[FrameTerm, ...], set[int]]:
     """The frame terms in order of appearance, each attached to its noun (``of``), and the token indices used."""
     terms, used = _frame_words(doc)
     out = []
