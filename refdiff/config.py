@@ -159,8 +159,10 @@ PAPER = Preset(
 
 SPATIAL_TERMS: tuple[str, ...] = ("position", "middle", "ordinals", "size", "relations", "negatives")
 
-# Beyond the paper: the `official` stages with every spatial term on (docs/METHOD.md section 13).
-PLUS = OFFICIAL.with_(name="plus", proposal_mode="prompted", **{f"spatial_{t}": True for t in SPATIAL_TERMS})
+# Beyond the paper: the `official` stages with every spatial term on and the paper's head-noun root rule, under
+# which a side word before its noun never becomes the root (docs/METHOD.md section 13).
+PLUS = OFFICIAL.with_(name="plus", proposal_mode="prompted", root_rule="root",
+                      **{f"spatial_{t}": True for t in SPATIAL_TERMS})
 
 PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER, "plus": PLUS}
 

@@ -8,11 +8,12 @@ compounds out ("the left-handed pitcher", "the man who left", "the right answer"
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .text import DIRECTIONS, ParsedText, _DIRECTION_FORMS, _is_on_top_of, _is_verb_use, load_spacy, names_object, \
-    parse_text
+    parse_text, side_word_noun
 
 SIDES = DIRECTIONS  # left, right, top, bottom
 FRAME_KINDS = ("position", "middle", "ordinal", "size")
@@ -39,7 +40,13 @@ _SIDE_COMPOUNDS = frozenset({"handed", "hander", "handers", "wing", "winger", "w
                              "angled", "angle", "hat", "hats", "notch", "gun", "answer", "answers", "way",
                              "time", "choice", "choices", "decision", "idea", "moment", "question", "word",
                              "words", "size", "fit", "price", "thing", "things", "call", "move", "spot", "now",
-                             "away", "here", "there", "then"})
+                             "away", "here", "there", "then", "turn", "turns", "triangle", "triangles",
+                             "brain", "click", "ascension", "wingers"})
+# words between "from" and the side of an ordinal: "from the viewer's left", "from the very left", "from our right"
+_ORDINAL_FILLERS = frozenset({"the", "far", "very", "extreme", "viewer", "viewers", "camera", "picture", "photo",
+                              "image", "'s", "’s", "'", "our", "my", "your", "his", "her", "their"})
+# verbs of counting that may stand between an ordinal and "from": "the second car counting from the left"
+_COUNTING = frozenset({"counting", "starting", "beginning", "going", "moving", "reading", "count", "start"})
 # words before "top" that make it a garment or a thing: "tank top", "big top"
 _TOP_COMPOUNDS = frozenset({"tank", "crop", "tube", "halter", "spinning", "big", "tip", "bottle", "table",
                             "roof", "desk", "lap", "counter", "hill", "tree", "mountain"})
@@ -71,7 +78,8 @@ class FrameTerm:
     """A place or size of the target among its candidates.
 
     kind "position": ``side`` (left/right/top/bottom); "middle"; "ordinal": the ``order``-th from ``side``
-    ("leftmost" = 1st from the left); "size": ``sign`` +1 the biggest / -1 the smallest by ``measure``."""
+    ("leftmost" = 1st from the left); "size": ``sign`` +1 the biggest / -1 the smallest by ``measure``.
+    ``of``: None for a term of the target, else the related object's head noun ("next to the biggest plate")."""
 
     kind: str
     word: str
@@ -80,6 +88,7 @@ class FrameTerm:
     order: int | None = None
     sign: int = 0
     measure: str | None = None
+    of: str | None = None  # None: a term of the target; else the related object's head noun (Relation.other)
 
 
 @dataclass(frozen=True)
@@ -106,22 +115,33 @@ class Expression:
     frame: tuple[FrameTerm, ...] = ()
     relations: tuple[Relation, ...] = ()
     others: tuple[str, ...] = ()
+    open: bool = False  # the target names no object: a placeholder ("the one on the right") or no noun ("left")
     parsed: ParsedText | None = field(default=None, compare=False, repr=False)
 
     def frame_of(self, kind: str) -> tuple[FrameTerm, ...]:
-        """The frame terms of one kind."""
+        """The frame terms of one kind (of the target and of the related objects)."""
         return tuple(t for t in self.frame if t.kind == kind)
+
+    @property
+    def target_frame(self) -> tuple[FrameTerm, ...]:
+        """The frame terms that place the target itself."""
+        return tuple(t for t in self.frame if t.of is None)
+
+    def frame_of_other(self, noun: str) -> tuple[FrameTerm, ...]:
+        """The frame terms of a related object, named by its head noun (``Relation.other``)."""
+        return tuple(t for t in self.frame if t.of == noun)
 
     def summary(self) -> dict[str, Any]:
         """A plain-data view (for JSON, the CLI and the nodes)."""
         def term(t: FrameTerm) -> dict[str, Any]:
             return {k: v for k, v in (("kind", t.kind), ("word", t.word), ("side", t.side), ("order", t.order),
-                                      ("sign", t.sign or None), ("measure", t.measure)) if v is not None}
+                                      ("sign", t.sign or None), ("measure", t.measure), ("of", t.of))
+                    if v is not None}
 
         return {"target": self.target, "target_phrase": self.target_phrase, "attributes": list(self.attributes),
                 "frame": [term(t) for t in self.frame],
                 "relations": [{"family": r.family, "phrase": r.phrase, "other": r.other} for r in self.relations],
-                "others": list(self.others)}
+                "others": list(self.others), "open": self.open}
 
 
 def _lower(doc: Any, i: int) -> str:
@@ -144,7 +164,8 @@ def _side_is_place(doc: Any, i: int) -> bool:
     a compound or idiom ("left-handed", "right answer", "top hat", "tank top", "right behind")."""
     tok = doc[i]
     word = tok.lower_
-    if _is_verb_use(tok) or _is_on_top_of(tok) or _compound_after(doc, i, _SIDE_COMPOUNDS):
+    verb = _is_verb_use(tok) and _lower(doc, i - 1) not in _DIRECTION_FORMS  # "bottom left donut" is no verb
+    if verb or _is_on_top_of(tok) or _compound_after(doc, i, _SIDE_COMPOUNDS):
         return False
     if _hyphenated(doc, i) and _lower(doc, i + 2) not in ("hand", "side", "most", "corner"):
         return False
@@ -167,20 +188,33 @@ def _phrase_at(doc: Any, i: int) -> tuple[str, int] | None:
 def _ordinal_side(doc: Any, i: int) -> str | None:
     """The side of "second [man] from (the) left" / "third to the right": a side word after "from"/"to" within
     a few tokens of the ordinal at token i; None for an ordinal that counts no position ("a second helping")."""
-    for j in range(i + 1, min(len(doc), i + 7)):
+    for j in range(i + 1, min(len(doc), i + 8)):
         if doc[j].lower_ in ("from", "to", "on", "at"):
             k = j + 1
-            while _lower(doc, k) in ("the", "far", "very"):
+            while _lower(doc, k) in _ORDINAL_FILLERS:
                 k += 1
             return _DIRECTION_FORMS.get(_lower(doc, k))
+        if doc[j].lower_ in _COUNTING:
+            continue
         if doc[j].is_punct or doc[j].pos_ in ("VERB", "AUX") or _phrase_at(doc, j) is not None:
             return None
     return None
 
 
-def _frame_terms(doc: Any) -> tuple[tuple[FrameTerm, ...], set[int]]:
-    """The frame terms in order of appearance, and the token indices they use."""
+def _frame_terms(doc: Any, hits: Sequence[tuple[Relation, int, int]] = ()) -> tuple[tuple[FrameTerm, ...], set[int]]:
+    """The frame terms in order of appearance, each attached to its noun (``of``), and the token indices used."""
+    terms, used = _frame_words(doc)
+    out = []
+    for t, i in terms:
+        of = next((r.other for r, lo, hi in hits if lo <= i <= hi), None)
+        out.append(t if of is None else replace(t, of=of))
+    return tuple(out), used
+
+
+def _frame_words(doc: Any) -> tuple[list[tuple[FrameTerm, int]], set[int]]:
+    """The frame terms in order of appearance with the token index of each, and the token indices they use."""
     terms: list[FrameTerm] = []
+    at: list[int] = []
     used: set[int] = set()
     relation_tokens = _relation_token_set(doc)
     for i, tok in enumerate(doc):
@@ -192,6 +226,7 @@ def _frame_terms(doc: Any) -> tuple[tuple[FrameTerm, ...], set[int]]:
             side = _ordinal_side(doc, i)
             if side is not None:
                 terms.append(FrameTerm("ordinal", word, span, side=side, order=_ORDINALS[word]))
+                at.append(i)
                 used.add(i)
                 for j in range(i + 1, min(len(doc), i + 10)):  # the side word belongs to the ordinal
                     if _DIRECTION_FORMS.get(doc[j].lower_) == side:
@@ -203,26 +238,31 @@ def _frame_terms(doc: Any) -> tuple[tuple[FrameTerm, ...], set[int]]:
                     and tok.dep_ != "amod":
                 continue
             terms.append(FrameTerm("ordinal", word, span, side=_EXTREMES[word], order=1))
+            at.append(i)
             used.add(i)
             continue
         if word in _DIRECTION_FORMS and i not in relation_tokens and _side_is_place(doc, i):
             if _lower(doc, i - 1) in _FAR:
                 terms.append(FrameTerm("ordinal", f"{doc[i - 1].text} {tok.text}", (doc[i - 1].idx, span[1]),
                                        side=_DIRECTION_FORMS[word], order=1))
+                at.append(i - 1)
             else:
                 terms.append(FrameTerm("position", word, span, side=_DIRECTION_FORMS[word]))
+                at.append(i)
             used.add(i)
             continue
         if word in _MIDDLE and not _compound_after(doc, i, _MIDDLE_COMPOUNDS) \
                 and not (_hyphenated(doc, i) and _lower(doc, i + 2) in _MIDDLE_COMPOUNDS):
             terms.append(FrameTerm("middle", word, span))
+            at.append(i)
             used.add(i)
             continue
         if word in _SIZE and not _hyphenated(doc, i):
             sign, measure = _SIZE[word]
             terms.append(FrameTerm("size", word, span, sign=sign, measure=measure))
+            at.append(i)
             used.add(i)
-    return tuple(terms), used
+    return list(zip(terms, at)), used
 
 
 def _phrase_token_set(doc: Any) -> set[int]:
@@ -269,7 +309,12 @@ def _object_after(doc: Any, start: int) -> Any:
 
 def _relations(doc: Any, target: Any) -> tuple[Relation, ...]:
     """Relation phrases after the target followed by a noun phrase naming another object."""
-    out: list[Relation] = []
+    return tuple(r for r, _, _ in _relation_hits(doc, target))
+
+
+def _relation_hits(doc: Any, target: Any) -> list[tuple[Relation, int, int]]:
+    """The relations, each with the token span of its object's noun phrase (after the phrase, to the noun)."""
+    out: list[tuple[Relation, int, int]] = []
     i = target.i + 1
     while i < len(doc):
         hit = _phrase_at(doc, i)
@@ -286,17 +331,25 @@ def _relations(doc: Any, target: Any) -> tuple[Relation, ...]:
         other = _object_after(doc, i + n)
         if other is not None and other.i != target.i:
             phrase = doc[i:i + n].text
-            out.append(Relation(family, phrase, other.text, (other.idx, other.idx + len(other.text))))
+            out.append((Relation(family, phrase, other.text, (other.idx, other.idx + len(other.text))), i + n,
+                        other.i))
             i = other.i + 1
         else:
             i += n
-    return tuple(out)
+    return out
 
 
 def _target_token(doc: Any, parsed: ParsedText) -> Any:
-    """The token of the parsed root; a non-object root ("larger", "one") hands over to the first object noun
-    after it ("the larger of the two dogs" -> dogs), else stays."""
+    """The token of the parsed root; a non-object root hands over to the noun after a side word ("left guy" ->
+    guy) or "of" ("the larger of the two dogs" -> dogs), a counting word to its noun ("car counting"), else stays."""
     root = next((t for t in doc if t.idx == parsed.root_span[0]), doc[0])
+    if root.lower_ in _COUNTING:
+        noun = next((c for c in reversed(list(root.lefts)) if names_object(c)), None)
+        if noun is not None:
+            return noun
+    noun = side_word_noun(root)  # also "front" of "the right front donut", which spaCy may make the root
+    if noun is not None:
+        return noun
     if names_object(root):
         return root
     for tok in doc[root.i + 1:]:
@@ -307,6 +360,13 @@ def _target_token(doc: Any, parsed: ParsedText) -> Any:
     return root
 
 
+def _is_open(target: Any) -> bool:
+    """The target names no object: a placeholder, no noun, or a frame word tagged as a noun ("2nd", "leftmost")."""
+    word = target.lower_
+    return not names_object(target) or word in _ORDINALS or word in _EXTREMES or word in _SIZE or \
+        word in _MIDDLE or word in _COUNTING
+
+
 def parse_expression(text: str, root_rule: str = "root_or_subj", nlp: Any = None,
                      parsed: ParsedText | None = None) -> Expression:
     """The structured parse of ``text`` (the root by ``root_rule``, as the method's own parse)."""
@@ -314,8 +374,9 @@ def parse_expression(text: str, root_rule: str = "root_or_subj", nlp: Any = None
     parsed = parsed if parsed is not None else parse_text(text, root_rule=root_rule, nlp=nlp)
     doc = nlp(parsed.text)
     target = _target_token(doc, parsed)
-    frame, used = _frame_terms(doc)
-    relations = _relations(doc, target)
+    hits = _relation_hits(doc, target)
+    relations = tuple(r for r, _, _ in hits)
+    frame, used = _frame_terms(doc, hits)
     chunk = next((c for c in doc.noun_chunks if c.start <= target.i < c.end), None)
     phrase = chunk.text if chunk is not None else target.text
     lo = chunk.start if chunk is not None else target.i
@@ -335,7 +396,7 @@ def parse_expression(text: str, root_rule: str = "root_or_subj", nlp: Any = None
             others.append(r.other)
     return Expression(text=parsed.text, target=target.text, target_span=(target.idx, target.idx + len(target.text)),
                       target_phrase=phrase, attributes=attributes, frame=frame, relations=relations,
-                      others=tuple(others), parsed=parsed)
+                      others=tuple(others), open=_is_open(target), parsed=parsed)
 
 
 __all__ = ["Expression", "FrameTerm", "Relation", "parse_expression", "FRAME_KINDS", "RELATION_FAMILIES",

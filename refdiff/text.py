@@ -125,13 +125,47 @@ def _head_noun(root: Any) -> Any:
     return root
 
 
+# Words that may stand between a side word and the noun it modifies: "far left guy", "top-left box",
+# "left side guy", "right front car", "left most elephant".
+_SIDE_RUN = frozenset({"far", "extreme", "very", "most", "front", "back", "rear", "middle", "center", "centre",
+                       "side", "hand", "-"})
+
+
+def is_side_word(tok: Any) -> bool:
+    """Whether a spaCy token is a side word (left, top, upper, leftmost ...) or "far" of "far left"."""
+    return tok.lower_ in _DIRECTION_FORMS or tok.lower_ in ("far", "extreme")
+
+
+def _leads_noun(tok: Any) -> bool:
+    """A side word, or a word of a side run ("front" of "right front car"), that may stand before a noun."""
+    return is_side_word(tok) or tok.lower_ in _SIDE_RUN - {"-", "very", "most"}
+
+
+def side_word_noun(tok: Any) -> Any:
+    """The object noun that the side word ``tok`` stands before ("bottom left donut" -> donut), the last noun
+    of a compound ("left blue shirt guy" -> guy); None when no such noun follows it directly."""
+    if not _leads_noun(tok):
+        return None
+    doc, noun = tok.doc, None
+    for t in doc[tok.i + 1:]:
+        if names_object(t):
+            noun = t
+            continue
+        if noun is not None or not (t.lower_ in _SIDE_RUN or is_side_word(t) or t.pos_ == "ADJ"):
+            break
+    return noun
+
+
 def _pick_root(doc: Any, root_rule: str) -> Any:
-    """First token that is ROOT or a subject (``root_or_subj``), or the first ROOT's head noun (``root``)."""
+    """First token that is ROOT or a subject (``root_or_subj``), or the first ROOT's head noun (``root``), where a
+    side word before its noun hands over to that noun ("bottom left donut" -> donut)."""
     for tok in doc:
         if root_rule == "root_or_subj" and (tok.dep_ == "ROOT" or "subj" in tok.dep_):
             return tok
         if root_rule == "root" and tok.dep_ == "ROOT":
-            return _head_noun(tok)
+            head = _head_noun(tok)
+            noun = side_word_noun(head)
+            return head if noun is None else noun
     return next(t for t in doc if not t.is_space)  # unreachable with a parser; keeps a root for odd pipelines
 
 
