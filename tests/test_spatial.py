@@ -55,6 +55,7 @@ def test_ranking_changes_where_the_words_say(form: str, case: dict) -> None:
     fused = torch.tensor(scene["fused"])
     expr = parse_expression(case["text"])
     maps = {k: _box_masks(scene["size"], [b])[0].float() for k, b in case.get("maps", {}).items()} or None
+    # (a map entry that is a list of boxes is the union of several regions of the other noun)
     negatives = None
     if "labels" in case:
         feats, texts = _labels_features(case["labels"], expr.others)
