@@ -200,6 +200,7 @@ def test_places_before_relations_and_the_frame_itself(nlp: Any, text: str, targe
     assert not {"picture", "photo"} & set(summary["others"])
 
 
-@pytest.mark.parametrize("text, is_open", [("the longest surfboard", False), ("the longer train", False)])
-def test_open_flag_of_mistagged_nouns(nlp: Any, text: str, is_open: bool) -> None:
+@pytest.mark.parametrize("text, is_open", [("the longest surfboard", False), ("the longer train", False),
+                                           ("the blue item", True), ("the item on top", True)])
+def test_open_flag_of_mistagged_nouns_and_items(nlp: Any, text: str, is_open: bool) -> None:
     assert parse_expression(text, nlp=nlp).summary()["open"] is is_open
