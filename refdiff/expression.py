@@ -51,7 +51,7 @@ _COUNTING = frozenset({"counting", "starting", "beginning", "going", "moving", "
 _TOP_COMPOUNDS = frozenset({"tank", "crop", "tube", "halter", "spinning", "big", "tip", "bottle", "table",
                             "roof", "desk", "lap", "counter", "hill", "tree", "mountain"})
 _MIDDLE_COMPOUNDS = frozenset({"school", "class", "age", "ages", "aged", "finger", "name", "east", "eastern",
-                               "earth", "ground", "man", "weight", "distance"})
+                               "earth", "ground", "weight", "distance"})
 # relation phrases (lower-case word sequences) by family; the longest match wins
 _RELATION_PHRASES: dict[tuple[str, ...], str] = {
     ("next", "to"): "near", ("close", "to"): "near", ("beside",): "near", ("besides",): "near",
@@ -69,6 +69,18 @@ _RELATION_PHRASES: dict[tuple[str, ...], str] = {
     ("has",): "holding", ("having",): "holding", ("holds",): "holding", ("carries",): "holding",
 }
 _MAX_PHRASE = max(len(k) for k in _RELATION_PHRASES)
+# nouns for the image itself: "on the right of the picture" places the target in the frame, relating it to nothing
+_FRAME_NOUNS = frozenset({"picture", "pic", "photo", "photograph", "image", "frame", "screen", "shot", "scene"})
+# verbs of motion or gaze whose side word is a direction, not a place: "turning left", "looking right"
+_MOTION_VERBS = frozenset({"turn", "turns", "turning", "turned", "look", "looks", "looking", "looked", "face",
+                           "faces", "facing", "faced", "head", "heads", "heading", "headed", "go", "goes", "going",
+                           "move", "moves", "moving", "point", "points", "pointing", "pointed", "glance", "glancing",
+                           "gaze", "gazing", "stare", "staring", "veer", "veering", "swerve", "swerving", "steer",
+                           "steering", "lean", "leans", "leaning", "bend", "bending", "swing", "swinging"})
+# words after the verb "left" that make it the verb: "the boy left alone", "the bag left unattended"
+_LEFT_VERB_AFTER = frozenset({"alone", "unattended", "over", "out", "empty", "open", "idle"})
+# relation families that "right" may intensify ("right next to", "right behind"); never "right holding"
+_INTENSIFIED = frozenset({"near", "behind", "front", "on", "under"})
 _ATTRIBUTE_DEPS = ("amod", "compound", "nummod", "nmod", "poss")
 _HYPHEN_RE = re.compile(r"\w+(?:-\w+)+")
 
@@ -167,13 +179,32 @@ def _side_is_place(doc: Any, i: int) -> bool:
     verb = _is_verb_use(tok) and _lower(doc, i - 1) not in _DIRECTION_FORMS  # "bottom left donut" is no verb
     if verb or _is_on_top_of(tok) or _compound_after(doc, i, _SIDE_COMPOUNDS):
         return False
-    if _hyphenated(doc, i) and _lower(doc, i + 2) not in ("hand", "side", "most", "corner"):
+    if _hyphenated(doc, i) and _lower(doc, i + 2) not in ("hand", "side", "most", "corner") \
+            and _lower(doc, i + 2) not in _DIRECTION_FORMS:  # "top-left teddy bear" keeps both sides
+        return False
+    if _is_motion(doc, i):
         return False
     if word == "top" and _lower(doc, i - 1) in _TOP_COMPOUNDS:
         return False
-    if word == "right" and _phrase_at(doc, i + 1) is not None:  # "right next to": an intensifier
+    hit = _phrase_at(doc, i + 1)
+    if word == "right" and hit is not None and hit[0] in _INTENSIFIED:  # "right next to": an intensifier
         return False
     return True
+
+
+def _is_motion(doc: Any, i: int) -> bool:
+    """The side word at token i names a direction of motion or gaze ("turning left", "looking to the right"), or is
+    the verb "left" of "the boy left alone"."""
+    j = i - 1
+    if _lower(doc, j) == "the":
+        j -= 1
+    if _lower(doc, j) == "to":
+        j -= 1
+    elif j != i - 1:
+        return False
+    if j >= 0 and doc[j].lower_ in _MOTION_VERBS and (doc[j].pos_ in ("VERB", "AUX") or doc[j].lower_.endswith("ing")):
+        return True
+    return doc[i].lower_ == "left" and doc[i].pos_ == "VERB" and _lower(doc, i + 1) in _LEFT_VERB_AFTER
 
 
 def _phrase_at(doc: Any, i: int) -> tuple[str, int] | None:
@@ -242,7 +273,12 @@ def _frame_words(doc: Any) -> tuple[list[tuple[FrameTerm, int]], set[int]]:
             used.add(i)
             continue
         if word in _DIRECTION_FORMS and i not in relation_tokens and _side_is_place(doc, i):
-            if _lower(doc, i - 1) in _FAR:
+            far = _far_before(doc, i)
+            if far is not None and far < i - 1:  # "farthest to the right": the first from the right
+                terms.append(FrameTerm("ordinal", doc[far:i + 1].text, (doc[far].idx, span[1]),
+                                       side=_DIRECTION_FORMS[word], order=1))
+                at.append(far)
+            elif _lower(doc, i - 1) in _FAR:
                 terms.append(FrameTerm("ordinal", f"{doc[i - 1].text} {tok.text}", (doc[i - 1].idx, span[1]),
                                        side=_DIRECTION_FORMS[word], order=1))
                 at.append(i - 1)
@@ -265,6 +301,16 @@ def _frame_words(doc: Any) -> tuple[list[tuple[FrameTerm, int]], set[int]]:
     return list(zip(terms, at)), used
 
 
+def _far_before(doc: Any, i: int) -> int | None:
+    """The index of "far"/"farthest" before the side word at token i ("far left", "farthest to the right")."""
+    j = i - 1
+    if _lower(doc, j) == "the":
+        j -= 1
+    if _lower(doc, j) == "to":
+        j -= 1
+    return j if j >= 0 and _lower(doc, j) in _FAR and (j == i - 1 or _lower(doc, j + 1) == "to") else None
+
+
 def _phrase_token_set(doc: Any) -> set[int]:
     """Tokens inside any relation phrase ("front" of "in front of")."""
     out: set[int] = set()
@@ -281,12 +327,50 @@ def _relation_token_set(doc: Any) -> set[int]:
     i = 0
     while i < len(doc):
         hit = _phrase_at(doc, i)
-        if hit is not None and hit[0] in ("left_of", "right_of"):
+        if hit is not None and hit[0] in ("left_of", "right_of") and not _of_the_frame(doc, i + hit[1]):
             out.update(range(i, i + hit[1]))
             i += hit[1]
         else:
             i += 1
     return out
+
+
+def _of_the_frame(doc: Any, i: int) -> bool:
+    """The words from token i name the image itself ("[of] the picture", "of this photo")."""
+    while _lower(doc, i) in ("of", "the", "this", "that", "a", "an"):
+        i += 1
+    return _lower(doc, i) in _FRAME_NOUNS
+
+
+def _is_frame_noun(doc: Any, i: int) -> bool:
+    """Token i is the image itself after "of" ("the bottom of the picture", "the left of this photo")."""
+    j = i - 1
+    while _lower(doc, j) in ("the", "this", "that", "a", "an"):
+        j -= 1
+    return doc[i].lower_ in _FRAME_NOUNS and _lower(doc, j) == "of"
+
+
+def _side_place_end(doc: Any, i: int) -> int | None:
+    """After "on" (token i - 1): the end of a side place ("on the right", "on left", "on the far left side"); None
+    when no side word follows or the side is of an object ("on the top shelf", "on the left of the car")."""
+    j = i
+    while _lower(doc, j) in ("the", "far", "very", "extreme"):
+        j += 1
+    if _lower(doc, j) not in _DIRECTION_FORMS:
+        return None
+    while _lower(doc, j) in _DIRECTION_FORMS or _lower(doc, j) in ("-", "side", "hand", "corner", "most"):
+        j += 1
+    if _lower(doc, j) == "of" and not _of_the_frame(doc, j):
+        return None
+    if j < len(doc) and _is_object(doc[j]) and _phrase_at(doc, j) is None:
+        return None
+    return j
+
+
+def _is_object(tok: Any) -> bool:
+    """``names_object``, and a garment "top" after its kind ("a crop top", "tank top")."""
+    return names_object(tok) or (tok.lower_ in ("top", "tops") and tok.pos_ in ("NOUN", "PROPN")
+                                 and _lower(tok.doc, tok.i - 1) in _TOP_COMPOUNDS)
 
 
 def _object_after(doc: Any, start: int) -> Any:
@@ -297,7 +381,7 @@ def _object_after(doc: Any, start: int) -> Any:
     while i < len(doc):
         if i in chunks:
             root = chunks[i].root
-            return root if names_object(root) else None
+            return root if _is_object(root) else None
         tok = doc[i]
         if tok.is_punct or (tok.pos_ in ("VERB", "AUX") and i > start):
             return None
@@ -325,9 +409,15 @@ def _relation_hits(doc: Any, target: Any) -> list[tuple[Relation, int, int]]:
         if family == "near" and doc[i].lower_ == "by" and doc[i - 1].pos_ == "VERB":  # "taken by", "pulled by"
             i += 1
             continue
-        if family in ("left_of", "right_of") and i > 0 and doc[i - 1].lower_ == "who":
+        if family in ("left_of", "right_of") and (i > 0 and doc[i - 1].lower_ == "who"
+                                                  or _of_the_frame(doc, i + n)):
             i += n
             continue
+        if family == "on" and n == 1 and doc[i].lower_ == "on":  # "on the right holding ...": a place, not "on"
+            end = _side_place_end(doc, i + 1)
+            if end is not None:
+                i = end
+                continue
         other = _object_after(doc, i + n)
         if other is not None and other.i != target.i:
             phrase = doc[i:i + n].text
@@ -343,6 +433,9 @@ def _target_token(doc: Any, parsed: ParsedText) -> Any:
     """The token of the parsed root; a non-object root hands over to the noun after a side word ("left guy" ->
     guy) or "of" ("the larger of the two dogs" -> dogs), a counting word to its noun ("car counting"), else stays."""
     root = next((t for t in doc if t.idx == parsed.root_span[0]), doc[0])
+    noun = _ordinal_noun(doc, root)
+    if noun is not None:
+        return noun
     if root.lower_ in _COUNTING:
         noun = next((c for c in reversed(list(root.lefts)) if names_object(c)), None)
         if noun is not None:
@@ -350,7 +443,11 @@ def _target_token(doc: Any, parsed: ParsedText) -> Any:
     noun = side_word_noun(root)  # also "front" of "the right front donut", which spaCy may make the root
     if noun is not None:
         return noun
-    if names_object(root):
+    if names_object(root) and not _is_frame_word(root):
+        nxt = doc[root.i + 1] if root.i + 1 < len(doc) else None
+        if nxt is not None and nxt.dep_ == "appos" and nxt.head.i == root.i and names_object(nxt) \
+                and _lower(doc, root.i - 1) in _DIRECTION_FORMS:  # "the right way sign": one compound noun
+            return nxt
         return root
     for tok in doc[root.i + 1:]:
         if names_object(tok):
@@ -360,11 +457,39 @@ def _target_token(doc: Any, parsed: ParsedText) -> Any:
     return root
 
 
+def _is_frame_word(tok: Any) -> bool:
+    """An ordinal, extreme, size or middle word (which spaCy may tag as a noun: "the taller", "middle")."""
+    word = tok.lower_
+    return word in _ORDINALS or word in _EXTREMES or word in _SIZE or word in _MIDDLE
+
+
+def _ordinal_noun(doc: Any, root: Any) -> Any:
+    """The noun after a leading ordinal phrase whose root is the ordinal or its "from" ("second from left guy",
+    "2nd from the right banana" -> the noun); None otherwise."""
+    i = root.i
+    if root.lower_ in ("from", "to") and i > 0 and doc[i - 1].lower_ in _ORDINALS:
+        i -= 1
+    elif root.lower_ not in _ORDINALS:
+        return None
+    side = _ordinal_side(doc, i)
+    if side is None:
+        return None
+    k = next((j for j in range(i + 1, min(len(doc), i + 10)) if _DIRECTION_FORMS.get(doc[j].lower_) == side), None)
+    return side_word_noun(doc[k]) if k is not None else None
+
+
 def _is_open(target: Any) -> bool:
     """The target names no object: a placeholder, no noun, or a frame word tagged as a noun ("2nd", "leftmost")."""
-    word = target.lower_
-    return not names_object(target) or word in _ORDINALS or word in _EXTREMES or word in _SIZE or \
-        word in _MIDDLE or word in _COUNTING
+    return not (names_object(target) or _tagged_off_noun(target)) or _is_frame_word(target) or \
+        target.lower_ in _COUNTING
+
+
+def _tagged_off_noun(tok: Any) -> bool:
+    """A last word that spaCy tags as an adjective or a verb after a frame word: the noun of "the longest
+    surfboard", "the longer train"."""
+    doc = tok.doc
+    return (tok.pos_ in ("ADJ", "VERB", "ADV") and tok.is_alpha and tok.i == len(doc) - 1 and tok.i > 0
+            and _is_frame_word(doc[tok.i - 1]) and not _is_frame_word(tok) and tok.lower_ not in _DIRECTION_FORMS)
 
 
 def parse_expression(text: str, root_rule: str = "root_or_subj", nlp: Any = None,
@@ -389,7 +514,9 @@ def parse_expression(text: str, root_rule: str = "root_or_subj", nlp: Any = None
         if (names_object(tok) and tok.i != target.i and tok.lemma_.lower() != target.lemma_.lower()
                 and tok.i not in used and tok.i not in phrase_tokens and tok.lower_ not in _MIDDLE
                 and tok.dep_ not in ("amod", "compound") and tok.text not in others
-                and not (chunk is not None and chunk.start <= tok.i < chunk.end)):
+                and not (chunk is not None and chunk.start <= tok.i < chunk.end)
+                and not (tok.i == target.i - 1 and target.head.i == tok.i)  # "way" of "the right way sign"
+                and not _is_frame_noun(doc, tok.i)):
             others.append(tok.text)
     for r in relations:  # every related object is a negative, in the order of appearance
         if r.other not in others and r.other_span in related:

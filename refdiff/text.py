@@ -36,7 +36,7 @@ _DIRECTION_RE = re.compile(
 _WS_RE = re.compile(r"\s+")
 # Nouns that stand for an object or a region without naming one: the attention map of "one" follows nothing.
 PLACEHOLDER_NOUNS = frozenset({"one", "ones", "thing", "things", "object", "objects", "something", "anything",
-                               "stuff", "side", "part", "half"})
+                               "stuff", "side", "part", "half", "item", "items"})
 _NOUN_POS = ("NOUN", "PROPN")
 _SUBJECT_DEPS = ("nsubj", "nsubjpass")
 _OBJECT_DEPS = ("dobj", "attr", "oprd", "pobj")

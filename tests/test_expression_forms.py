@@ -168,3 +168,39 @@ def test_side_words_that_place_the_target(nlp: Any, text: str, target: str) -> N
     summary = parse_expression(text, nlp=nlp).summary()
     assert summary["target"] == target
     assert summary["frame"] == [{"kind": "position", "word": side, "side": side}]
+
+
+# ------------------------------------------------------------- 5. places before relations, the frame itself
+@pytest.mark.parametrize("text, target, frame, relations", [
+    ("second from left guy", "guy", [("ordinal", "left", 2)], []),
+    ("2nd from the right banana", "banana", [("ordinal", "right", 2)], []),
+    ("the man farthest to the right", "man", [("ordinal", "right", 1)], []),
+    ("top-left teddy bear", "bear", [("position", "top", None), ("position", "left", None)], []),
+    ("the boy on the right holding a frisbee", "boy", [("position", "right", None)], [("holding", "frisbee")]),
+    ("woman on left with umbrella", "woman", [("position", "left", None)], [("holding", "umbrella")]),
+    ("the cat on the right of the picture", "cat", [("position", "right", None)], []),
+    ("the bird in the top left of the photo", "bird", [("position", "top", None), ("position", "left", None)], []),
+    ("the man on the left of the dog", "man", [], [("left_of", "dog")]),
+    ("the book on the top shelf", "book", [("position", "top", None)], [("on", "shelf")]),
+    ("middle man holding racket", "man", [("middle", None, None)], [("holding", "racket")]),
+    ("middle of the three dogs", "dogs", [("middle", None, None)], []),
+    ("the taller of the two men", "men", [("size", None, None)], []),
+    ("the right way sign", "sign", [], []),
+    ("girl wearing a crop top", "girl", [], [("holding", "top")]),
+    ("the boy left alone", "boy", [], []),
+    ("the guy turning left", "guy", [], []),
+    ("the zebra looking right", "zebra", [], []),
+])
+def test_places_before_relations_and_the_frame_itself(nlp: Any, text: str, target: str, frame: list[Any],
+                                                      relations: list[Any]) -> None:
+    summary = parse_expression(text, nlp=nlp).summary()
+    assert summary["target"] == target and summary["open"] is False
+    assert [(t["kind"], t.get("side"), t.get("order")) for t in summary["frame"]] == frame
+    assert [(r["family"], r["other"]) for r in summary["relations"]] == relations
+    assert not {"picture", "photo"} & set(summary["others"])
+
+
+@pytest.mark.parametrize("text, is_open", [("the longest surfboard", False), ("the longer train", False),
+                                           ("the blue item", True), ("the item on top", True)])
+def test_open_flag_of_mistagged_nouns_and_items(nlp: Any, text: str, is_open: bool) -> None:
+    assert parse_expression(text, nlp=nlp).summary()["open"] is is_open
