@@ -23,7 +23,7 @@ _TERM_HELP = {
     "relations": "'next to', 'behind', 'on', 'holding' X: a rule against X's own cross-attention map (from the "
                  "attention input, the same capture; no extra UNet run)",
     "negatives": "the other nouns of the sentence: the candidates' CLIP similarity to them is subtracted (needs "
-                 "clip and image)",
+                 "clip and image; applied only with discriminative connected, as it adjusts the CLIP score s_D)",
 }
 
 
@@ -78,11 +78,13 @@ class RefDiffSpatial(io.ComfyNode):
                                         tooltip="The captured attention the generative map came from: the "
                                                 "relations read the other object's own map from it."),
                 sockets.ClipModel.Input("clip", optional=True,
-                                        tooltip="The CLIP model (RefDiffLoadCLIP), for the negatives term."),
+                                        tooltip="The CLIP model (RefDiffLoadCLIP), for the negatives term (applied "
+                                                "when discriminative is connected)."),
                 io.Image.Input("image", optional=True, tooltip="The original images, for the negatives term."),
                 io.Combo.Input("preset", options=sockets.PRESET_NAMES, default="plus",
-                               tooltip="Preset for the fusion weights, the pool and the relation constants ('plus': "
-                                       "official fusion with the spatial terms)."),
+                               tooltip="Preset for the fusion weights, the pool and the relation constants (the "
+                                       "term switches and weights are this node's own inputs). "
+                                       + sockets.PLUS_TOOLTIP),
                 io.Float.Input("gen_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,
                                tooltip="Weight of s_G when both scores are given; -1 = the preset's."),
                 io.Float.Input("disc_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,

@@ -284,6 +284,21 @@ def needs_negatives(expr: Expression, terms: Sequence[str]) -> bool:
     return "negatives" in terms and bool(expr.others)
 
 
+def negatives_apply(expr: Expression, terms: Sequence[str], uses_clip: bool) -> bool:
+    """Whether the negative term applies: switched on, other nouns named, and the scores it adjusts hold a CLIP
+    score (``uses_clip``: s_D, as in full, GS, DS, sam-clip; not G). The caller still needs a CLIP scorer."""
+    return bool(uses_clip) and needs_negatives(expr, terms)
+
+
+def spatial_negatives(expr: Expression, terms: Sequence[str], uses_clip: bool,
+                      similarity: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The ``negatives`` of spatial_scores: ``similarity()`` (the candidates' CLIP similarity to the other nouns,
+    None without a CLIP scorer) where ``negatives_apply``, else None."""
+    if similarity is None or not negatives_apply(expr, terms, uses_clip):
+        return None
+    return similarity()
+
+
 def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, preset: Preset,
                    terms: Sequence[str], other_maps: Mapping[str, torch.Tensor] | None = None,
                    negatives: torch.Tensor | None = None) -> SpatialScores:
@@ -382,4 +397,5 @@ def spatial_adjuster(expr: Expression, masks: torch.Tensor, preset: Preset, term
 
 __all__ = ["Geometry", "geometry", "candidate_pool", "position_term", "middle_term", "ordinal_term", "size_term",
            "relation_term", "negative_similarity", "negative_prompts", "SpatialScores", "spatial_scores",
-           "needs_maps", "needs_negatives", "relation_maps", "candidate_negatives", "spatial_adjuster"]
+           "needs_maps", "needs_negatives", "negatives_apply", "spatial_negatives", "relation_maps",
+           "candidate_negatives", "spatial_adjuster"]
