@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from refdiff.errors import InputError
 from refdiff.flow import DEFAULT_FLOW_T, flow_ts
 from refdiff.joint_attention import MAP_KINDS, parse_block_list
+from refdiff.text import DEFAULT_NO_NOUN
 
 from . import comfy_backend, dit_backend, runtime
 from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, check_parse_context,
@@ -69,7 +70,7 @@ def dit_items(batch: int, family: str, parse: ParsedBatch | None, clip: Any, tex
         return None
     from .text_nodes import parse_texts
 
-    parsed, _ = parse_texts(text, clip, root_rule, prompt_suffix, no_noun="warn")
+    parsed, _ = parse_texts(text, clip, root_rule, prompt_suffix, no_noun=DEFAULT_NO_NOUN)
     return parsed.for_batch(batch, "text")
 
 

@@ -13,6 +13,7 @@ from refdiff.config import (Preset, get_variant, needs_map, prompt_kwargs, propo
                             spatial_terms_of)
 from refdiff.errors import InputError
 from refdiff.flow import DEFAULT_FLOW_T
+from refdiff.text import DEFAULT_NO_NOUN
 
 from refdiff.external import RESIZE_MODES
 
@@ -39,7 +40,7 @@ class Segmentation:
 def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, variant: str, preset: Preset,
             seed: int = 0, sam: Any = None, clip_scorer: Any = None, amg: dict | None = None,
             top_k: int | None = None, filter_settings: FilterSettings | None = None, factor: int | None = None,
-            no_noun: str = "error", external: torch.Tensor | None = None, external_counts: str = "",
+            no_noun: str = DEFAULT_NO_NOUN, external: torch.Tensor | None = None, external_counts: str = "",
             external_resize: str = "error", dit: DitOptions | None = None) -> Segmentation:
     """Run one variant (full, G, GS, DS, sam-clip) on every image. ``factor`` None and ``filter_settings`` None
     take the preset's; the checks that need no computation (models connected, the MODEL's cross-attention at
@@ -157,7 +158,8 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
 def spatial_terms(proposals: Any, s_g: Any, s_d: Any, parse: Any, preset: Preset, terms: tuple[str, ...],
                   attention: Any, clip_scorer: Any, image: torch.Tensor) -> tuple[Any, list[str]]:
     """The preset's spatial terms (beyond the paper; on in ``plus``) on the fused scores, as RefDiffSpatial adds
-    them: relations from the same capture, negatives from the CLIP scorer when one is connected."""
+    them: relations from the same capture, negatives from the CLIP scorer where refdiff.spatial.negatives_apply
+    (a variant with s_D)."""
     from . import spatial_nodes  # spaCy's parser: needed only when a term is on
 
     negatives = (spatial_nodes.clip_negatives(clip_scorer, image, len(proposals), preset)
@@ -221,7 +223,7 @@ class RefDiffSegment(io.ComfyNode):
                                        "generator on the point grid (the paper); 'prompted' = SAM prompted at the "
                                        "peaks of c (a few object-level masks, much faster; DS and sam-clip then "
                                        "run the diffusion pass for c; beyond the paper); 'preset' = the preset's "
-                                       "(automatic in official and paper)."),
+                                       "(automatic in official and paper, prompted in plus)."),
                 text_nodes.no_noun_input(),
                 sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
                 sockets.ClipModel.Input("clip_scorer", optional=True,
@@ -249,7 +251,7 @@ class RefDiffSegment(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, variant="full", no_noun="error", proposal_counts="", map_kind=None,
+    def validate_inputs(cls, text=None, variant="full", no_noun=DEFAULT_NO_NOUN, proposal_counts="", map_kind=None,
                         dit_blocks=None, flow_t=None, input_types=None) -> bool | str:
         # At queue time, before any model loads. ComfyUI passes widget values only; asking for input_types gives
         # the types of the linked inputs, so a missing SAM / CLIP scorer is seen here (asking for it also turns
@@ -265,7 +267,7 @@ class RefDiffSegment(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, text, variant, preset, seed, image_size, top_k, points_per_side,
                 pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
-                factor=-1, no_noun="error", sam=None, clip_scorer=None, proposal_mode="preset", proposals=None,
+                factor=-1, no_noun=DEFAULT_NO_NOUN, sam=None, clip_scorer=None, proposal_mode="preset", proposals=None,
                 proposal_counts="", proposals_resize="error", map_kind=DEFAULT_MAP_KIND, dit_blocks=DEFAULT_BLOCKS,
                 flow_t=DEFAULT_FLOW_T, background=DEFAULT_BACKGROUND) -> io.NodeOutput:
         p = proposal_mode_preset(sockets.preset(preset), proposal_mode)

@@ -8,13 +8,17 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from refdiff.config import PRESETS, Preset, get_preset
+from refdiff.config import PRESETS, SPATIAL_TERMS, Preset, get_preset
 
 from . import wire_types
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, POST_FILTER_OPTIONS
 
 CATEGORY = "RefDiff"
-PRESET_NAMES = list(PRESETS)  # ["official", "paper"]
+PRESET_NAMES = list(PRESETS)  # ["official", "paper", "plus"]
+# What 'plus' is (refdiff.config.PLUS), said on every preset input.
+PLUS_TOOLTIP = (f"'plus' = 'official' + every spatial term ({', '.join(SPATIAL_TERMS)}) + the 'paper' root rule "
+                "(a side word before its noun hands over to the noun: 'bottom left donut' -> donut) + proposal_mode "
+                "'prompted' (SAM prompted at the peaks of c instead of its automatic grid), beyond the paper.")
 
 # Custom socket types (see docs/NODES.md for what each carries).
 Attention = io.Custom(wire_types.ATTENTION)
@@ -27,8 +31,8 @@ ClipModel = io.Custom(wire_types.CLIP_MODEL)
 
 def preset_input(tooltip: str = "Which constants of the method to use: 'official' = the authors' released "
                                "code (bugs fixed), 'paper' = the equations as published.") -> Any:
-    """The preset combo every node shares (official / paper)."""
-    return io.Combo.Input("preset", options=PRESET_NAMES, default="official", tooltip=tooltip)
+    """The preset combo every node shares (official / paper / plus); its tooltip ends with what 'plus' is."""
+    return io.Combo.Input("preset", options=PRESET_NAMES, default="official", tooltip=f"{tooltip} {PLUS_TOOLTIP}")
 
 
 def post_filter_inputs(default: str = "preset") -> list:
@@ -53,6 +57,5 @@ def preset(name: str) -> Preset:
     return get_preset(name)
 
 
-__all__ = ["CATEGORY", "PRESET_NAMES", "Attention", "Parse", "Proposals", "Scores", "SamModel", "ClipModel",
-           "preset_input", "preset",
-           "post_filter_inputs"]
+__all__ = ["CATEGORY", "PRESET_NAMES", "PLUS_TOOLTIP", "Attention", "Parse", "Proposals", "Scores", "SamModel",
+           "ClipModel", "preset_input", "preset", "post_filter_inputs"]

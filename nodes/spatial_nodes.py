@@ -23,7 +23,7 @@ _TERM_HELP = {
     "relations": "'next to', 'behind', 'on', 'holding' X: a rule against X's own cross-attention map (from the "
                  "attention input, the same capture; no extra UNet run)",
     "negatives": "the other nouns of the sentence: the candidates' CLIP similarity to them is subtracted (needs "
-                 "clip and image)",
+                 "clip and image; applied only with discriminative connected, as it adjusts the CLIP score s_D)",
 }
 
 
@@ -52,8 +52,11 @@ def _term_inputs() -> list[Any]:
                                             "words say no such thing."))
         out.append(io.Float.Input(f"{term}_weight", default=float(getattr(PLUS, WEIGHT_FIELDS[term])), min=0.0,
                                   max=100.0, step=0.01,
-                                  tooltip=f"Weight of the {term} term (added to the fused score; 'plus' preset: "
-                                          f"{getattr(PLUS, WEIGHT_FIELDS[term]):g})."))
+                                  tooltip=f"Weight of the {term} term ("
+                                          + ("in units of the fused score" if term == "negatives" else
+                                             "in units of the pool margin: above 1 a one-hot term decides among "
+                                             "the target's instances")
+                                          + f"; 'plus' preset: {getattr(PLUS, WEIGHT_FIELDS[term]):g})."))
     return out
 
 
@@ -78,18 +81,21 @@ class RefDiffSpatial(io.ComfyNode):
                                         tooltip="The captured attention the generative map came from: the "
                                                 "relations read the other object's own map from it."),
                 sockets.ClipModel.Input("clip", optional=True,
-                                        tooltip="The CLIP model (RefDiffLoadCLIP), for the negatives term."),
+                                        tooltip="The CLIP model (RefDiffLoadCLIP), for the negatives term (applied "
+                                                "when discriminative is connected)."),
                 io.Image.Input("image", optional=True, tooltip="The original images, for the negatives term."),
                 io.Combo.Input("preset", options=sockets.PRESET_NAMES, default="plus",
-                               tooltip="Preset for the fusion weights, the pool and the relation constants ('plus': "
-                                       "official fusion with the spatial terms)."),
+                               tooltip="Preset for the fusion weights, the pool and the relation constants (the "
+                                       "term switches and weights are this node's own inputs). "
+                                       + sockets.PLUS_TOOLTIP),
                 io.Float.Input("gen_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,
                                tooltip="Weight of s_G when both scores are given; -1 = the preset's."),
                 io.Float.Input("disc_weight", default=-1.0, min=-1.0, max=100.0, step=0.01,
                                tooltip="Weight of s_D when both scores are given; -1 = the preset's."),
                 io.Int.Input("pool", default=int(PLUS.spatial_pool), min=1, max=100,
-                             tooltip="The terms rank this many best candidates by fused score (near-duplicates "
-                                     "skipped); the others get no term."),
+                             tooltip="At most this many whole instances of the target, best first, are ranked by "
+                                     "the terms: bands, groups, parts, duplicates and candidates scoring more than "
+                                     "the preset's margin below the best instance are left out and get no term."),
                 *_term_inputs(),
             ],
             outputs=[

@@ -13,7 +13,8 @@ from refdiff.config import SPATIAL_TERMS, Preset
 from refdiff.errors import InputError
 from refdiff.expression import Expression, parse_expression
 from refdiff.scoring import fuse_and_select
-from refdiff.spatial import needs_maps, needs_negatives, relation_maps, spatial_adjuster
+from refdiff.spatial import (needs_maps, needs_negatives, negatives_apply, relation_maps, spatial_adjuster,
+                             spatial_negatives)
 
 from . import attention_maps, tensors
 from .token_positions import describe_expression
@@ -63,7 +64,8 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
     """Per image, refdiff.scoring.fuse_and_select with the spatial terms as its ``adjust``
     (refdiff.spatial.spatial_adjuster, as RefDiff runs them): the fused score (given weights, else the
     preset's) plus each term of ``terms`` the expression says. Relations read the other noun's map from
-    ``attention`` (the same capture as the root's); negatives call ``negatives``. Returns a "fused" ScoreBatch
+    ``attention`` (the same capture as the root's); negatives call ``negatives`` where
+    refdiff.spatial.negatives_apply (only with s_D among the scores, as RefDiff). Returns a "fused" ScoreBatch
     and the notes: per image what was understood and applied, and why a term said by the words was not."""
     check_unfused_scores(proposals, generative, discriminative,
                          "already went through RefDiffSpatial; connect the generative / discriminative scores "
@@ -73,6 +75,7 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
     if attention is not None:
         attention_maps.check_attention_batch(attention, batch)
     totals, applied_all, notes = [], [], []
+    uses_clip = discriminative is not None  # s_D (RefDiffCLIPScore, either mode) among the scores
     weights = (1.0, 1.0)
     for i, (masks, item) in enumerate(zip(proposals.masks, items)):
         expr = parse_expression(item.parsed.text, nlp=nlp, parsed=item.parsed)
@@ -90,13 +93,14 @@ def spatial_score_batch(proposals: ProposalBatch, generative: ScoreBatch | None,
                 if missing:
                     notes.append(f"  relations: no captured token for {missing}")
         neg = None
-        if needs_negatives(expr, terms) and masks.shape[0]:
-            if negatives is None:
+        if masks.shape[0]:
+            if negatives_apply(expr, terms, uses_clip) and negatives is None:
                 notes.append("  negatives not applied: connect clip and image")
-            else:
-                neg = negatives(i, expr, masks)
-        adjust, applied = spatial_adjuster(expr, masks, preset, terms, other_maps, neg,
-                                           uses_clip=discriminative is not None)
+            elif needs_negatives(expr, terms) and not uses_clip:
+                notes.append("  negatives: none (they adjust the CLIP score s_D, and these scores hold none)")
+            similarity = None if negatives is None else (lambda: negatives(i, expr, masks))
+            neg = spatial_negatives(expr, terms, uses_clip, similarity)
+        adjust, applied = spatial_adjuster(expr, masks, preset, terms, other_maps, neg, uses_clip=uses_clip)
         s_g = generative.scores[i] if generative is not None else None
         s_d = discriminative.scores[i] if discriminative is not None else None
         try:

@@ -6,7 +6,7 @@ from typing import Any
 import spacy  # noqa: F401  (the parser; without it these nodes are disabled, not broken)
 from comfy_api.latest import io
 
-from refdiff.text import NO_NOUN_POLICIES, ROOT_RULES
+from refdiff.text import DEFAULT_NO_NOUN, NO_NOUN_POLICIES, ROOT_RULES
 from refdiff.tokenizer import clip_tokenizer
 
 from . import runtime, sockets, text_inputs, token_positions
@@ -15,12 +15,13 @@ from .wire_types import ParsedBatch, match_batch
 
 # ------------------------------------------------------------------------------------------ stage function
 def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", prompt_suffix: str = ", ",
-                root_word: str = "", no_noun: str = "error") -> tuple[ParsedBatch, str]:
+                root_word: str = "", no_noun: str = DEFAULT_NO_NOUN) -> tuple[ParsedBatch, str]:
     """Parse each line of ``text``; token positions use the CLIP's own tokenizer (offline SD 1.x one if None).
 
     ``root_word`` may hold one word for every line or one line per text line (an empty line: the parser's
-    choice). ``no_noun``: a line that names no object raises InputError ("error") or is warned about ("warn");
-    warnings (also prompts cut at the token limit) are logged, listed in the summary and kept on the parse.
+    choice). ``no_noun``: a line that names no object is warned about ("warn", the default) or raises InputError
+    ("error"); warnings (also prompts cut at the token limit) are logged, listed in the summary and kept on the
+    parse.
     """
     from . import comfy_backend  # ComfyUI's model classes load only when a CLIP is given
 
@@ -51,12 +52,13 @@ def parse_texts(text: str, clip: Any = None, root_rule: str = "root_or_subj", pr
 
 # ------------------------------------------------------------------------------------------ node
 def no_noun_input() -> Any:
-    """The no_noun combo of the nodes that parse the text (optional: graphs saved without it keep "error")."""
-    return io.Combo.Input("no_noun", options=sorted(NO_NOUN_POLICIES), default="error", optional=True,
-                          tooltip="A text that names no object ('on the left'): 'error' refuses it when the prompt "
-                                  "is queued; 'warn' runs anyway (the attention map then follows a word such as "
-                                  "'left' and the mask may mean nothing) and says so on the node, in its text "
-                                  "output and in the console.")
+    """The no_noun combo of the nodes that parse the text (optional: graphs saved without it get the default)."""
+    return io.Combo.Input("no_noun", options=sorted(NO_NOUN_POLICIES), default=DEFAULT_NO_NOUN, optional=True,
+                          tooltip="A text that names no object ('the one on the right', 'leftmost', 'the biggest "
+                                  "one'): 'warn' (default) runs it with an open target class (the attention map "
+                                  "follows the root word, the spatial terms rank all whole-object candidates) and "
+                                  "says so on the node, in its text output and in the console; 'error' refuses it "
+                                  "when the prompt is queued. An empty or punctuation-only text is always refused.")
 
 
 class RefDiffParseText(io.ComfyNode):
@@ -94,12 +96,13 @@ class RefDiffParseText(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, no_noun="error") -> bool | str:
-        # At queue time, before any model loads: an empty text, or one naming no object under no_noun "error".
+    def validate_inputs(cls, text=None, no_noun=DEFAULT_NO_NOUN) -> bool | str:
+        # At queue time, before any model loads: an empty or punctuation-only text, or one naming no object under
+        # no_noun "error".
         return token_positions.text_problem(text, no_noun) or True
 
     @classmethod
-    def execute(cls, text, preset, root_rule, root_word, clip=None, no_noun="error") -> io.NodeOutput:
+    def execute(cls, text, preset, root_rule, root_word, clip=None, no_noun=DEFAULT_NO_NOUN) -> io.NodeOutput:
         p = sockets.preset(preset)
         parse, summary = parse_texts(text, clip, p.root_rule if root_rule == "preset" else root_rule,
                                      p.prompt_suffix, root_word or "", no_noun)

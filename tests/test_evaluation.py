@@ -311,7 +311,8 @@ def test_main_cli_mounts_eval_and_passes_model_options(data: Path, tmp_path: Pat
             "--preset", "paper", "--image-size", "512", "--set", "sam_min_area=5", "--set", "thresholds=[0.3,0.6]"]
     assert main(argv) == 0
     assert seen == {"sd": str(sd_folder), "sam": str(sam), "clip": "ViT-B-16/openai", "preset": "paper",
-                    "device": "cuda:1", "dtype": "fp16", "sd_config": None, "sd_vae": None, "offload": False, "image_size": 512,
+                    "device": "cuda:1", "dtype": "fp16", "sd_config": None, "sd_vae": None, "offload": False, "no_noun": "warn",
+                    "image_size": 512,
                     "sam_min_area": 5, "sam_min_area_reference": None,
                     "thresholds": (0.3, 0.6), "set_device": 1}
     manifest = json.loads((out / "run.json").read_text())

@@ -113,6 +113,19 @@ def test_text_problems_at_queue_time():
     assert token_positions.text_problem("a dog", "ignore") == "no_noun must be one of ['warn', 'error'], got 'ignore'"
 
 
+@pytest.mark.parametrize("text", ["on the left", "the second from the left", "leftmost", "the biggest one",
+                                  "the one on the right", "the white thing on the left"])
+def test_texts_naming_no_object_pass_the_queue_by_default_with_a_note(text):
+    assert token_positions.text_problem(text) is None
+    parsed, _ = token_positions.parse_line(text)
+    assert "the target class is open" in token_positions.root_note(parsed)
+
+
+@pytest.mark.parametrize("text", ["...", "a dog\n?!"])
+def test_punctuation_only_text_is_refused_at_queue_time(text):
+    assert "holds only punctuation: give a referring expression" in token_positions.text_problem(text)
+
+
 def test_root_note_under_each_policy():
     parsed, _ = token_positions.parse_line("on the left")
     with pytest.raises(InputError, match="names no object"):

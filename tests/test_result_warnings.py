@@ -31,8 +31,9 @@ def test_text_naming_no_object_warns_by_default_and_can_be_refused(models, image
         results = make(models).segment_variants(image, "on the left", ["G", "DS"])
     for r in results.values():  # the preset's root is kept, and every result carries the note
         assert r.root_token == "on" and r.direction == ("left",) and r.mask.shape == (45, 67)
-        assert r.warnings == ["text 'on the left' names no object for the attention map to follow: the map "
-                              "follows the word 'on' and the mask may mean nothing; add the object's noun, e.g. "
+        assert r.warnings == ["text 'on the left' names no object, so the target class is open: with no "
+                              "object noun the attention map follows the root word 'on', and the spatial terms "
+                              "rank all whole-object candidates; add the object's noun to name the target, e.g. "
                               "'the dog on the left'"]
     strict = make(models, no_noun="error")
     with pytest.raises(InputError, match="text 'on the left' names no object .* add the object's noun"):
@@ -40,6 +41,27 @@ def test_text_naming_no_object_warns_by_default_and_can_be_refused(models, image
     assert strict(image, "the box on the left", variant="DS").warnings == []
     with pytest.raises(InputError, match="no_noun must be one of"):
         make(models, no_noun="silent")
+
+
+@pytest.mark.parametrize("text, term", [("the second from the left", "ordinals"), ("leftmost", "ordinals"),
+                                        ("the biggest one", "size"), ("the one on the right", "position"),
+                                        ("the white thing on the left", "position")])
+def test_placeholder_texts_run_with_every_spatial_term_and_say_the_target_class_is_open(models, image, text, term):
+    """Preset plus (every spatial term; SAM prompted at c's peaks) on texts with no object noun: each variant gives
+    a mask of the image ranked with the term the words say, and carries the warning."""
+    with pytest.warns(RefDiffWarning, match="the target class is open"):
+        results = make(models, preset="plus").segment_variants(image, text, ["full", "G"])
+    for r in results.values():
+        assert r.mask.shape == (45, 67) and r.index >= 0 and len(r.warnings) == 1
+        assert f"spatial_{term}" in r.scores
+        assert r.warnings[0].startswith(f"text {text!r} names no object, so the target class is open")
+        assert "the spatial terms rank all whole-object candidates" in r.warnings[0]
+
+
+@pytest.mark.parametrize("text", ["", " ... ", "?!"])
+def test_empty_or_punctuation_only_text_is_refused_by_name(models, image, text):
+    with pytest.raises(InputError, match=r"^text (is empty|'.+' holds only punctuation): give a referring expr"):
+        make(models)(image, text, variant="G")
 
 
 def test_sam_area_filter_follows_the_image_size(models, monkeypatch):

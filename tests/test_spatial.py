@@ -36,6 +36,22 @@ def _labels_features(labels: list[str], others: tuple[str, ...]) -> tuple[torch.
     return eye[[vocab.index(w) for w in labels]], eye[[vocab.index(w) for w in others]]
 
 
+def test_negatives_apply_only_to_scores_with_a_clip_score() -> None:
+    from refdiff.spatial import negatives_apply, spatial_negatives
+
+    expr = parse_expression("the dog next to the cat")
+    assert expr.others and negatives_apply(expr, SPATIAL_TERMS, uses_clip=True)
+    assert not negatives_apply(expr, SPATIAL_TERMS, uses_clip=False)  # G: s_G alone
+    assert not negatives_apply(expr, ("position",), uses_clip=True)  # switched off
+    assert not negatives_apply(parse_expression("the dog on the left"), SPATIAL_TERMS, uses_clip=True)
+    sim = torch.tensor([0.1, 0.2])
+    assert spatial_negatives(expr, SPATIAL_TERMS, True, lambda: sim) is sim
+    assert spatial_negatives(expr, SPATIAL_TERMS, True, None) is None  # no CLIP scorer
+    assert spatial_negatives(expr, SPATIAL_TERMS, False, lambda: 1 / 0) is None  # not computed
+    for v, uses in (("full", True), ("GS", False), ("G", False), ("DS", True), ("sam-clip", True)):
+        assert get_variant(v).discriminative is uses
+
+
 def test_every_form_has_at_least_three_expressions() -> None:
     for form, cases in SPEC["forms"].items():
         assert len(cases) >= 3, form

@@ -143,6 +143,33 @@ def test_next_to_reads_the_other_nouns_map_from_the_capture(tokenizer):
     assert any("negatives not applied: connect clip and image" in n for n in notes)
 
 
+def test_negatives_adjust_only_scores_that_hold_s_d(tokenizer):
+    """refdiff.spatial.negatives_apply, as RefDiff: with s_D the other nouns' similarity is subtracted; on s_G alone
+    (variants G, GS) a connected CLIP changes nothing, and the note says why."""
+    masks = _boxes(ROW)
+    proposals = wire_types.ProposalBatch([masks], source="sam")
+    parse = _parse(tokenizer, "the dog and the cat")
+    similarity = torch.tensor([0.5, 0.1, 0.2, 0.3])
+    calls = []
+
+    def negatives(i, expr, m):
+        calls.append(expr.others)
+        return similarity
+
+    gen = _scores([ROW_S_G], "generative")
+    only_g, notes = spatial_scores.spatial_score_batch(proposals, gen, None, parse, PLUS, SPATIAL_TERMS,
+                                                      negatives=negatives)
+    assert not calls and "negatives" not in only_g.spatial[0].contributions
+    assert only_g.scores[0].tolist() == only_g.spatial[0].base.tolist()
+    assert any("negatives: none (they adjust the CLIP score s_D" in n for n in notes)
+    assert not any("not applied" in n for n in notes)
+    both, _ = spatial_scores.spatial_score_batch(proposals, gen, _scores([ROW_S_D], "discriminative"), parse, PLUS,
+                                                 SPATIAL_TERMS, negatives=negatives)
+    assert calls == [("cat",)]
+    assert both.spatial[0].contributions["negatives"].tolist() == pytest.approx(
+        (-PLUS.spatial_negative_weight * similarity).tolist())
+
+
 def test_mismatched_wiring_is_refused_by_name(tokenizer):
     masks = _boxes(ROW)
     proposals = wire_types.ProposalBatch([masks], source="sam")

@@ -8,8 +8,9 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from refdiff import text as rt
 from refdiff.errors import DependencyError, InputError, RefDiffWarning
-from refdiff.text import (ParsedText, check_root, count_tokens, find_directions, parse_text, root_token_position,
-                          strip_prompt_weights, token_spans, truncation_warning, word_token_positions)
+from refdiff.text import (DEFAULT_NO_NOUN, ParsedText, check_root, count_tokens, find_directions, parse_text,
+                          root_token_position, strip_prompt_weights, token_spans, truncation_warning,
+                          word_token_positions)
 from refdiff.tokenizer import clip_tokenizer
 
 ADJECTIVES = "big red old small brown tall dark shiny wet furry".split()
@@ -112,9 +113,29 @@ def test_no_noun_warn_policy_keeps_the_root_and_warns(nlp) -> None:
         note = check_root(p, "warn")
     assert note == p.warning == str(caught[0].message)
     assert p.root == "one"  # the preset's token is kept (RefCOCO's "left" must run as the paper ran it)
-    assert note == ("text 'the one on the right' names no object for the attention map to follow: the map "
-                    "follows the word 'one' and the mask may mean nothing; add the object's noun, e.g. "
-                    "'the dog on the left'")
+    assert note == ("text 'the one on the right' names no object, so the target class is open: with no object "
+                    "noun the attention map follows the root word 'one', and the spatial terms rank all "
+                    "whole-object candidates; add the object's noun to name the target, e.g. 'the dog on the left'")
+
+
+@pytest.mark.parametrize("text, root", [("the second from the left", "second"), ("leftmost", "leftmost"),
+                                        ("the biggest one", "one"), ("the one on the right", "one"),
+                                        ("the white thing on the left", "thing")])
+def test_placeholder_texts_warn_by_default_that_the_target_class_is_open(nlp, text: str, root: str) -> None:
+    p = parse_text(text, nlp=nlp)
+    assert DEFAULT_NO_NOUN == "warn" and p.root == root and not p.nouns
+    with pytest.warns(RefDiffWarning, match="the target class is open") as caught:
+        note = check_root(p)
+    assert note == str(caught[0].message) and "the spatial terms rank all whole-object candidates" in note
+    assert f"the root word {root!r}" in note
+    with pytest.raises(InputError, match="names no object"):
+        check_root(p, "error")
+
+
+@pytest.mark.parametrize("text", ["...", " ?! ", "-", "“”"])
+def test_punctuation_only_text_is_refused_by_name(nlp, text: str) -> None:
+    with pytest.raises(InputError, match=r"^text '.+' holds only punctuation: give a referring expression"):
+        parse_text(text, nlp=nlp)
 
 
 def test_noun_that_is_not_the_root_is_warned_under_both_policies(nlp) -> None:

@@ -19,6 +19,7 @@ from ..evaluation.datasets import DATASETS, SPLIT_BYS, EvalSet, dataset_override
 from ..evaluation.records import check_manifest, rank_file, read_manifest, write_manifest
 from ..evaluation.report import format_table, paper_layout, summarize_folder, write_results
 from ..evaluation.runner import VariantSegmenter, canonical_variants, evaluate
+from ..text import DEFAULT_NO_NOUN
 from .options import HelpFormatter, add_shared_arguments, check_model_options, preset_overrides, report_error
 
 PROG = "refdiff eval"
@@ -112,7 +113,8 @@ def load_model(args: argparse.Namespace, overrides: dict[str, Any], device: str 
 
     return RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
                                    device=args.device if device is None else device, dtype=args.dtype,
-                                   sd_config=args.sd_config, sd_vae=args.vae, offload=args.offload, **overrides)
+                                   sd_config=args.sd_config, sd_vae=args.vae, offload=args.offload,
+                                   no_noun=DEFAULT_NO_NOUN, **overrides)
 
 
 def _print_summary(out_dir: Path) -> None:

@@ -47,7 +47,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how SAM proposals are made: automatic (SAM's automatic mask generator on a 32 x 32 point "
                              "grid, as the paper) or prompted (SAM prompted at the peaks of the generative map c: "
                              "a few object-level masks, much faster, misses what c misses; beyond the paper). "
-                             "Same as --set proposal_mode=... (default: the preset's, automatic)")
+                             "Same as --set proposal_mode=... (default: the preset's: automatic in official and paper, "
+                             "prompted in plus)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"override any preset field, e.g. {SET_EXAMPLE} or --set sam_min_area=0 (repeatable; "
                              "the value is read as JSON when it parses: numbers, true/false, null, [lists]; "

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import SPATIAL_TERMS, VARIANT_HELP, VARIANTS, get_variant
 from ..errors import InputError, RefDiffError, RefDiffWarning
+from ..text import DEFAULT_NO_NOUN, NO_NOUN_POLICIES
 from .options import add_shared_arguments, check_model_options, preset_overrides, report_error
 
 PROG = "refdiff segment"
@@ -40,9 +41,12 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", metavar="OUT.png", default=None, help="also write the image with the mask overlaid")
     parser.add_argument("--json", metavar="SCORES.json", default=None,
                         help="also write root token, direction, every proposal's scores, the choice and timings")
-    parser.add_argument("--no-noun", default="error", choices=["error", "warn"], dest="no_noun",
-                        help="a text that names no object ('on the left'): 'error' (default) stops before any model "
-                             "loads and says what to add; 'warn' runs on the preset's root word with a warning")
+    parser.add_argument("--no-noun", default=DEFAULT_NO_NOUN, choices=sorted(NO_NOUN_POLICIES), dest="no_noun",
+                        help="a text that names no object ('the one on the right', 'leftmost'): 'warn' (default) "
+                             "runs it with an open target class (the attention map follows the root word, the "
+                             "spatial terms rank all whole-object candidates) and prints the warning; 'error' stops "
+                             "before any model loads and says what to add. An empty or punctuation-only text is "
+                             "always refused")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     g = parser.add_argument_group("masks from another segmenter (instead of SAM's proposals)")
     g.add_argument("--proposals", metavar="MASKS", default=None,
@@ -82,7 +86,8 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def check_text(text: str, preset: str, overrides: dict[str, Any], no_noun: str) -> None:
-    """Parse the expression with the preset's root rule and apply the no-noun policy before any model loads."""
+    """Parse the expression with the preset's root rule and apply the no-noun policy before any model loads (an
+    empty or punctuation-only text is refused here)."""
     from ..config import get_preset
     from ..text import check_root, parse_text
 

@@ -168,7 +168,7 @@ def sd_front(g: Graph, ckpt_name: str = CKPT) -> tuple[str, str]:
 
 
 def parse_node(g: Graph, clip: list | None) -> str:
-    inputs: dict[str, Any] = dict(text=TEXT, preset="official", root_rule="preset", root_word="", no_noun="error")
+    inputs: dict[str, Any] = dict(text=TEXT, preset="official", root_rule="preset", root_word="", no_noun="warn")
     if clip is not None:
         inputs["clip"] = clip
     return g.add("RefDiffParseText", "Parse the referring expression", **inputs)
@@ -349,7 +349,7 @@ def segment_node(g: Graph, ckpt: str, image: str) -> str:
     return g.add("RefDiffSegment", "Ref-Diff: the referred object", model=g.out(ckpt, 0), clip=g.out(ckpt, 1),
                  vae=g.out(ckpt, 2), image=g.out(image), text=TEXT, variant="full", preset="official", seed=0,
                  image_size=0, top_k=0, points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
-                 keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="error", proposal_mode="preset",
+                 keep_largest=-1, min_area=-1, area_filter="preset", factor=-1, no_noun="warn", proposal_mode="preset",
                  sam=g.out(sam), clip_scorer=g.out(clip_loader), proposal_counts="", proposals_resize="error",
                  **DIT_WIDGETS)
 

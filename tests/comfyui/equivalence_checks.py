@@ -267,8 +267,9 @@ class Chain:
     (which must give the preset's values); set are the preset, the seed, the square's size, SAM's settings for a
     random-weight SAM, and what the G-refine capture needs (every level, self-attention)."""
 
-    def __init__(self, m: types.SimpleNamespace, models: dict[str, Any], image: torch.Tensor, preset: str) -> None:
-        self.m, self.models, self.image, self.preset = m, models, image, preset
+    def __init__(self, m: types.SimpleNamespace, models: dict[str, Any], image: torch.Tensor, preset: str,
+                 text: str = TEXT) -> None:
+        self.m, self.models, self.image, self.preset, self.text = m, models, image, preset, text
         self._done: dict[str, Any] = {}
         self.outputs: list[tuple[str, tuple]] = []  # (node, its outputs) of every execution, for the dtype checks
         self.seconds: dict[str, float] = {}  # node -> seconds spent in it
@@ -287,8 +288,9 @@ class Chain:
 
     @property
     def parse(self) -> Any:
-        return self._once("parse", lambda: self._node("ParseText", self.m.text_nodes.RefDiffParseText, text=TEXT,
-                                                      preset=self.preset, clip=self.models["clip"])[0])
+        return self._once("parse", lambda: self._node("ParseText", self.m.text_nodes.RefDiffParseText,
+                                                      text=self.text, preset=self.preset,
+                                                      clip=self.models["clip"])[0])
 
     @property
     def latent(self) -> dict:
@@ -383,13 +385,25 @@ def comfy_models(m: types.SimpleNamespace, precision: str = "fp32") -> dict[str,
     return {"model": model, "clip": clip, "vae": vae, "sam": sam, "clip_scorer": clip_scorer}
 
 
-# ------------------------------------------------------------------------------------------------ checks
-def check_chain_equals_library() -> dict:
+def library_models() -> tuple[Any, Any, Any]:
+    """The library's (SDComponents, Sam, ClipScorer) of the same files as comfy_models, in float32 on the CPU."""
     from refdiff.clip import load_clip
-    from refdiff.pipeline import RefDiff
     from refdiff.sam import load_sam
     from refdiff.sd import load_sd
     from refdiff.testing.clip import TINY_CLIP_BASE, TINY_CLIP_CONFIG
+
+    with tempfile.TemporaryDirectory(prefix="refdiff_config_") as tmp:
+        config = library_config(Path(tmp) / "config")
+        sd = load_sd(CKPT, config=config, device="cpu", dtype="fp32")
+    sam = load_sam(os.path.join(MODELS, "sams", SAM_FILE), device="cpu")
+    scorer = load_clip(os.path.join(MODELS, "open_clip", CLIP_FILE), device="cpu", dtype="fp32",
+                       model_name=TINY_CLIP_BASE, model_cfg=TINY_CLIP_CONFIG)
+    return sd, sam, scorer
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_chain_equals_library() -> dict:
+    from refdiff.pipeline import RefDiff
 
     m = pack_modules()
     register_model_folders(m)
@@ -398,12 +412,7 @@ def check_chain_equals_library() -> dict:
     models = comfy_models(m)
     rgb = planted_image()
     image = as_image(rgb)
-    with tempfile.TemporaryDirectory(prefix="refdiff_config_") as tmp:
-        config = library_config(Path(tmp) / "config")
-        sd = load_sd(CKPT, config=config, device="cpu", dtype="fp32")
-    sam = load_sam(os.path.join(MODELS, "sams", SAM_FILE), device="cpu")
-    scorer = load_clip(os.path.join(MODELS, "open_clip", CLIP_FILE), device="cpu", dtype="fp32",
-                       model_name=TINY_CLIP_BASE, model_cfg=TINY_CLIP_CONFIG)
+    sd, sam, scorer = library_models()
     timings["load models"] = time.perf_counter() - start
     rows: dict[str, dict] = {}
     with scratch_folders(), sam_masks_then_planted(m) as sam_counts:

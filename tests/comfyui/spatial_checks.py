@@ -6,8 +6,10 @@ Usage: python spatial_checks.py MODELS_DIR REPO_DIR spatial   -> prints one JSON
 The graph: RefDiffParseText, RefDiffPrepareImage -> VAEEncode -> RefDiffNoiseInjection -> RefDiffCaptureAttention ->
 RefDiffGenerativeMap, RefDiffSAMProposals (the planted boxes after SAM's own masks, as equivalence_checks does),
 RefDiffGenerativeScore and RefDiffCLIPScore, then RefDiffFuseSelect fed directly (the ablation) and through
-RefDiffSpatial (every term off; the defaults), for an ordinal text and a relation text. The report holds what the
-test asserts on.
+RefDiffSpatial (every term off; the defaults), for an ordinal text and a relation text. Then, on a text naming
+another noun, variants full, G and GS with a CLIP connected everywhere through the staged graph with RefDiffSpatial,
+RefDiffSegment (preset plus, automatic SAM) and refdiff.RefDiff on the same files: the same scores and selection,
+the negative term in full only. The report holds what the test asserts on.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import time
+import types
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +30,8 @@ ORDINAL_TEXT = "the second box from the left"
 RELATION_TEXT = "the box next to the blue box"
 PRESET = "official"
 TERMS = ("position", "middle", "ordinals", "size", "relations", "negatives")
+NEGATIVES_TEXT = "the red box without the blue square"  # another noun ('square'), no frame term, no relation
+NEGATIVES_VARIANTS = ("full", "G", "GS")
 
 
 def execute(cls: Any, **given: Any) -> Any:
@@ -100,6 +105,66 @@ def index_of(mask: torch.Tensor, masks: torch.Tensor) -> int:
     return hits[0] if hits else -1
 
 
+def staged_with_spatial(m: Any, spatial_nodes: Any, chain: Any, variant: str) -> tuple[Any, bool]:
+    """The Outcome of the stage nodes of ``variant`` through RefDiffSpatial at its defaults (clip and image
+    connected) and RefDiffFuseSelect, and whether the negative term was applied."""
+    from refdiff.config import get_variant
+
+    v = get_variant(variant)
+    c = chain.c
+    proposals = chain.threshold(c) if v.proposals == "threshold" else chain.sam_proposals
+    s_g = (eq.run_node(m.map_nodes.RefDiffGenerativeScore, c=c, proposals=proposals, preset=PRESET)[0]
+           if v.generative else None)
+    s_d = (eq.run_node(m.clip_nodes.RefDiffCLIPScore, clip_scorer=chain.models["clip_scorer"], image=chain.image,
+                       proposals=proposals, parse=chain.parse, preset=PRESET)[0] if v.discriminative else None)
+    scores = execute(spatial_nodes.RefDiffSpatial, proposals=proposals, parse=chain.parse, generative=s_g,
+                     discriminative=s_d, attention=chain._capture("CaptureAttention"),
+                     clip=chain.models["clip_scorer"], image=chain.image, preset="plus").args[0]
+    with eq.recording(m.select_nodes, "fuse_select") as calls:
+        mask = eq.run_node(m.select_nodes.RefDiffFuseSelect, proposals=proposals, preset=PRESET, fused=scores,
+                           image=chain.image)[0]
+    outcome = eq.outcome_of(mask, proposals, s_g, s_d, calls[-1]["result"], c)
+    return outcome, "negatives" in scores.spatial[0].contributions
+
+
+def segment_with_spatial(m: Any, models: dict[str, Any], image: torch.Tensor, variant: str) -> tuple[Any, bool]:
+    """The Outcome of RefDiffSegment under preset plus with SAM's automatic generator and the CLIP scorer connected,
+    and whether the negative term was applied."""
+    with eq.recording(m.select_nodes, "fuse_select") as calls:
+        mask, c = eq.run_node(m.segment_node.RefDiffSegment, model=models["model"], clip=models["clip"],
+                              vae=models["vae"], image=image, text=NEGATIVES_TEXT, variant=variant, preset="plus",
+                              seed=eq.SEED, image_size=eq.IMAGE_SIZE, sam=models["sam"],
+                              clip_scorer=models["clip_scorer"], proposal_mode="automatic", **eq.SAM_NODE)[:2]
+    call = calls[-1]
+    fused = call["fused_scores"]
+    s_g, s_d = (None if fused.parts.get(k) is None else types.SimpleNamespace(scores=fused.parts[k])
+                for k in ("generative", "discriminative"))  # what eq.outcome_of reads of a ScoreBatch
+    outcome = eq.outcome_of(mask, call["proposals"], s_g, s_d, call["result"], c)
+    return outcome, "negatives" in fused.spatial[0].contributions
+
+
+def check_negatives(m: Any, spatial_nodes: Any, models: dict[str, Any], image: torch.Tensor) -> dict:
+    """Variants full, G, GS on NEGATIVES_TEXT: the staged graph and RefDiffSegment against refdiff.RefDiff
+    (preset plus, automatic SAM), each compared as equivalence_checks compares, and where negatives applied."""
+    from refdiff.pipeline import RefDiff
+
+    sd, sam, scorer = eq.library_models()
+    library = RefDiff(sd=sd, sam=sam, clip=scorer, preset="plus", proposal_mode="automatic",
+                      **eq.LIBRARY_SETTINGS)
+    results = library.segment_variants(eq.planted_image(), NEGATIVES_TEXT, NEGATIVES_VARIANTS, seed=eq.SEED)
+    chain = eq.Chain(m, models, image, PRESET, text=NEGATIVES_TEXT)
+    rows = {}
+    for variant in NEGATIVES_VARIANTS:
+        ref = results[variant]
+        for path, run in (("staged", lambda: staged_with_spatial(m, spatial_nodes, chain, variant)),
+                          ("segment", lambda: segment_with_spatial(m, models, image, variant))):
+            got, applied = run()
+            name = f"{path}/{variant}"
+            rows[name] = {**eq.compare(ref, got, variant, "plus", eq.MAP_TOL, eq.S_D_TOL, name),
+                          "negatives": applied, "negatives_ref": "spatial_negatives" in ref.scores}
+    return rows
+
+
 def check_spatial() -> dict:
     m = eq.pack_modules()
     spatial_nodes = importlib.import_module(f"{m.select_nodes.__package__}.spatial_nodes")
@@ -111,7 +176,8 @@ def check_spatial() -> dict:
     with eq.scratch_folders(), eq.sam_masks_then_planted(m):
         for name, text in (("ordinal", ORDINAL_TEXT), ("relation", RELATION_TEXT)):
             rows[name] = run_text(m, spatial_nodes, models, image, text)
-    return {"rows": rows, "seconds": time.perf_counter() - start}
+        negatives = check_negatives(m, spatial_nodes, models, image)
+    return {"rows": rows, "negatives": negatives, "seconds": time.perf_counter() - start}
 
 
 if __name__ == "__main__":

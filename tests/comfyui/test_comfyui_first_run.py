@@ -1,6 +1,7 @@
 """What a new user meets first, in a real ComfyUI: bad inputs are refused when the prompt is queued (HTTP 400,
-node_errors naming the node and the input), a text that names no object is refused or, under no_noun 'warn',
-run and said so; an image of any size gives a mask or says why it is empty, on the node (ComfyUI's node text
+node_errors naming the node and the input: an empty or punctuation-only text), a text that names no object is run
+and said so under the default no_noun 'warn' ("the one on the right", "leftmost": the target class is open) or
+refused under 'error'; an image of any size gives a mask or says why it is empty, on the node (ComfyUI's node text
 preview), in the node's text output and in the console."""
 from __future__ import annotations
 
@@ -133,13 +134,24 @@ def test_empty_text_is_refused_when_queued(comfy, images):
     assert "text is empty" in refused(comfy, graph, find(graph, "RefDiffSegment"), "empty text (Segment)")
 
 
-def test_text_naming_no_object_is_refused_when_queued(comfy, images):
+def test_punctuation_only_text_is_refused_when_queued(comfy, images):
     graph = for_tests(load_api("ref-diff-DS"), images["small"])
     parse = find(graph, "RefDiffParseText")
-    graph[parse]["inputs"]["text"] = "on the left"
+    graph[parse]["inputs"]["text"] = "..."
+    message = refused(comfy, graph, parse, "punctuation-only text (ParseText)")
+    assert "text '...' holds only punctuation: give a referring expression" in message
+    graph = segment_graph(images["small"], text=" ?! ")
+    assert "holds only punctuation" in refused(comfy, graph, find(graph, "RefDiffSegment"),
+                                               "punctuation-only text (Segment)")
+
+
+def test_text_naming_no_object_is_refused_when_queued_under_no_noun_error(comfy, images):
+    graph = for_tests(load_api("ref-diff-DS"), images["small"])
+    parse = find(graph, "RefDiffParseText")
+    graph[parse]["inputs"].update(text="on the left", no_noun="error")
     message = refused(comfy, graph, parse, "text 'on the left' (ParseText, no_noun error)")
     assert "text 'on the left' names no object" in message and "set no_noun to 'warn'" in message
-    graph = segment_graph(images["small"], text="on the left")
+    graph = segment_graph(images["small"], text="on the left", no_noun="error")
     message = refused(comfy, graph, find(graph, "RefDiffSegment"), "text 'on the left' (Segment, no_noun error)")
     assert "names no object" in message
 
@@ -166,18 +178,37 @@ def test_segment_still_checks_the_types_of_its_links(comfy, images):
 
 
 # ------------------------------------------------------------------------------------- run, and said so
-def test_no_noun_warn_runs_and_says_so_everywhere(comfy, images):
+def test_no_noun_warn_is_the_default_and_runs_and_says_so_everywhere(comfy, images):
     graph = for_tests(load_api("ref-diff-DS"), images["small"])
     parse = find(graph, "RefDiffParseText")
-    graph[parse]["inputs"].update(text="on the left", no_noun="warn")
+    graph[parse]["inputs"]["text"] = "on the left"
+    graph[parse]["inputs"].pop("no_noun")  # optional: a graph without it gets the default
     graph["90"] = {"class_type": "PreviewAny", "inputs": {"source": [parse, 1]}}
     history, texts = run_with_node_texts(comfy, graph)
     assert history["status"]["status_str"] == "success", status_error(history)
-    note = "text 'on the left' names no object for the attention map to follow"
+    note = "text 'on the left' names no object, so the target class is open"
     assert note in texts.get(parse, ""), texts
     assert f"warning: {note}" in preview_text(history, "90")
     assert f"[RefDiff] {note}" in comfy.log_text()
     SEEN["text 'on the left', no_noun warn (ParseText's node view)"] = texts[parse]
+
+
+@pytest.mark.parametrize("text", ["the second from the left", "leftmost", "the biggest one", "the one on the right",
+                                  "the white thing on the left"])
+def test_placeholder_text_runs_in_segment_under_plus_with_a_warning(comfy, images, text):
+    """RefDiffSegment, variant G under preset plus (every spatial term), with the default no_noun: a mask, and the
+    warning that the target class is open on the node and in its report."""
+    graph = segment_graph(images["small"], variant="G", text=text, preset="plus")
+    graph[find(graph, "RefDiffSegment")]["inputs"].pop("no_noun")
+    history, texts = run_with_node_texts(comfy, graph)
+    assert history["status"]["status_str"] == "success", status_error(history)
+    note = f"text {text!r} names no object, so the target class is open"
+    seg = find(graph, "RefDiffSegment")
+    report = preview_text(history, "90")
+    assert note in texts.get(seg, ""), texts
+    assert f"warning: {note}" in report and "the spatial terms rank all whole-object candidates" in report
+    assert "spatial terms (beyond the paper)" in report
+    SEEN[f"text {text!r}, RefDiffSegment G / plus (report)"] = report
 
 
 @pytest.mark.parametrize("area_filter", ["preset", "absolute pixels (released code)"])

@@ -5,7 +5,10 @@ On the planted boxes of equivalence_checks, "the second box from the left": ever
 RefDiffFuseSelect selects without the node (the ablation is a rewiring); the defaults add the ordinal term to the
 second pool member by box centre from the left and select it. "the box next to the blue box": the relation term
 read from the same capture and the negatives from the CLIP model change the scores of the pool only, and the
-fusion node's table and gallery show each term's contribution.
+fusion node's table and gallery show each term's contribution. "the red box without the blue square" with a CLIP
+connected everywhere: variants full, G and GS give refdiff.RefDiff's scores and selection through the staged graph
+with RefDiffSpatial and through RefDiffSegment under preset plus, and the negative term (the other noun's CLIP
+similarity) enters full only, on all three paths (refdiff.spatial.negatives_apply).
 """
 from __future__ import annotations
 
@@ -19,14 +22,31 @@ from comfy_helpers import COMFYUI_PATH, HERE, REPO, TIMINGS, child_env
 
 
 @pytest.fixture(scope="module")
-def report(comfy_env) -> dict:
+def full_report(comfy_env) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / "spatial_checks.py"), str(comfy_env.models), str(REPO),
                            "spatial"], cwd=COMFYUI_PATH, env=child_env(), capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1200)
     TIMINGS["spatial check"] = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report(full_report) -> dict:
+    return full_report["rows"]
+
+
+@pytest.mark.parametrize("path", ["staged", "segment"])
+@pytest.mark.parametrize("variant", ["full", "G", "GS"])
+def test_negatives_follow_one_rule_on_every_path(full_report, variant, path):
+    """With a CLIP scorer connected, the nodes' scores and selection are RefDiff's; the other noun's CLIP
+    similarity is subtracted only where the scores hold s_D (full), never in G or GS."""
+    row = full_report["negatives"][f"{path}/{variant}"]
+    assert "error" not in row, row["error"]
+    assert row["n"] == row["n_ref"] > 0, row
+    assert row["decided"] and row["index"] == row["index_ref"], row
+    assert row["negatives"] == row["negatives_ref"] == (variant == "full"), row
 
 
 def _centre_x(box: list[int]) -> float:
