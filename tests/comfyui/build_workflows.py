@@ -428,11 +428,15 @@ def ref_diff_spatial() -> Graph:
                 preset="official")
     s_d = clip_score(g, image, proposals, parse, "ref-diff")
     loader = next(k for k, n in g.nodes.items() if n["class_type"] == "RefDiffCLIPLoader")
-    terms = {"position": 0.5, "middle": 1.0, "ordinals": 1.0, "size": 1.0, "relations": 0.5, "negatives": 0.5}
+    from refdiff.config import PLUS
+
+    terms = {"position": PLUS.spatial_position_weight, "middle": PLUS.spatial_middle_weight,
+             "ordinals": PLUS.spatial_ordinal_weight, "size": PLUS.spatial_size_weight,
+             "relations": PLUS.spatial_relation_weight, "negatives": PLUS.spatial_negative_weight}
     spatial = g.add("RefDiffSpatial", "Spatial terms (beyond the paper)", proposals=g.out(proposals),
                     parse=g.out(parse), generative=g.out(s_g), discriminative=g.out(s_d), attention=g.out(capture),
                     clip=g.out(loader), image=g.out(image), preset="plus", gen_weight=-1.0, disc_weight=-1.0,
-                    pool=5, **{k: v for t, w in terms.items() for k, v in ((t, True), (f"{t}_weight", w))})
+                    pool=PLUS.spatial_pool, **{k: v for t, w in terms.items() for k, v in ((t, True), (f"{t}_weight", w))})
     select = g.add("RefDiffFuseSelect", "Select by fused score + spatial terms", proposals=g.out(proposals),
                    preset="official", gen_weight=-1.0, disc_weight=-1.0, top_k=5, pin_index=-1, image=g.out(image),
                    fused=g.out(spatial))
