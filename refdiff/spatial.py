@@ -161,6 +161,16 @@ def _wholes(masks: torch.Tensor, idx: Sequence[int], s: torch.Tensor, overlap: f
     return [idx[a] for a in kept], why
 
 
+def pool_summary(pool: Pool) -> str:
+    """A line on the pool: its members and how many candidates were left out for each reason."""
+    reasons: dict[str, int] = {}
+    for why in pool.left_out.values():
+        key = why.split(" of ")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    out = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"members {pool.members}; left out: {out or 'none'}"
+
+
 def pool_margin(preset: Preset, uses_clip: bool, open_class: bool = False) -> float | None:
     """The pool's margin for a score with s_D (``uses_clip``) or s_G alone; None for an open target class."""
     if open_class:
@@ -482,6 +492,10 @@ def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, p
     frame = {k: _target_frame(expr, k) for k in FRAME_KINDS}
     for name, value in frame_values(geo, members, frame, terms).items():
         contributions[name] = weights[name] * unit * value
+    said = any(frame[k] for k in FRAME_KINDS) or bool(expr.relations)
+    if said and len(members) < 2:
+        notes.append(f"pool: {len(members)} whole instance(s) of the target, so the frame and relation words rank "
+                     f"nothing ({pool_summary(pool)})")
     if "relations" in terms and other_maps:
         rel: Relation | None = next((r for r in expr.relations if r.other in other_maps), None)
         if rel is not None:
@@ -545,7 +559,7 @@ def spatial_adjuster(expr: Expression, masks: torch.Tensor, preset: Preset, term
     return adjust, applied
 
 
-__all__ = ["Geometry", "geometry", "Pool", "instance_pool", "pool_margin", "frame_values", "other_instance", "position_term", "middle_term", "ordinal_term", "size_term",
+__all__ = ["Geometry", "geometry", "Pool", "instance_pool", "pool_summary", "pool_margin", "frame_values", "other_instance", "position_term", "middle_term", "ordinal_term", "size_term",
            "relation_term", "negative_similarity", "negative_prompts", "SpatialScores", "spatial_scores",
            "needs_maps", "needs_negatives", "negatives_apply", "spatial_negatives", "relation_maps",
            "candidate_negatives", "spatial_adjuster"]

@@ -109,6 +109,15 @@ def test_pool_keeps_whole_instances_whatever_outscores_them() -> None:
     assert sorted(instance_pool(masks, fused, size=12, margin=None).members) == [0, 1, 2, 3, 8, 9]
 
 
+def test_a_pool_too_small_for_the_words_says_why() -> None:
+    masks = _box_masks([20, 40], [[0, 0, 5, 40], [10, 0, 20, 40], [8, 10, 12, 14]])  # two bands, one box
+    out = spatial_scores(parse_expression("the second box from the left"), masks, torch.tensor([0.3, 0.3, 0.3]),
+                         PLUS, SPATIAL_TERMS)
+    assert out.pool == [2] and not out.contributions.get("ordinals", torch.zeros(3)).any()
+    assert out.notes == ["pool: 1 whole instance(s) of the target, so the frame and relation words rank nothing "
+                         "(members [2]; left out: 2 band)"]
+
+
 def test_pool_duplicates_keep_the_better_and_a_lone_part_stays() -> None:
     masks = _box_masks([20, 40], [[0, 0, 10, 10], [0, 0, 10, 9], [0, 20, 10, 30], [2, 22, 6, 26]])
     pool = instance_pool(masks, torch.tensor([0.30, 0.31, 0.29, 0.36]), size=5, margin=0.05)
