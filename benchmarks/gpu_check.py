@@ -4,7 +4,8 @@ full-size random-weight models; per-stage times, peak VRAM and NaN checks, as JS
     python benchmarks/gpu_check.py --out gpu_check/          # on a CUDA machine, about 2-4 minutes
     python benchmarks/gpu_check.py --dry-run --out dry/      # the same code path on the CPU, tiny models
 
-Without CUDA (and without --dry-run) it refuses to start with a one-line message and exit code 2. The JSON is
+Without CUDA (and without --dry-run) it refuses to start with a one-line message and exit code 2; exit code 3 when
+every run was skipped for the time budget (nothing checked), 1 when an output was not finite. The JSON is
 rewritten after every run, so a run cut short still leaves the runs that finished. See benchmarks/README.md.
 """
 from __future__ import annotations
@@ -324,7 +325,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = run(args)
     print(markdown(jsonable(results)))
-    return 0 if all(r["all_finite"] for r in results["runs"]) else 1
+    return exit_code(results)
+
+
+def exit_code(results: dict[str, Any]) -> int:
+    """0 when at least one run finished and every run's outputs were finite; 1 when some output was not finite;
+    3 when no run finished (every one skipped for the budget): a check that ran nothing has checked nothing."""
+    runs = results["runs"]
+    if not runs:
+        print("gpu_check: no run finished (every run was skipped to stay within --budget-s); nothing was checked",
+              file=sys.stderr)
+        return 3
+    return 0 if all(r["all_finite"] for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -164,7 +164,12 @@ SPATIAL_TERMS: tuple[str, ...] = ("position", "middle", "ordinals", "size", "rel
 PLUS = OFFICIAL.with_(name="plus", proposal_mode="prompted", root_rule="root",
                       **{f"spatial_{t}": True for t in SPATIAL_TERMS})
 
-PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER, "plus": PLUS}
+# Beyond the paper: the speed options together (README "Speed options"; benchmarks/README.md measures them end to
+# end): S = 512, one conditional-only UNet step, SAM prompted at the peaks of c instead of its 1024-point grid.
+# The SAM model is the caller's; the fastest measured is SAM 2.1 hiera tiny (--sam sam2.1_hiera_tiny.pt).
+FAST = OFFICIAL.with_(name="fast", image_size=512, use_cfg=False, max_steps=1, proposal_mode="prompted")
+
+PRESETS: dict[str, Preset] = {"official": OFFICIAL, "paper": PAPER, "plus": PLUS, "fast": FAST}
 
 
 def spatial_terms_of(preset: Preset, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -174,7 +179,7 @@ def spatial_terms_of(preset: Preset, extra: tuple[str, ...] = ()) -> tuple[str, 
 
 
 def get_preset(preset: str | Preset) -> Preset:
-    """Return a Preset by name ("official", "paper", "plus") or pass one through."""
+    """Return a Preset by name ("official", "paper", "plus", "fast") or pass one through."""
     if isinstance(preset, Preset):
         return preset
     key = str(preset).strip().lower()
@@ -297,6 +302,6 @@ def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
     )
 
 
-__all__ = ["Preset", "OFFICIAL", "PAPER", "PLUS", "PRESETS", "SPATIAL_TERMS", "spatial_terms_of", "spatial_rows",
+__all__ = ["Preset", "OFFICIAL", "PAPER", "PLUS", "FAST", "PRESETS", "SPATIAL_TERMS", "spatial_terms_of", "spatial_rows",
            "get_preset", "Variant", "VARIANTS", "get_variant", "sam_generator_kwargs", "DEFAULT_THRESHOLDS",
            "VARIANT_HELP", "proposal_source", "needs_map", "prompt_kwargs", "ProposalMode", "PromptKind"]

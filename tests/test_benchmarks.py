@@ -248,3 +248,34 @@ def test_sdxl_unet_call_benchmark_runs_on_tiny_models(capsys):
     assert out["captured_layers"] == 12  # the tiny SDXL's factor-4 level
     assert out["ratio_captured_over_plain"] > 0 and out["output_max_abs"] > 0
     assert out["output_max_abs_change"] == 0.0
+
+
+def test_prompted_benchmark_compares_like_with_like(tmp_path):
+    """benchmarks/prompted.py --mode short: the second sentence's proposal stage is divided by the automatic
+    generator's second sentence (cached against cached), never by its cold run; both modes hand CLIP the same
+    number of candidates; the automatic generator ran once for the two sentences."""
+    from benchmarks import prompted
+
+    pytest.importorskip("sam2")
+    assert prompted.main(["--mode", "short", "--sam", "sam2.1_tiny", "--out", str(tmp_path / "p.json")]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    auto, row = out["automatic"], out["prompted"]["sam2.1_tiny"]
+    assert auto["second"]["proposals_s"] < auto["cold"]["proposals_s"]  # the masks were cached
+    assert row["ratios"]["proposal_cached"] == pytest.approx(row["second"]["proposals_s"]
+                                                             / auto["second"]["proposals_s"])
+    assert row["ratios"]["proposal_cold"] == pytest.approx(row["cold"]["proposals_s"] / auto["cold"]["proposals_s"])
+    assert row["ratios"]["end_to_end_cached"] == pytest.approx(row["second"]["wall_s"] / auto["second"]["wall_s"])
+    for r in (auto, row):
+        for sentence in ("cold", "second"):
+            assert r[sentence]["clip_candidates"] == out["fixed_proposals"] == 10
+    assert len(auto["sam_masks_returned"]) == 1 and len(row["prompted_masks_returned"]) == 2
+
+
+def test_prompted_ratios_pair_each_sentence_with_the_same_sentence():
+    from benchmarks.prompted import ratios
+
+    auto = {"cold": {"proposals_s": 300.0, "wall_s": 340.0}, "second": {"proposals_s": 0.01, "wall_s": 30.0}}
+    fast = {"cold": {"proposals_s": 6.0, "wall_s": 45.0}, "second": {"proposals_s": 0.3, "wall_s": 31.0}}
+    q = ratios(auto, fast)
+    assert q["proposal_cold"] == pytest.approx(0.02) and q["proposal_cached"] == pytest.approx(30.0)
+    assert q["end_to_end_cold"] == pytest.approx(45 / 340) and q["end_to_end_cached"] == pytest.approx(31 / 30)

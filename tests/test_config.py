@@ -43,7 +43,7 @@ def test_lookup_and_overrides():
     assert get_preset("Paper") is PAPER and get_preset(OFFICIAL) is OFFICIAL
     assert get_preset("official").with_(image_size=512).image_size == 512
     with pytest.raises(InputError, match="unknown preset"):
-        get_preset("fast")
+        get_preset("fastest")
     with pytest.raises(InputError, match="image_sise"):
         OFFICIAL.with_(image_sise=512)
     assert get_variant("ds").name == "DS" and get_variant("SAM-CLIP").sam_clip

@@ -457,3 +457,28 @@ def test_eval_tables_name_the_spatial_rows():
     table = format_table(summary)
     assert "| Ref-Diff + ordinals (second from the left) | 50.00 |" in table
     assert "| Ref-Diff + all spatial terms |" in paper_layout([summary])
+
+
+def test_fast_preset_is_reported_as_its_own_rows():
+    """`refdiff eval --table` over folders run with `official` and `fast`: one column per split, the fast
+    preset's variants in rows of their own; one preset alone keeps the plain row names."""
+    from refdiff.config import FAST, OFFICIAL, get_preset
+    from refdiff.evaluation.report import paper_layout, summarize_records
+
+    assert get_preset("fast") is FAST and FAST.proposal_mode == "prompted" and FAST.image_size == 512
+    assert (FAST.use_cfg, FAST.max_steps) == (False, 1)
+    assert FAST.with_(name="official", image_size=OFFICIAL.image_size, use_cfg=True, max_steps=None,
+                      proposal_mode="automatic") == OFFICIAL  # only the speed options differ
+    assert dataset_overrides("refcocog", "fast", {}) == dataset_overrides("refcocog", "official", {})
+
+    def summary(preset: str, iou: float, split: str = "val") -> dict:
+        records = [{"variant": "full", "iou": iou, "inter": 1, "union": 2}]
+        return summarize_records(records, {"dataset": "refcoco", "split": split, "split_by": "unc",
+                                           "preset": preset, "n_sentences": 1})
+
+    table = paper_layout([summary("official", 0.5), summary("fast", 0.25), summary("official", 0.4, "testA")])
+    head = next(line for line in table.splitlines() if line.startswith("| Method"))
+    assert head.count("RefCOCO val") == 1 and head.count("RefCOCO testA") == 1
+    assert "| Ref-Diff [official] | 50.00 (37.21) | 40.00 |" in table
+    assert "| Ref-Diff [fast] | 25.00 (37.21) |  |" in table
+    assert "| Ref-Diff | 50.00 (37.21) |" in paper_layout([summary("official", 0.5)])

@@ -88,7 +88,16 @@ def test_json_is_written_after_each_run_so_an_interrupted_check_keeps_its_result
 
 def test_runs_that_might_overrun_the_budget_are_skipped_and_listed(tmp_path):
     check = _load()
-    assert check.main(["--dry-run", "--out", str(tmp_path), "--sizes", "64", "--budget-s", "0", "--quiet"]) == 0
+    # nothing ran, so nothing was checked: not a success
+    assert check.main(["--dry-run", "--out", str(tmp_path), "--sizes", "64", "--budget-s", "0", "--quiet"]) == 3
     results = json.loads((tmp_path / check.JSON_NAME).read_text())
     assert results["runs"] == [] and len(results["skipped"]) == 4  # 2 configurations x 2 runs
     assert "Skipped to stay within the time budget" in (tmp_path / check.MARKDOWN_NAME).read_text()
+
+
+def test_exit_code_needs_a_finished_run_and_finite_outputs():
+    check = _load()
+    assert check.exit_code({"runs": [], "skipped": [{"size": 64, "offload": False, "run": 1}]}) == 3
+    assert check.exit_code({"runs": [], "skipped": []}) == 3
+    assert check.exit_code({"runs": [{"all_finite": True}], "skipped": [{"size": 64}]}) == 0
+    assert check.exit_code({"runs": [{"all_finite": True}, {"all_finite": False}], "skipped": []}) == 1

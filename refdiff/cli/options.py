@@ -37,7 +37,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of every command that runs the method: preset, speed, models, device, offload, --set."""
     parser.add_argument("--preset", default="official", choices=sorted(PRESETS),
                         help="official: the authors' released code with its bugs fixed; paper: the equations as "
-                             "written (default: official)")
+                             "written; plus: official with the spatial terms and prompted SAM; fast: official at "
+                             "S = 512, one conditional UNet step and prompted SAM (pair it with a SAM 2.1 tiny "
+                             "checkpoint) (default: official)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the VAE sample and the injected noise (default: 0)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="side S of the square fed to Stable Diffusion (default: the preset's, 1024, which "

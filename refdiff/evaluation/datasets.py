@@ -330,12 +330,13 @@ def load_dataset(dataset: str, data_root: str | Path, split: str, *, split_by: s
 def dataset_overrides(dataset: str | None, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Preset settings of the released code that the evaluation reproduces: the SAM area filter in absolute
     pixels (sam_min_area_reference=None, as the paper's tables were made), and off (0) for the official
-    preset on RefCOCOg, whose referred objects are often small. An explicit override of either field wins
+    preset (and for fast, the official preset with speed options) on RefCOCOg, whose referred objects are often
+    small. An explicit override of either field wins
     (e.g. --set sam_min_area_reference=307200 for a threshold relative to the image area)."""
     out: dict[str, Any] = {}
     if "sam_min_area_reference" not in overrides:
         out["sam_min_area_reference"] = None
-    if dataset == "refcocog" and preset == "official" and "sam_min_area" not in overrides:
+    if dataset == "refcocog" and preset in ("official", "fast") and "sam_min_area" not in overrides:
         out["sam_min_area"] = 0
     return out
 

@@ -139,26 +139,39 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def paper_layout(summaries: Sequence[dict[str, Any]], metric: str = "mIoU") -> str:
-    """The paper's layout over several splits: a row per method, a column per dataset/split, 'ours (paper)'."""
+    """The paper's layout over several splits: a row per method, a column per dataset/split, 'ours (paper)'.
+
+    When the folders were run with more than one preset (e.g. `official` and `fast`), each preset's variants are
+    rows of their own ("Ref-Diff [fast]"), so that a split evaluated under two presets fills two rows of one
+    column instead of two columns of one name."""
     def order(s: dict[str, Any]) -> tuple[int, int]:
         ds = list(DATASET_NAMES).index(s["dataset"]) if s.get("dataset") in DATASET_NAMES else 99
         sp = SPLIT_ORDER.index(s["split"]) if s.get("split") in SPLIT_ORDER else 99
         return ds, sp
 
-    cols = sorted(summaries, key=order)
-    names = _ordered(list(dict.fromkeys(n for s in cols for n in s["variants"])))
-    lines = [f"{metric} (%), ours (paper)", "", "| Method | " + " | ".join(title(s) for s in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for name in names:
-        cells = []
-        for s in cols:
-            v = s["variants"].get(name)
-            if v is None:
-                cells.append("")
-                continue
-            paper = (v.get("paper") or {}).get(metric)
-            cells.append(_fmt(v.get(metric)) + (f" ({paper:.2f})" if paper is not None else ""))
-        lines.append(f"| {display_name(name)} | " + " | ".join(cells) + " |")
+    presets = list(dict.fromkeys(str(s.get("preset")) for s in summaries))
+    by_preset = len(presets) > 1
+    titles = list(dict.fromkeys(title(s) for s in sorted(summaries, key=order)))
+    cells_of: dict[tuple[str, str], dict[str, Any]] = {}  # (preset, split title) -> that folder's summary
+    for s in summaries:
+        cells_of[(str(s.get("preset")), title(s))] = s
+    lines = [f"{metric} (%), ours (paper)", "", "| Method | " + " | ".join(titles) + " |",
+             "|---|" + "---:|" * len(titles)]
+    for preset in presets:
+        mine = [s for s in summaries if str(s.get("preset")) == preset]
+        names = _ordered(list(dict.fromkeys(n for s in mine for n in s["variants"])))
+        for name in names:
+            cells = []
+            for t in titles:
+                s = cells_of.get((preset, t))
+                v = None if s is None else s["variants"].get(name)
+                if v is None:
+                    cells.append("")
+                    continue
+                paper = (v.get("paper") or {}).get(metric)
+                cells.append(_fmt(v.get(metric)) + (f" ({paper:.2f})" if paper is not None else ""))
+            label = display_name(name) + (f" [{preset}]" if by_preset else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
