@@ -402,6 +402,37 @@ def concept_instances(processor: Any, state: dict[str, Any], prompt: str, thresh
     return ConceptInstances(prompt.strip(), masks[order], scores[order], boxes[order], found)
 
 
+def select_instances(prompt: str, masks: Any, scores: Any = None, threshold: float = 0.1,
+                     max_instances: int | None = 16, height: int | None = None, width: int | None = None
+                     ) -> ConceptInstances:
+    """Instances given by any concept segmenter (SAM 3 run elsewhere, ComfyUI's SAM3_Detect, a drawing) in the
+    form ``concept_instances`` returns: masks [N, H, W] (refdiff.external's rules; empty ones left out), scores
+    [N] (None: all 1), kept above ``threshold``, best first, at most ``max_instances``."""
+    from .external import external_proposals
+
+    n = len(masks) if masks is not None else 0
+    values = torch.ones(n) if scores is None else torch.as_tensor(np.asarray(scores), dtype=torch.float32).reshape(-1)
+    if values.numel() != n:
+        raise InputError(f"concept instances: {n} masks but {values.numel()} scores; give one score per mask")
+    if n == 0:
+        empty = torch.zeros(0, height or 0, width or 0, dtype=torch.bool)
+        return ConceptInstances(prompt, empty, values, torch.zeros(0, 4), 0)
+    arr = torch.as_tensor(np.asarray(masks)) if not isinstance(masks, torch.Tensor) else masks
+    h, w = (arr.shape[-2], arr.shape[-1]) if height is None else (height, width)
+    given = external_proposals(arr, h, w, name="concept instances")
+    kept_scores = values[given.kept]
+    order = torch.argsort(kept_scores, descending=True, stable=True)
+    order = order[kept_scores[order] > threshold]
+    if max_instances is not None:
+        order = order[:max_instances]
+    out = given.masks[order]
+    ys, xs = out.any(2), out.any(1)
+    boxes = torch.stack([torch.tensor([x.nonzero().min(), y.nonzero().min(), x.nonzero().max() + 1,
+                                       y.nonzero().max() + 1], dtype=torch.float32)
+                         for x, y in zip(xs, ys)]) if len(out) else torch.zeros(0, 4)
+    return ConceptInstances(prompt, out, kept_scores[order], boxes, int((values > threshold).sum()))
+
+
 def concept_prompt(expr: Any, kind: str = "noun") -> str | None:
     """The text SAM 3 is prompted with, from a parsed expression (refdiff.expression.Expression): "noun" the
     target noun alone; "phrase" the target noun phrase (with its attributes: "red car"). None for an open target
@@ -423,4 +454,4 @@ def sam3_model_name(model: Any) -> str:
 __all__ = ["Sam3Config", "SAM3_IMAGE", "SAM3_MARKER", "METADATA_KEY", "SAM3_INSTALL", "SAM3_REFUSAL",
            "build_sam3_model", "is_sam3_state_dict", "is_sam3_model", "sam3_config_from_state_dict",
            "read_sam3_file", "load_sam3", "save_sam3", "holds_sam3", "ConceptInstances", "concept_processor",
-           "image_state", "concept_instances", "concept_prompt", "sam3_model_name", "bpe_path"]
+           "image_state", "concept_instances", "select_instances", "concept_prompt", "sam3_model_name", "bpe_path"]
