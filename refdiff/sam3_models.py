@@ -313,25 +313,38 @@ def save_sam3(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def holds_sam3(path: str | Path) -> bool:
-    """Whether a checkpoint file holds a SAM 3 model (safetensors: its header only)."""
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+def checkpoint_kind(path: str | Path) -> str | None:
+    """"sam3", "sam2" or "sam" (v1) from a checkpoint file's keys (safetensors: its header only; torch files
+    are read with weights_only onto the meta device), None for anything else or an unreadable file."""
+    from .sam2_models import is_sam1_state_dict, is_sam2_state_dict
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return is_sam3_state_dict(dict.fromkeys(f.keys()))
-        except Exception:
-            return False
+    path = Path(path)
     try:
-        state = torch.load(str(path), map_location="meta", weights_only=True)
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                state: Any = dict.fromkeys(f.keys())
+        else:
+            state = torch.load(str(path), map_location="meta", weights_only=True)
     except Exception:
-        return False
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    return isinstance(state, dict) and is_sam3_state_dict({str(k).removeprefix("module."): v
-                                                           for k, v in state.items()})
+        return None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        return None
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    if is_sam3_state_dict(state):
+        return "sam3"
+    if is_sam2_state_dict(state):
+        return "sam2"
+    return "sam" if is_sam1_state_dict(state) else None
+
+
+def holds_sam3(path: str | Path) -> bool:
+    """Whether a checkpoint file holds a SAM 3 model."""
+    return checkpoint_kind(path) == "sam3"
 
 
 # ------------------------------------------------------------------------------------------------ instances
@@ -453,5 +466,5 @@ def sam3_model_name(model: Any) -> str:
 
 __all__ = ["Sam3Config", "SAM3_IMAGE", "SAM3_MARKER", "METADATA_KEY", "SAM3_INSTALL", "SAM3_REFUSAL",
            "build_sam3_model", "is_sam3_state_dict", "is_sam3_model", "sam3_config_from_state_dict",
-           "read_sam3_file", "load_sam3", "save_sam3", "holds_sam3", "ConceptInstances", "concept_processor",
+           "read_sam3_file", "load_sam3", "save_sam3", "holds_sam3", "checkpoint_kind", "ConceptInstances", "concept_processor",
            "image_state", "concept_instances", "select_instances", "concept_prompt", "sam3_model_name", "bpe_path"]
