@@ -665,10 +665,12 @@ class RefDiff:
                     self._sam3_processor = (id(model), concept_processor(model))
                 processor = self._sam3_processor[1]
 
-                def found() -> Any:
-                    state = self._sam3_images.get((key, id(model)), lambda: image_state(processor, rgb))
-                    return concept_instances(processor, state, prompt, threshold=p.concept_threshold,
-                                             max_instances=p.concept_max)
+                def found() -> Any:  # the image's features wait on the host between runs, as every cache
+                    state = self._sam3_images.get((key, id(model)),
+                                                  lambda: _state_to(image_state(processor, rgb), "cpu"))
+                    device = next(model.parameters()).device
+                    return concept_instances(processor, _state_to(state, device), prompt,
+                                             threshold=p.concept_threshold, max_instances=p.concept_max)
 
                 inst = self._concepts.get((key, id(model), prompt, p.concept_threshold, p.concept_max), found)
         if inst.masks.shape[0] == 0:
@@ -789,6 +791,17 @@ class RefDiff:
                       index=choice.index, top_k=list(choice.top_k), root_token=parsed.root,
                       root_position=root_position, direction=parsed.directions,
                       attention=arr(c), variant=v.name, preset=p.name, timings=timings, warnings=said)
+
+
+def _state_to(value: Any, device: Any) -> Any:
+    """SAM 3's image state (dicts and lists of tensors) with its tensors on ``device``; a copy of the containers."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _state_to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_state_to(v, device) for v in value)
+    return value
 
 
 def _with_concept_term(adjust: Callable[[torch.Tensor], torch.Tensor] | None, concept: torch.Tensor, weight: float

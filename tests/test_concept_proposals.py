@@ -110,6 +110,16 @@ def test_a_noun_sam3_finds_nothing_for_falls_back_to_automatic_proposals(parts):
     assert any("names no object" in w for w in opened.warnings)
 
 
+def test_sam3_runs_once_per_image_and_noun(parts):
+    sd, sam, clip = parts
+    concepts = PlantedConcepts()
+    model = RefDiff(sd=sd, sam=sam, clip=clip, preset="official", proposal_mode="concept", sam3=concepts, **FAST)
+    first = model(street(), "the car on the left")
+    again = model(street(), "the leftmost car")
+    assert concepts.prompts == ["car"] and len(model._concepts.data) == 1
+    np.testing.assert_array_equal(first.proposals, again.proposals)
+
+
 def test_concept_mode_without_a_sam3_is_refused(parts):
     sd, sam, clip = parts
     with pytest.raises(InputError, match="needs a SAM 3 model"):

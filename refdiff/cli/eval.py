@@ -113,7 +113,7 @@ def load_model(args: argparse.Namespace, overrides: dict[str, Any], device: str 
     from ..pipeline import RefDiff
 
     return RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
-                                   sam3=getattr(args, "sam3", None),
+                                   **({"sam3": args.sam3} if getattr(args, "sam3", None) else {}),
                                    device=args.device if device is None else device, dtype=args.dtype,
                                    sd_config=args.sd_config, sd_vae=args.vae, offload=args.offload,
                                    no_noun=DEFAULT_NO_NOUN, **overrides)
