@@ -15,7 +15,8 @@ ResizeMode = Literal["bilinear", "lanczos"]
 RootRule = Literal["root", "root_or_subj"]
 ClipLayer = Literal["final", "penultimate"]
 BiasBranch = Literal["masked", "crop", "none"]
-ProposalMode = Literal["automatic", "prompted"]
+ProposalMode = Literal["automatic", "prompted", "concept"]
+ConceptPrompt = Literal["noun", "phrase"]
 PromptKind = Literal["points", "boxes", "points+boxes"]
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -74,6 +75,12 @@ class Preset:
     prompt_multimask: bool = True  # SAM's three masks per prompt (whole, part, subpart)
     prompt_nms_iou: float = 0.8  # drop a mask whose IoU with a better-scored kept one is above this
     prompt_min_score: float = 0.0  # drop masks whose predicted IoU is below this (0: keep all)
+    # "concept" (beyond the paper; docs/METHOD.md section 17): SAM 3's instances of the target noun are the proposals
+    concept_prompt: ConceptPrompt = "noun"  # SAM 3's text: the target noun, or its phrase with the attributes
+    concept_threshold: float = 0.1  # keep instances whose SAM 3 score (detection x presence) is above this
+    concept_max: int = 16  # at most this many instances, the best scored first
+    concept_score_weight: float = 0.0  # fused += this x SAM 3's score (0: off; Ref-Diff's scores alone choose)
+    concept_with_sam3: bool = False  # use "concept" whenever a SAM 3 model is given (plus), else proposal_mode
     # 7. generative matching
     score_eps: float = 1e-6
     # 8. discriminative matching
@@ -161,7 +168,7 @@ SPATIAL_TERMS: tuple[str, ...] = ("position", "middle", "ordinals", "size", "rel
 
 # Beyond the paper: the `official` stages with every spatial term on and the paper's head-noun root rule, under
 # which a side word before its noun never becomes the root (docs/METHOD.md section 13).
-PLUS = OFFICIAL.with_(name="plus", proposal_mode="prompted", root_rule="root",
+PLUS = OFFICIAL.with_(name="plus", proposal_mode="prompted", root_rule="root", concept_with_sam3=True,
                       **{f"spatial_{t}": True for t in SPATIAL_TERMS})
 
 # Beyond the paper: the speed options together (README "Speed options"; benchmarks/README.md measures them end to
@@ -242,22 +249,25 @@ def get_variant(name: str | Variant) -> Variant:
     return VARIANTS[key]
 
 
-def proposal_source(variant: str | Variant, preset: Preset) -> str:
+def proposal_source(variant: str | Variant, preset: Preset, sam3: bool = False) -> str:
     """Where a variant's proposals come from under a preset: "threshold", "cluster", "sam" (the automatic
-    generator) or "prompted" (SAM prompted at c's peaks: the prompted variant, or a SAM variant under
-    proposal_mode="prompted")."""
+    generator), "prompted" (SAM prompted at c's peaks: the prompted variant, or a SAM variant under
+    proposal_mode="prompted") or "concept" (SAM 3's instances of the target noun: a SAM variant under
+    proposal_mode="concept", or under a preset with concept_with_sam3 when a SAM 3 model is given, ``sam3``)."""
     v = get_variant(variant)
+    if preset.proposal_mode not in ("automatic", "prompted", "concept"):
+        raise InputError(f"proposal_mode must be 'automatic', 'prompted' or 'concept', got {preset.proposal_mode!r}")
+    if v.proposals == "sam" and (preset.proposal_mode == "concept" or (preset.concept_with_sam3 and sam3)):
+        return "concept"
     if v.proposals == "sam" and preset.proposal_mode == "prompted":
         return "prompted"
-    if preset.proposal_mode not in ("automatic", "prompted"):
-        raise InputError(f"proposal_mode must be 'automatic' or 'prompted', got {preset.proposal_mode!r}")
     return v.proposals
 
 
-def needs_map(variant: str | Variant, preset: Preset) -> bool:
+def needs_map(variant: str | Variant, preset: Preset, sam3: bool = False) -> bool:
     """Whether a variant needs the generative map c under a preset: for its scores or proposals, and for the
     prompts of the prompted mode (so DS and sam-clip run the diffusion pass under proposal_mode="prompted")."""
-    return get_variant(variant).needs_diffusion or proposal_source(variant, preset) == "prompted"
+    return get_variant(variant).needs_diffusion or proposal_source(variant, preset, sam3) == "prompted"
 
 
 def prompt_kwargs(preset: Preset) -> dict[str, object]:
@@ -304,4 +314,4 @@ def sam_generator_kwargs(preset: Preset) -> dict[str, object]:
 
 __all__ = ["Preset", "OFFICIAL", "PAPER", "PLUS", "FAST", "PRESETS", "SPATIAL_TERMS", "spatial_terms_of", "spatial_rows",
            "get_preset", "Variant", "VARIANTS", "get_variant", "sam_generator_kwargs", "DEFAULT_THRESHOLDS",
-           "VARIANT_HELP", "proposal_source", "needs_map", "prompt_kwargs", "ProposalMode", "PromptKind"]
+           "VARIANT_HELP", "proposal_source", "needs_map", "prompt_kwargs", "ProposalMode", "PromptKind", "ConceptPrompt"]

@@ -12,6 +12,7 @@ import warnings
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
@@ -144,7 +145,7 @@ class RefDiff:
     def __init__(self, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                  nlp: Any = None, cache_size: int = 8, progress: ProgressFn | None = None,
                  offload: bool = False, device: str | torch.device | None = None, no_noun: str = DEFAULT_NO_NOUN,
-                 **preset_overrides: Any) -> None:
+                 sam3: Any = None, **preset_overrides: Any) -> None:
         """sd: ``SDComponents``; sam: a segment-anything ``Sam``; clip: a ``ClipScorer`` (each optional, or a
         zero-argument loader). Preset fields may be overridden by keyword (e.g. ``image_size=512``).
 
@@ -156,14 +157,23 @@ class RefDiff:
 
         ``no_noun`` is what to do with a text whose root word names no object ("on the left", "the one on the
         right"): "warn" (the default: keep the preset's root, warn, and note it in ``Result.warnings``) or "error"
-        (raise InputError); see ``refdiff.text.check_root``. An empty or punctuation-only text is refused."""
+        (raise InputError); see ``refdiff.text.check_root``. An empty or punctuation-only text is refused.
+
+        ``sam3``: a SAM 3 image model (``refdiff.sam3_models``), or any concept segmenter as a function
+        ``(rgb, noun phrase) -> masks [N, H, W]`` or ``(masks, scores)``, for ``proposal_mode="concept"``: its
+        instances of the target noun are the proposals (docs/METHOD.md section 17). Under ``plus``
+        (``concept_with_sam3``) giving one switches the SAM variants to it; overriding ``proposal_mode`` keeps the
+        mode asked for."""
         if no_noun not in NO_NOUN_POLICIES:
             raise InputError(f"no_noun must be one of {list(NO_NOUN_POLICIES)}, got {no_noun!r}")
         self.no_noun = no_noun
+        if "proposal_mode" in preset_overrides and "concept_with_sam3" not in preset_overrides:
+            preset_overrides["concept_with_sam3"] = False  # the mode asked for is the mode used
         self.preset = get_preset(preset).with_(**preset_overrides) if preset_overrides else get_preset(preset)
         self._sd = sd if isinstance(sd, _Lazy) else _Lazy(sd)
         self._sam = sam if isinstance(sam, _Lazy) else _Lazy(sam)
         self._clip = clip if isinstance(clip, _Lazy) else _Lazy(clip)
+        self._sam3 = sam3 if isinstance(sam3, _Lazy) else _Lazy(sam3)
         self.offload = bool(offload)
         self._offload_to = _offload.OFFLOAD_DEVICE
         if not self.offload and device is not None:
@@ -173,7 +183,8 @@ class RefDiff:
         if self.offload:  # models given ready are parked now; loaded ones when they load
             self._sd.finish = lambda m: _offload.offload_sd(m, self.device, self._offload_to)
             self._sam.finish = self._clip.finish = self._park
-            for lazy in (self._sd, self._sam, self._clip):
+            self._sam3.finish = lambda m: self._park(m) if isinstance(m, torch.nn.Module) else m
+            for lazy in (self._sd, self._sam, self._clip, self._sam3):
                 lazy.settle()
         self._nlp = nlp
         self._progress = progress
@@ -184,6 +195,9 @@ class RefDiff:
         self._attention = _LRU(cache_size * 4)
         self._sam_masks = _LRU(cache_size, max_bytes=PROPOSAL_CACHE_BYTES)
         self._sam_embeddings = _LRU(cache_size)  # SAM image embeddings of the prompted mode (vit_h: 4 MB each)
+        self._sam3_processor: tuple[int, Any] | None = None  # (id of the SAM 3 model, its processor)
+        self._sam3_images = _LRU(2)  # SAM 3 image features (the released model: ~110 MB each)
+        self._concepts = _LRU(cache_size * 4)  # SAM 3 instances per (image, prompt, threshold, max)
         self._clip_image = _LRU(cache_size * 4)
         self._clip_text = _LRU(256)
 
@@ -191,14 +205,16 @@ class RefDiff:
     def from_pretrained(cls, sd: Any = None, sam: Any = None, clip: Any = None, preset: str | Preset = "official",
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         sd_config: str | None = None, offload: bool = False, sd_vae: str | None = None,
-                        **kwargs: Any) -> "RefDiff":
+                        sam3: Any = None, **kwargs: Any) -> "RefDiff":
         """Build from weights: ``sd`` a diffusers folder, hub id or single .safetensors/.ckpt file; ``sam`` a SAM
         (.pth) or SAM 2 / 2.1 (.pt, .safetensors) checkpoint, detected from its keys; ``clip`` an open_clip "MODEL/TAG" or a local file. None means the published weights
         (SD 1.5, SAM vit_h, CLIP ViT-B/16 openai), downloaded by the libraries' own caches. Models load on
         first use. ``sd`` may be SD 1.x/2.x or SDXL base (detected); ``sd_vae`` replaces its VAE (a diffusers
         VAE folder or .safetensors file, e.g. an fp16-safe SDXL VAE). ``sd_config`` names the configuration of a
         single-file checkpoint (sd1, sd2, sd2-v, sdxl or a diffusers-layout folder) when it cannot be detected. ``offload=True`` loads the models on the CPU and
-        moves each to ``device`` only for its stage (see ``RefDiff``); dtype defaults follow ``device``."""
+        moves each to ``device`` only for its stage (see ``RefDiff``); dtype defaults follow ``device``.
+        ``sam3``: a SAM 3 checkpoint (Meta's sam3.pt or a .safetensors) for ``proposal_mode="concept"``; loaded
+        in float32 on first use (None: no SAM 3)."""
         from .clip import load_clip
         from .sam2_models import load_any_sam
         from .devices import resolve_dtype
@@ -209,8 +225,15 @@ class RefDiff:
             sd_dtype, load_to = resolve_dtype(dtype, compute), _offload.OFFLOAD_DEVICE
         else:
             sd_dtype, load_to = dtype, device
+        sam3_model = None
+        if sam3 is not None and not isinstance(sam3, (str, Path)):
+            sam3_model = sam3
+        elif sam3 is not None:
+            from .sam3_models import load_sam3
+
+            sam3_model = _Lazy(loader=lambda: load_sam3(sam3, device=load_to))
         return cls(sd=_Lazy(loader=lambda: load_sd(sd, device=load_to, dtype=sd_dtype, config=sd_config,
-                                                            vae=sd_vae)),
+                                                            vae=sd_vae)), sam3=sam3_model,
                    sam=_Lazy(loader=lambda: load_any_sam(sam, device=load_to)),
                    clip=_Lazy(loader=lambda: load_clip(clip, device=load_to, dtype=dtype)),
                    preset=preset, offload=offload, device=compute, **kwargs)
@@ -227,6 +250,10 @@ class RefDiff:
     @property
     def clip(self) -> Any:
         return self._clip.get("CLIP (clip)")
+
+    @property
+    def sam3(self) -> Any:
+        return self._sam3.get("SAM 3 (sam3)")
 
     def _park(self, model: Any) -> Any:
         """Put a model on the offload device before its first use (offload mode)."""
@@ -263,7 +290,7 @@ class RefDiff:
         """Forget every per-image result (prepared squares, latents, attention, SAM masks and embeddings, CLIP
         features)."""
         for cache in (self._prepared, self._latents, self._attention, self._sam_masks, self._sam_embeddings,
-                      self._clip_image, self._clip_text):
+                      self._clip_image, self._clip_text, self._sam3_images, self._concepts):
             cache.clear()
 
     # -- public entry points --------------------------------------------------------------------------------
@@ -311,13 +338,21 @@ class RefDiff:
                 maps[refine] = self._generative_map(rgb, key, parsed, seed, timings, refine=refine)
             return maps[refine]
 
-        sources = {v.name: proposal_source(v, self.preset) for v in chosen}
+        has_sam3 = self._sam3.available
+        sources = {v.name: proposal_source(v, self.preset, has_sam3) for v in chosen}
         sam_masks, sam_notes = None, []
-        if proposals is not None:  # the caller's masks stand in for SAM's, automatic or prompted
+        concept_scores: torch.Tensor | None = None
+        concept_masks, concept_notes = None, []
+        if proposals is not None:  # the caller's masks stand in for SAM's, automatic, prompted or concept
             sam_masks, sam_notes = self._timed(timings, "external", lambda: self._external_proposals(
                 proposals, rgb, proposals_resize, proposals_post_filter))
-            sources = {name: ("sam" if src == "prompted" else src) for name, src in sources.items()}
-        elif "sam" in sources.values():
+            sources = {name: ("sam" if src in ("prompted", "concept") else src) for name, src in sources.items()}
+        elif "concept" in sources.values():
+            concept_masks, concept_scores, concept_notes = self._timed(
+                timings, "sam3", lambda: self._concept_proposals(rgb, key, parsed))
+            if concept_masks is None:  # nothing found: the preset's automatic proposals, said in the warnings
+                sources = {name: ("sam" if src == "concept" else src) for name, src in sources.items()}
+        if proposals is None and "sam" in sources.values():
             sam_masks, sam_note = self._timed(timings, "sam", lambda: self._sam_proposals(rgb, key))
             sam_notes = [sam_note] if sam_note else []
         prompted: list[tuple[torch.Tensor, str | None]] = []  # computed once, from the unrefined map
@@ -333,11 +368,16 @@ class RefDiff:
         for v in chosen:
             source = sources[v.name]
             # the caller's masks need no c for their own sake: DS and sam-clip skip the diffusion pass with them
-            with_map = v.needs_diffusion if proposals is not None else needs_map(v, self.preset)
+            with_map = v.needs_diffusion if proposals is not None else needs_map(v, self.preset, has_sam3)
             c, root_position = generative(v.refine) if with_map else (None, None)
             extra: list[str] = []
-            if source == "sam":
-                masks, extra = sam_masks, sam_notes
+            if concept_notes and v.proposals == "sam":
+                extra = list(concept_notes)
+            scores_of_sam3 = None
+            if source == "concept":
+                masks, scores_of_sam3 = concept_masks, concept_scores
+            elif source == "sam":
+                masks, extra = sam_masks, extra + sam_notes
             elif source == "prompted":
                 masks, note = prompted_masks()
                 extra = [note] if note else []
@@ -355,7 +395,8 @@ class RefDiff:
             if terms and masks.shape[0]:
                 spatial = self._timed(timings, "spatial", lambda: self._spatial_inputs(
                     rgb, key, parsed, masks, v, terms, seed, timings))
-            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings), spatial)
+            results[v.name] = self._select(v, masks, s_g, s_d, parsed, root_position, c, dict(timings), spatial,
+                                           concept=scores_of_sam3)
             results[v.name].warnings = notes + extra + results[v.name].warnings
         return results
 
@@ -589,6 +630,57 @@ class RefDiff:
             warnings.warn(note, RefDiffWarning, stacklevel=2)
         return masks, note
 
+    def _concept_proposals(self, rgb: np.ndarray, key: str, parsed: ParsedText
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+        """SAM 3's instances of the target noun (docs/METHOD.md section 17): masks and SAM 3's scores, best first,
+        at most ``concept_max`` above ``concept_threshold``; (None, None, [why]) when there is none or the target
+        names no object, and the caller falls back to the automatic proposals (the reason is also warned)."""
+        from .expression import parse_expression
+        from .sam3_models import concept_instances, concept_processor, concept_prompt, image_state, select_instances
+
+        p = self.preset
+        if not self._sam3.available:
+            raise InputError("proposal_mode 'concept' needs a SAM 3 model: pass sam3= (a sam3.pt / .safetensors "
+                             "checkpoint, --sam3 FILE on the command line) or choose proposal_mode 'automatic' or "
+                             "'prompted'")
+        expr = parse_expression(parsed.text, nlp=self._nlp, parsed=parsed)
+        prompt = concept_prompt(expr, p.concept_prompt)
+        if prompt is None:
+            note = (f"concept proposals: {parsed.text!r} names no object for SAM 3 to look for (an open target), "
+                    "so the preset's automatic SAM proposals are used instead")
+            warnings.warn(note, RefDiffWarning, stacklevel=3)
+            return None, None, [note]
+        model = self.sam3
+        if callable(model) and not isinstance(model, torch.nn.Module):  # any concept segmenter: (rgb, prompt) ->
+            def given() -> Any:                                       # masks, or (masks, scores)
+                out = model(rgb, prompt)
+                masks, scores = out if isinstance(out, tuple) else (out, None)
+                return select_instances(prompt, masks, scores, threshold=p.concept_threshold,
+                                        max_instances=p.concept_max, height=rgb.shape[0], width=rgb.shape[1])
+
+            inst = self._concepts.get((key, id(model), prompt, p.concept_threshold, p.concept_max), given)
+        else:
+            with self._using(model):
+                if self._sam3_processor is None or self._sam3_processor[0] != id(model):
+                    self._sam3_processor = (id(model), concept_processor(model))
+                processor = self._sam3_processor[1]
+
+                def found() -> Any:  # the image's features wait on the host between runs, as every cache
+                    state = self._sam3_images.get((key, id(model)),
+                                                  lambda: _state_to(image_state(processor, rgb), "cpu"))
+                    device = next(model.parameters()).device
+                    return concept_instances(processor, _state_to(state, device), prompt,
+                                             threshold=p.concept_threshold, max_instances=p.concept_max)
+
+                inst = self._concepts.get((key, id(model), prompt, p.concept_threshold, p.concept_max), found)
+        if inst.masks.shape[0] == 0:
+            note = (f"concept proposals: SAM 3 found no instance of {prompt!r} above concept_threshold "
+                    f"{p.concept_threshold}, so the preset's automatic SAM proposals are used instead (lower "
+                    "concept_threshold, or set concept_prompt to 'noun')")
+            warnings.warn(note, RefDiffWarning, stacklevel=3)
+            return None, None, [note]
+        return inst.masks, inst.scores, []
+
     def _external_proposals(self, masks: Any, rgb: np.ndarray, resize: str, post_filter: bool
                             ) -> tuple[torch.Tensor, list[str]]:
         """Masks given by the caller as proposals (refdiff.external), optionally through the preset's SAM
@@ -663,9 +755,11 @@ class RefDiff:
 
     def _select(self, v: Variant, masks: torch.Tensor, s_g: torch.Tensor | None, s_d: torch.Tensor | None,
                 parsed: ParsedText, root_position: int | None, c: torch.Tensor | None,
-                timings: dict[str, float], spatial: tuple[Any, ...] | None = None) -> Result:
+                timings: dict[str, float], spatial: tuple[Any, ...] | None = None,
+                concept: torch.Tensor | None = None) -> Result:
         """Eq. 1, 2: fuse the variant's scores, pick the best proposal (an empty mask when there is none). With
-        ``spatial`` (from _spatial_inputs) the spatial terms adjust the fused score before the choice."""
+        ``spatial`` (from _spatial_inputs) the spatial terms adjust the fused score before the choice; with
+        ``concept`` (SAM 3's scores of concept proposals) ``concept_score_weight`` x them is added first."""
         from .scoring import fuse_and_select
         from .spatial import spatial_adjuster
 
@@ -674,6 +768,8 @@ class RefDiff:
         if spatial is not None:
             expr, terms, maps, negatives = spatial
             adjust, applied = spatial_adjuster(expr, masks, p, terms, maps, negatives, uses_clip=s_d is not None)
+        if concept is not None and p.concept_score_weight and masks.shape[0]:
+            adjust = _with_concept_term(adjust, concept, p.concept_score_weight)
         choice = fuse_and_select(masks, s_g, s_d, p, adjust=adjust)
 
         def arr(x: torch.Tensor | None) -> np.ndarray | None:
@@ -687,12 +783,35 @@ class RefDiff:
             said = list(applied[0].notes)
             for note in said:
                 warnings.warn(note, RefDiffWarning, stacklevel=3)
+        if concept is not None:
+            extra["concept"] = arr(concept)
         return Result(mask=choice.mask.cpu().numpy().astype(bool), proposals=masks.cpu().numpy().astype(bool),
                       scores={"generative": arr(s_g), "discriminative": arr(s_d), "fused": arr(choice.fused),
                               **extra},
                       index=choice.index, top_k=list(choice.top_k), root_token=parsed.root,
                       root_position=root_position, direction=parsed.directions,
                       attention=arr(c), variant=v.name, preset=p.name, timings=timings, warnings=said)
+
+
+def _state_to(value: Any, device: Any) -> Any:
+    """SAM 3's image state (dicts and lists of tensors) with its tensors on ``device``; a copy of the containers."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _state_to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_state_to(v, device) for v in value)
+    return value
+
+
+def _with_concept_term(adjust: Callable[[torch.Tensor], torch.Tensor] | None, concept: torch.Tensor, weight: float
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fused -> fused + weight x SAM 3's score, then ``adjust`` (the spatial terms) when there is one."""
+    def adjusted(fused: torch.Tensor) -> torch.Tensor:
+        out = fused + weight * concept.to(fused.device, fused.dtype)
+        return adjust(out) if adjust is not None else out
+
+    return adjusted
 
 
 __all__ = ["RefDiff", "Result"]

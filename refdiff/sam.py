@@ -226,6 +226,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _config_or_error(state_dict: Mapping[str, torch.Tensor], source: str) -> SamConfig:
+    from .sam3_models import SAM3_REFUSAL, is_sam3_state_dict
+
+    if is_sam3_state_dict(state_dict):
+        raise ModelLoadError(f"{source} {SAM3_REFUSAL}")
     if "image_encoder.trunk.patch_embed.proj.weight" in state_dict:
         raise ModelLoadError(f"{source}: this is a SAM 2 checkpoint; load it with refdiff.sam2_models.load_sam2 "
                              "(--sam, RefDiff.from_pretrained(sam=...) and the RefDiff SAM Loader node detect "

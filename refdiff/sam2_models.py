@@ -85,6 +85,10 @@ def sam2_arch_from_state_dict(state: Mapping[str, torch.Tensor], metadata: Mappi
                               source: str = "state dict") -> Sam2Arch:
     """Read version and size from the weights (trunk width, blocks per stage, 2.1-only keys); a non-official
     size needs its hydra overrides in the file's metadata (``METADATA_KEY``). ModelLoadError otherwise."""
+    from .sam3_models import SAM3_REFUSAL, is_sam3_state_dict
+
+    if is_sam3_state_dict(state):
+        raise ModelLoadError(f"{source} {SAM3_REFUSAL}")
     if not is_sam2_state_dict(state):
         if is_sam1_state_dict(state):
             raise ModelLoadError(f"{source} is a SAM (v1, segment-anything) checkpoint, not SAM 2; load it with "

@@ -225,6 +225,17 @@ def test_external_scoring_and_sam2_benchmarks_run_in_short_mode(tmp_path):
     assert amg["amg"]["points_per_side"] == 4
 
 
+def test_sam3_proposals_benchmark_runs_in_short_mode(tmp_path):
+    """benchmarks/sam3_proposals.py on the tiny models: both proposal stages timed, candidate counts and ratios."""
+    pytest.importorskip("sam3")
+    from benchmarks import sam3_proposals
+
+    assert sam3_proposals.main(["--mode", "short", "--out", str(tmp_path / "sam3.json")]) == 0
+    data = json.loads((tmp_path / "sam3.json").read_text())
+    assert data["automatic_s"] > 0 and data["concept_cold_s"] > 0 and data["ratio_cold"] > 0
+    assert 0 < data["concept_candidates"] <= data["concept_max"] and data["automatic_candidates"] >= 0
+
+
 def test_sdxl_capture_benchmark_runs_on_tiny_models(capsys):
     """benchmarks/sdxl_capture.py --tiny: both rows, their layer counts and grids, and the ratios."""
     from benchmarks import sdxl_capture

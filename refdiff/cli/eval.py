@@ -104,6 +104,7 @@ def build_manifest(args: argparse.Namespace, evalset: EvalSet, variants: list[st
             "overrides": overrides, "seed": args.seed, "sd": model_path(args.sd), "sam": model_path(args.sam),
             "clip": model_path(args.clip), "sd_config": model_path(args.sd_config), "vae": model_path(args.vae),
             "dtype": args.dtype, "variants": variants,
+            **({"sam3": model_path(args.sam3)} if getattr(args, "sam3", None) else {}),
             "n_sentences": evalset.n_sentences, "limit": args.limit, "refdiff_version": __version__}
 
 
@@ -112,6 +113,7 @@ def load_model(args: argparse.Namespace, overrides: dict[str, Any], device: str 
     from ..pipeline import RefDiff
 
     return RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
+                                   **({"sam3": args.sam3} if getattr(args, "sam3", None) else {}),
                                    device=args.device if device is None else device, dtype=args.dtype,
                                    sd_config=args.sd_config, sd_vae=args.vae, offload=args.offload,
                                    no_noun=DEFAULT_NO_NOUN, **overrides)

@@ -45,12 +45,13 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                         help="side S of the square fed to Stable Diffusion (default: the preset's, 1024, which "
                              "is also SDXL's training resolution); 512 is about 4x faster and changes results "
                              "(SDXL below 1024 leaves its training resolution)")
-    parser.add_argument("--proposal-mode", choices=("automatic", "prompted"), default=None,
+    parser.add_argument("--proposal-mode", choices=("automatic", "prompted", "concept"), default=None,
                         help="how SAM proposals are made: automatic (SAM's automatic mask generator on a 32 x 32 point "
-                             "grid, as the paper) or prompted (SAM prompted at the peaks of the generative map c: "
-                             "a few object-level masks, much faster, misses what c misses; beyond the paper). "
+                             "grid, as the paper), prompted (SAM prompted at the peaks of the generative map c: "
+                             "a few object-level masks, much faster, misses what c misses; beyond the paper) or "
+                             "concept (SAM 3's instances of the target noun, needs --sam3; beyond the paper). "
                              "Same as --set proposal_mode=... (default: the preset's: automatic in official and paper, "
-                             "prompted in plus)")
+                             "prompted in plus, concept in plus when --sam3 is given)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"override any preset field, e.g. {SET_EXAMPLE} or --set sam_min_area=0 (repeatable; "
                              "the value is read as JSON when it parses: numbers, true/false, null, [lists]; "
@@ -74,6 +75,10 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                    help="SAM checkpoint (sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth) or SAM 2 / 2.1 "
                         "checkpoint (sam2.1_hiera_tiny/small/base_plus/large .pt or .safetensors; detected). "
                         f"Default: vit_h, downloaded once to {SAM_DOWNLOAD_NOTE}")
+    g.add_argument("--sam3", metavar="FILE", default=None,
+                   help="SAM 3 checkpoint (Meta's sam3.pt, or a .safetensors of the image model) for --proposal-mode "
+                        "concept: its instances of the target noun become the proposals; needs the sam3 package "
+                        "(README, SAM 3). Default: none (no SAM 3 is downloaded)")
     g.add_argument("--clip", metavar="TAG_OR_FILE", default=None,
                    help="CLIP scorer: an open_clip MODEL/TAG such as ViT-B-16/openai, or a local weights file. "
                         f"Default: {DEFAULT_CLIP}, downloaded by open_clip to its cache")
@@ -235,11 +240,42 @@ def check_model_options(args: argparse.Namespace, device: str | None = None) -> 
         if not clip.is_file() and looks_like_path(args.clip):
             raise ModelLoadError(f"--clip {args.clip}: no such file; pass an existing {'/'.join(WEIGHT_SUFFIXES)} "
                                  f"file or an open_clip MODEL/TAG such as {DEFAULT_CLIP}, or leave --clip out")
+    check_sam3_options(args)
     compute = device if device is not None else args.device
     try:
         resolve_device(compute)
     except InputError as exc:
         raise InputError(f"--device {compute}: {exc}") from None
+
+
+def check_sam3_options(args: argparse.Namespace) -> None:
+    """--sam3 names an existing SAM 3 file (a SAM / SAM 2 file is refused by name, as a SAM 3 file given to
+    --sam), and --proposal-mode concept has one; read from the file's keys only (no model is built)."""
+    sam3 = getattr(args, "sam3", None)
+    mode = getattr(args, "proposal_mode", None)
+    sets_concept = any(item.replace(" ", "").startswith("proposal_mode=concept")
+                       for item in getattr(args, "overrides", []) or [])
+    if (mode == "concept" or sets_concept) and sam3 is None:
+        raise InputError("--proposal-mode concept needs a SAM 3 checkpoint: add --sam3 FILE (Meta's sam3.pt or a "
+                         ".safetensors of it), or choose --proposal-mode automatic or prompted")
+    if sam3 is not None:
+        from ..sam3_models import checkpoint_kind
+
+        path = Path(sam3).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"--sam3 {sam3}: no such file; pass Meta's sam3.pt or a .safetensors of the SAM 3 "
+                                 "image model, or leave --sam3 out")
+        found = checkpoint_kind(path)
+        if found != "sam3":
+            kind = {"sam2": "a SAM 2 checkpoint", "sam": "a SAM (v1, segment-anything) checkpoint"}.get(
+                found, "not a SAM 3 checkpoint")
+            raise ModelLoadError(f"--sam3 {sam3}: {kind}; --sam3 takes a SAM 3 model (sam3.pt), and SAM v1 / SAM 2 "
+                                 "files go to --sam")
+    if args.sam is not None and Path(args.sam).expanduser().is_file():
+        from ..sam3_models import SAM3_REFUSAL, holds_sam3
+
+        if holds_sam3(Path(args.sam).expanduser()):
+            raise ModelLoadError(f"--sam {args.sam} {SAM3_REFUSAL}")
 
 
 def report_error(prog: str, exc: RefDiffError) -> int:

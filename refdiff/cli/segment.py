@@ -157,7 +157,7 @@ def _segment(args: argparse.Namespace) -> int:
     masks, kept = check_proposals(args, rgb)
     check_model_options(args)
     check_outputs(args)
-    model = RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset,
+    model = RefDiff.from_pretrained(sd=args.sd, sam=args.sam, clip=args.clip, preset=args.preset, sam3=args.sam3,
                                     device=args.device, dtype=args.dtype, sd_config=args.sd_config, sd_vae=args.vae,
                                     offload=args.offload, no_noun=args.no_noun, progress=lambda stage: say(f"  {stage} ..."), **overrides)
     start = time.perf_counter()
