@@ -486,6 +486,9 @@ def spatial_scores(expr: Expression, masks: torch.Tensor, fused: torch.Tensor, p
     pool = instance_pool(masks, score, preset.spatial_pool, pool_margin(preset, uses_clip, open_class),
                          preset.spatial_pool_overlap, preset.spatial_pool_group_cover, preset.spatial_pool_band)
     members = pool.members
+    if open_class and len(members) > 1:  # the scores carry no class: the words decide among all whole objects
+        spread = score[torch.tensor(members)]
+        unit = max(unit, float(spread.max() - spread.min()))
     geo = geometry(masks)
     weights = {"position": preset.spatial_position_weight, "middle": preset.spatial_middle_weight,
                "ordinals": preset.spatial_ordinal_weight, "size": preset.spatial_size_weight}

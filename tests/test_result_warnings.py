@@ -43,19 +43,34 @@ def test_text_naming_no_object_warns_by_default_and_can_be_refused(models, image
         make(models, no_noun="silent")
 
 
-@pytest.mark.parametrize("text, term", [("the second from the left", "ordinals"), ("leftmost", "ordinals"),
-                                        ("the biggest one", "size"), ("the one on the right", "position"),
-                                        ("the white thing on the left", "position")])
-def test_placeholder_texts_run_with_every_spatial_term_and_say_the_target_class_is_open(models, image, text, term):
-    """Preset plus (every spatial term; SAM prompted at c's peaks) on texts with no object noun: each variant gives
-    a mask of the image ranked with the term the words say, and carries the warning."""
+@pytest.mark.parametrize("text, term, pick", [("the second from the left", "ordinals", 2), ("leftmost", "ordinals", 0),
+                                              ("the biggest one", "size", 1), ("the one on the right", "position", 1),
+                                              ("the white thing on the left", "position", 0)])
+def test_placeholder_texts_run_with_every_spatial_term_and_say_the_target_class_is_open(models, image, text, term,
+                                                                                        pick):
+    """Preset plus (every spatial term) on texts with no object noun, among three whole objects (the red box, the
+    blue box, a small box between them): the open class ranks all three, the words pick, and the warning says so."""
+    boxes = np.zeros((3, 45, 67), bool)
+    boxes[0, 5:30, 4:25], boxes[1, 10:40, 40:60], boxes[2, 34:42, 28:36] = True, True, True
+    with pytest.warns(RefDiffWarning, match="the target class is open"):
+        results = make(models, preset="plus").segment_variants(image, text, ["full"], proposals=boxes)
+    r = results["full"]
+    assert r.mask.shape == (45, 67) and r.index == pick and len(r.warnings) == 1
+    assert f"spatial_{term}" in r.scores and float(np.abs(r.scores[f"spatial_{term}"]).max()) > 0
+    assert r.warnings[0].startswith(f"text {text!r} names no object, so the target class is open")
+    assert "the spatial terms rank all whole-object candidates" in r.warnings[0]
+
+
+@pytest.mark.parametrize("text", ["the second from the left", "the biggest one"])
+def test_placeholder_texts_run_on_every_variant_with_sam(models, image, text):
+    """The same texts with the tiny random SAM's own proposals (prompted, as plus asks), full and G: a mask of the
+    image and the open-class warning first; any other warning is the pool's (random masks are no objects)."""
     with pytest.warns(RefDiffWarning, match="the target class is open"):
         results = make(models, preset="plus").segment_variants(image, text, ["full", "G"])
     for r in results.values():
-        assert r.mask.shape == (45, 67) and r.index >= 0 and len(r.warnings) == 1
-        assert f"spatial_{term}" in r.scores
+        assert r.mask.shape == (45, 67) and r.index >= 0
         assert r.warnings[0].startswith(f"text {text!r} names no object, so the target class is open")
-        assert "the spatial terms rank all whole-object candidates" in r.warnings[0]
+        assert all(w.startswith("pool: ") for w in r.warnings[1:])
 
 
 @pytest.mark.parametrize("text", ["", " ... ", "?!"])
