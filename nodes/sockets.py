@@ -18,7 +18,9 @@ PRESET_NAMES = list(PRESETS)  # ["official", "paper", "plus"]
 # What 'plus' is (refdiff.config.PLUS), said on every preset input.
 PLUS_TOOLTIP = (f"'plus' = 'official' + every spatial term ({', '.join(SPATIAL_TERMS)}) + the 'paper' root rule "
                 "(a side word before its noun hands over to the noun: 'bottom left donut' -> donut) + proposal_mode "
-                "'prompted' (SAM prompted at the peaks of c instead of its automatic grid), beyond the paper.")
+                "'prompted' (SAM prompted at the peaks of c instead of its automatic grid), beyond the paper. 'fast' = "
+                "'official' at S = 512, without classifier-free guidance, one UNet step and proposal_mode 'prompted' "
+                "(results differ from 'official'; fastest with a SAM 2.1 hiera tiny checkpoint).")
 
 # Custom socket types (see docs/NODES.md for what each carries).
 Attention = io.Custom(wire_types.ATTENTION)
