@@ -135,3 +135,33 @@ def test_segment_takes_the_sam3_under_proposal_mode_concept(comfy, run_graph):
     report = out.text("7")
     assert "SAM 3 concept proposals: image 0:" in report and "instance(s) of 'block'" in report
     assert "proposals (concept)" in report
+
+
+@pytest.mark.slow
+def test_segment_under_plus_with_a_sam3_falls_back_to_sam_for_a_text_naming_no_object(run_graph):
+    """preset plus + a SAM 3 connected: concept proposals; a text SAM 3 cannot look for ("the one on the left")
+    gets SAM's automatic proposals instead, as refdiff.RefDiff falls back, and the report says so."""
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": TEST_IMAGE}},
+        "2": {"class_type": "RefDiffSAM3Loader", "inputs": {"sam3_name": SAM3_FILE}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_MODELS["ckpt_name"]}},
+        "4": {"class_type": "RefDiffSAMLoader", "inputs": {"sam_name": TEST_MODELS["sam_name"], "model_type": "auto"}},
+        "5": {"class_type": "RefDiffCLIPLoader", "inputs": {"clip_name": TEST_MODELS["clip_name"],
+                                                            "model_name": "ViT-B-16", "quick_gelu": "auto",
+                                                            "precision": "fp32"}},
+        "6": {"class_type": "RefDiffSegment", "inputs": {
+            "model": ["3", 0], "clip": ["3", 1], "vae": ["3", 2], "image": ["1", 0], "text": "the one on the left",
+            "variant": "DS", "preset": "plus", "seed": 0, "image_size": 128, "top_k": 0, "points_per_side": 8,
+            "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "proposal_mode": "preset", "sam3": ["2", 0],
+            "sam": ["4", 0], "clip_scorer": ["5", 0], "keep_largest": 0, "min_area": 0}},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 2]}},
+    }
+    out = run_graph(graph)
+    assert out.ok, out.error()
+    report = out.text("7")
+    assert "names no object for SAM 3 to look for (an open target), so the preset's automatic SAM proposals are " \
+           "used instead" in report, report
+    graph["6"]["inputs"]["text"] = "the red block"
+    out = run_graph(graph)
+    assert out.ok, out.error()
+    assert "SAM 3 concept proposals: image 0:" in out.text("7")
