@@ -64,7 +64,7 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     if external is not None:
         given = external_masks.mask_proposal_batch(external, image, external_counts, external_resize,
                                                    name=PROPOSALS_INPUT, counts_name="proposal_counts")
-        p = p.with_(proposal_mode="automatic")  # the given masks stand in for SAM's, automatic or prompted
+        p = p.with_(proposal_mode="automatic", concept_with_sam3=False)  # they stand in for SAM's or SAM 3's
     source = proposal_source(v, p, sam3 is not None)
     with_map = needs_map(v, p, sam3 is not None)  # prompted SAM proposals need c, even for DS and sam-clip
     layers = None

@@ -210,6 +210,10 @@ def check_unfused_scores(proposals: ProposalBatch, generative: ScoreBatch | None
         if scores is not None:
             if scores.kind == "fused":
                 raise InputError(f"{name}: these scores {if_fused}")
+            if scores.kind == "concept":
+                raise InputError(f"{name}: these are SAM 3's instance scores (RefDiff Concept Proposals' scores, "
+                                 "shown in its info); connect RefDiffGenerativeScore's or RefDiffCLIPScore's scores "
+                                 "of its proposals here")
             scores.check_against(proposals, name)
 
 

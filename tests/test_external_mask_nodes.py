@@ -166,3 +166,10 @@ def test_boxes_that_do_not_fit_the_masks_or_images_are_refused_naming_the_fix():
         external_masks.mask_proposal_batch(merged, images(2), "1, 1", boxes=detect_boxes(per_image))
     with pytest.raises(InputError, match="connect SAM3_Detect's second output"):
         external_masks.mask_proposal_batch(merged, images(2), "", boxes="two")
+
+
+def test_sam3_scores_are_refused_where_refdiffs_scores_go():
+    proposals = wire_types.ProposalBatch([torch.zeros(2, H, W, dtype=torch.bool)], source="concept")
+    concept = wire_types.ScoreBatch([torch.tensor([0.9, 0.5])], kind="concept", counts=[2])
+    with pytest.raises(InputError, match="generative: these are SAM 3's instance scores"):
+        wire_types.check_unfused_scores(proposals, concept, None, "are fused")
