@@ -436,7 +436,7 @@ def ref_diff_spatial() -> Graph:
 def concept_chain(g: Graph, image: str, parse: str) -> str:
     """SAM 3's instances of the parse's target noun as the proposals."""
     sam3 = g.add("RefDiffSAM3Loader", "Load SAM 3", sam3_name=SAM3)
-    return g.add("RefDiffConceptProposals", "Concept proposals: every instance of the noun", sam3=g.out(sam3),
+    return g.add("RefDiffConceptProposals", "SAM 3 concept proposals", sam3=g.out(sam3),
                  image=g.out(image), parse=g.out(parse), text="", preset="official", concept_prompt="preset",
                  threshold=-1.0, max_instances=0)
 
