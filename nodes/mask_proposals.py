@@ -12,7 +12,10 @@ from .proposal_filter import sam_filter_settings
 
 COUNTS_TOOLTIP = ("How many masks of the batch belong to each image, in batch order: '3, 5' = the first 3 masks "
                   "are image 0's, the next 5 image 1's. Empty with one image: every mask is that image's. With "
-                  "several images it must be given (an even split is never guessed).")
+                  "several images it must be given (an even split is never guessed), or connect SAM3_Detect's boxes instead.")
+BOXES_TOOLTIP = ("Optional: the boxes output of ComfyUI core's SAM3_Detect (individual_masks on), connected with its "
+                 "masks: per image a list of boxes, so image b's masks are the next len(boxes[b]) of the batch. "
+                 "Gives the counts with no typing; leave counts empty then.")
 RESIZE_TOOLTIP = ("Masks of another size than the image: 'error' stops and names both sizes; 'nearest' resizes "
                   "them (nearest-neighbour) when the aspect ratio agrees. Another aspect ratio is always refused.")
 
@@ -36,6 +39,7 @@ class RefDiffMaskProposals(io.ComfyNode):
                 io.Combo.Input("resize", options=list(RESIZE_MODES), default="error", tooltip=RESIZE_TOOLTIP),
                 sockets.preset_input("Preset for 'post_filter: preset'."),
                 *sockets.post_filter_inputs(default="none"),
+                sockets.BoundingBoxes.Input("boxes", optional=True, tooltip=BOXES_TOOLTIP),
             ],
             outputs=[
                 sockets.Proposals.Output(display_name="proposals", tooltip="Candidate masks per image "
@@ -52,11 +56,11 @@ class RefDiffMaskProposals(io.ComfyNode):
 
     @classmethod
     def execute(cls, masks, image, counts, resize, preset, post_filter, keep_largest, min_area,
-                area_filter="preset") -> io.NodeOutput:
+                area_filter="preset", boxes=None) -> io.NodeOutput:
         settings = (None if post_filter == "none" else
                     sam_filter_settings(post_filter, sockets.preset(preset), keep_largest, min_area, area_filter))
         runtime.check_interrupt()
-        proposals, lines = mask_proposal_batch(masks, image, counts, resize, settings)
+        proposals, lines = mask_proposal_batch(masks, image, counts, resize, settings, boxes=boxes)
         runtime.warn(proposals.warnings)
         runtime.show_on_node(proposals.warnings)
         head = proposals.describe() + (f" ({settings.describe()})" if settings else " (no post-filter)")
@@ -91,4 +95,4 @@ class RefDiffProposalsToMasks(io.ComfyNode):
 
 
 NODES = [RefDiffMaskProposals, RefDiffProposalsToMasks]
-__all__ = ["NODES", "RefDiffMaskProposals", "RefDiffProposalsToMasks", "COUNTS_TOOLTIP", "RESIZE_TOOLTIP"]
+__all__ = ["NODES", "RefDiffMaskProposals", "RefDiffProposalsToMasks", "COUNTS_TOOLTIP", "RESIZE_TOOLTIP", "BOXES_TOOLTIP"]

@@ -15,12 +15,13 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 SAM_FOLDER = "sams"
 SAM2_FOLDER = "sam2"  # SAM 2 / 2.1 checkpoints, where ComfyUI-segment-anything-2 keeps them
 CLIP_FOLDER = "open_clip"
+SAM3_FOLDER = "sam3"  # SAM 3 image models (Meta's sam3.pt or a .safetensors of it)
 
 
 def register_model_folders() -> None:
-    """Add models/sams, models/sam2 and models/open_clip to ComfyUI's model folders (keeping extra_model_paths
-    entries)."""
-    for name in (SAM_FOLDER, SAM2_FOLDER, CLIP_FOLDER):
+    """Add models/sams, models/sam2, models/sam3 and models/open_clip to ComfyUI's model folders (keeping
+    extra_model_paths entries)."""
+    for name in (SAM_FOLDER, SAM2_FOLDER, SAM3_FOLDER, CLIP_FOLDER):
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
 
 
@@ -80,5 +81,5 @@ def missing_file_message(folder: str, name: str, what: str, where_to_get: str) -
     return True
 
 
-__all__ = ["WEIGHT_SUFFIXES", "SAM_FOLDER", "SAM2_FOLDER", "CLIP_FOLDER", "sam_files", "resolve_sam_file", "register_model_folders", "weight_files", "folder_hint",
+__all__ = ["WEIGHT_SUFFIXES", "SAM_FOLDER", "SAM2_FOLDER", "SAM3_FOLDER", "CLIP_FOLDER", "sam_files", "resolve_sam_file", "register_model_folders", "weight_files", "folder_hint",
            "resolve_model_file", "missing_file_message"]

@@ -21,7 +21,7 @@ from . import (comfy_backend, diffusion_nodes, dit_backend, dit_capture, externa
                select_nodes, sockets, text_nodes, token_positions)
 from .dit_options import (DEFAULT_BACKGROUND, DEFAULT_BLOCKS, DEFAULT_MAP_KIND, DitOptions, dit_inputs_on_unet,
                           dit_options, dit_options_problem)
-from .input_checks import (PROPOSAL_MODE_CHOICES, PROPOSALS_INPUT, VARIANT_CHOICES, capture_factor,
+from .input_checks import (PROPOSAL_MODE_CHOICES, PROPOSALS_INPUT, VARIANT_CHOICES, capture_factor, concept_mode,
                            linked_type_problem, proposal_mode_preset, variant_inputs_problem)
 from .proposal_filter import AREA_FILTER_OPTIONS, AREA_FILTER_TOOLTIP, FilterSettings, segment_filter_settings
 
@@ -41,28 +41,32 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
             seed: int = 0, sam: Any = None, clip_scorer: Any = None, amg: dict | None = None,
             top_k: int | None = None, filter_settings: FilterSettings | None = None, factor: int | None = None,
             no_noun: str = DEFAULT_NO_NOUN, external: torch.Tensor | None = None, external_counts: str = "",
-            external_resize: str = "error", dit: DitOptions | None = None) -> Segmentation:
+            external_resize: str = "error", dit: DitOptions | None = None, sam3: Any = None) -> Segmentation:
     """Run one variant (full, G, GS, DS, sam-clip) on every image. ``factor`` None and ``filter_settings`` None
     take the preset's; the checks that need no computation (models connected, the MODEL's cross-attention at
     ``factor``, the text, the ``external`` masks) come before the VAE encode. ``external`` (a MASK batch split
     between the images by ``external_counts``, nodes/external_masks.py) replaces SAM's proposals, automatic or
     prompted, without SAM's post-filter. A Flux / SD 3 MODEL gives c from its joint attention, read as ``dit``
-    says (section 15 defaults when None)."""
+    says (section 15 defaults when None). ``sam3`` (RefDiff SAM 3 Loader) gives the SAM variants SAM 3's instances
+    of the target noun under proposal_mode "concept" (or a preset with concept_with_sam3, plus), through the same
+    library function as RefDiff Concept Proposals; an image with none falls back to SAM's automatic proposals when
+    a SAM is connected (said in the warnings)."""
     v = get_variant(variant)
     p = preset
     batch, height, width = int(image.shape[0]), int(image.shape[1]), int(image.shape[2])
-    connected = {name for name, value in (("sam", sam), ("clip_scorer", clip_scorer), (PROPOSALS_INPUT, external))
-                 if value is not None}
-    problem = variant_inputs_problem(v.name, connected)
+    connected = {name for name, value in (("sam", sam), ("clip_scorer", clip_scorer), (PROPOSALS_INPUT, external),
+                                          ("sam3", sam3)) if value is not None}
+    concept = p.proposal_mode == "concept" or (p.concept_with_sam3 and sam3 is not None)
+    problem = variant_inputs_problem(v.name, connected, concept=concept)
     if problem:
         raise InputError(problem)
     given = None
     if external is not None:
         given = external_masks.mask_proposal_batch(external, image, external_counts, external_resize,
                                                    name=PROPOSALS_INPUT, counts_name="proposal_counts")
-        p = p.with_(proposal_mode="automatic")  # the given masks stand in for SAM's, automatic or prompted
-    source = proposal_source(v, p)
-    with_map = needs_map(v, p)  # prompted SAM proposals need c, even for DS and sam-clip
+        p = p.with_(proposal_mode="automatic", concept_with_sam3=False)  # they stand in for SAM's or SAM 3's
+    source = proposal_source(v, p, sam3 is not None)
+    with_map = needs_map(v, p, sam3 is not None)  # prompted SAM proposals need c, even for DS and sam-clip
     layers = None
     joint = with_map and dit_backend.dit_family(model) is not None
     if joint:
@@ -107,6 +111,9 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
         report.append(f"external masks: {proposals.describe()} (no post-filter)\n" + "\n".join(lines))
     elif v.proposals == "threshold":
         proposals = map_nodes.threshold_batch(c, p.thresholds)
+    elif source == "concept":
+        proposals, lines = concept_stage(sam3, sam, image, parse, p, amg, filter_settings)
+        report.append("SAM 3 concept proposals: " + proposals.describe() + "\n" + "\n".join(lines))
     elif source == "prompted":
         from . import sam_nodes
 
@@ -153,6 +160,33 @@ def segment(model: Any, clip: Any, vae: Any, image: torch.Tensor, text: str, var
     if c is None:
         c = torch.zeros(batch, height, width)
     return Segmentation(selection, c, "\n".join(report), warnings)
+
+
+def concept_stage(sam3: Any, sam: Any, image: torch.Tensor, parse: Any, preset: Preset, amg: dict | None,
+                  filter_settings: FilterSettings | None) -> tuple[Any, list[str]]:
+    """SAM 3's instances of each image's target noun (sam3_nodes.concept_proposal_batch, i.e.
+    refdiff.sam3_models.concept_proposals); an image with none gets SAM's automatic proposals when a SAM is
+    connected, as refdiff.RefDiff falls back, else none; either way its note says so."""
+    from . import sam3_nodes
+
+    expressions = sam3_nodes.concept_expressions(int(image.shape[0]), parse, "", preset)
+    proposals, _, lines = sam3_nodes.concept_proposal_batch(sam3, image, expressions, preset)
+    for i in sorted(proposals.notes):
+        if sam is None:
+            proposals.notes[i] += "; connect a SAM to 'sam' to fall back to its automatic proposals"
+            continue
+        from . import sam_nodes
+
+        settings = filter_settings or segment_filter_settings(preset)
+        fallback = sam_nodes.sam_proposal_batch(sam, image[i:i + 1], amg or sam_generator_kwargs(preset), settings,
+                                                lower_min_area="lower min_area")
+        proposals.masks[i] = fallback.masks[0]
+        reason = proposals.notes.pop(i).split(", so ")[0]
+        proposals.notes.update({i: fallback.notes[0]} if 0 in fallback.notes else {})
+        lines.append(f"image {i}: {reason}, so the preset's automatic SAM proposals are used instead: "
+                     f"{fallback.masks[0].shape[0]} ({settings.describe()})")
+    runtime.warn([line for line in lines if "automatic SAM proposals are used instead" in line])
+    return proposals, lines
 
 
 def spatial_terms(proposals: Any, s_g: Any, s_d: Any, parse: Any, preset: Preset, terms: tuple[str, ...],
@@ -222,8 +256,10 @@ class RefDiffSegment(io.ComfyNode):
                                tooltip="How the SAM variants get their proposals: 'automatic' = SAM's automatic "
                                        "generator on the point grid (the paper); 'prompted' = SAM prompted at the "
                                        "peaks of c (a few object-level masks, much faster; DS and sam-clip then "
-                                       "run the diffusion pass for c; beyond the paper); 'preset' = the preset's "
-                                       "(automatic in official and paper, prompted in plus)."),
+                                       "run the diffusion pass for c; beyond the paper); 'concept' = SAM 3's "
+                                       "instances of the target noun (connect a RefDiff SAM 3 Loader to 'sam3'; no "
+                                       "SAM needed); 'preset' = the preset's (automatic in official and paper, "
+                                       "prompted in plus, concept in plus when a SAM 3 is connected)."),
                 text_nodes.no_noun_input(),
                 sockets.SamModel.Input("sam", optional=True, tooltip="SAM (variants full, GS, DS, sam-clip)."),
                 sockets.ClipModel.Input("clip_scorer", optional=True,
@@ -240,6 +276,11 @@ class RefDiffSegment(io.ComfyNode):
                                tooltip="Proposals of another size than the image: 'error' stops and names both "
                                        "sizes; 'nearest' resizes them when the aspect ratio agrees."),
                 *dit_capture.dit_inputs(with_steps=False),
+                sockets.Sam3Model.Input("sam3", optional=True,
+                                        tooltip="SAM 3 from RefDiff SAM 3 Loader: under proposal_mode 'concept' (or "
+                                                "preset plus) the SAM variants' proposals are its instances of the "
+                                                "target noun; an image with none falls back to SAM's automatic "
+                                                "proposals when 'sam' is connected."),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="The selected mask per image, MASK [B, H, W]."),
@@ -252,14 +293,15 @@ class RefDiffSegment(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, text=None, variant="full", no_noun=DEFAULT_NO_NOUN, proposal_counts="", map_kind=None,
-                        dit_blocks=None, flow_t=None, input_types=None) -> bool | str:
+                        dit_blocks=None, flow_t=None, proposal_mode="preset", preset="official",
+                        input_types=None) -> bool | str:
         # At queue time, before any model loads. ComfyUI passes widget values only; asking for input_types gives
         # the types of the linked inputs, so a missing SAM / CLIP scorer is seen here (asking for it also turns
         # ComfyUI's own check of those types off, hence linked_type_problem). The MODEL is not known yet: its
         # cross-attention factors are checked first thing in execute.
         received = input_types or {}
         return (linked_type_problem(received, cls.INPUT_TYPES(), validate_node_input)
-                or variant_inputs_problem(variant, received)
+                or variant_inputs_problem(variant, received, concept_mode(proposal_mode, preset, received))
                 or token_positions.text_problem(text, no_noun)
                 or external_masks.counts_problem(proposal_counts, "proposal_counts")
                 or dit_options_problem(map_kind, dit_blocks, flow_t) or True)
@@ -269,7 +311,7 @@ class RefDiffSegment(io.ComfyNode):
                 pred_iou_thresh, stability_score_thresh, keep_largest=-1, min_area=-1, area_filter="preset",
                 factor=-1, no_noun=DEFAULT_NO_NOUN, sam=None, clip_scorer=None, proposal_mode="preset", proposals=None,
                 proposal_counts="", proposals_resize="error", map_kind=DEFAULT_MAP_KIND, dit_blocks=DEFAULT_BLOCKS,
-                flow_t=DEFAULT_FLOW_T, background=DEFAULT_BACKGROUND) -> io.NodeOutput:
+                flow_t=DEFAULT_FLOW_T, background=DEFAULT_BACKGROUND, sam3=None) -> io.NodeOutput:
         p = proposal_mode_preset(sockets.preset(preset), proposal_mode)
         if image_size:
             p = p.with_(image_size=int(image_size))
@@ -280,7 +322,7 @@ class RefDiffSegment(io.ComfyNode):
                          filter_settings=segment_filter_settings(p, keep_largest, min_area, area_filter),
                          factor=None if int(factor) < 0 else capture_factor(factor, p), no_noun=no_noun,
                          external=proposals, external_counts=proposal_counts, external_resize=proposals_resize,
-                         dit=dit_options(map_kind, dit_blocks, flow_t, 1, background))
+                         dit=dit_options(map_kind, dit_blocks, flow_t, 1, background), sam3=sam3)
         runtime.show_on_node(result.warnings)
         best = result.selection.best
         preview = select_nodes.preview_selection(image, best)

@@ -18,7 +18,8 @@ PRESET_NAMES = list(PRESETS)  # ["official", "paper", "plus"]
 # What 'plus' is (refdiff.config.PLUS), said on every preset input.
 PLUS_TOOLTIP = (f"'plus' = 'official' + every spatial term ({', '.join(SPATIAL_TERMS)}) + the 'paper' root rule "
                 "(a side word before its noun hands over to the noun: 'bottom left donut' -> donut) + proposal_mode "
-                "'prompted' (SAM prompted at the peaks of c instead of its automatic grid), beyond the paper. 'fast' = "
+                "'prompted' (SAM prompted at the peaks of c instead of its automatic grid), or 'concept' (SAM 3's "
+                "instances of the target noun) when a SAM 3 is connected to RefDiff Segment, beyond the paper. 'fast' = "
                 "'official' at S = 512, without classifier-free guidance, one UNet step and proposal_mode 'prompted' "
                 "(results differ from 'official'; fastest with a SAM 2.1 hiera tiny checkpoint).")
 
@@ -29,6 +30,8 @@ Proposals = io.Custom(wire_types.PROPOSALS)
 Scores = io.Custom(wire_types.SCORES)
 SamModel = io.Custom(wire_types.SAM_MODEL)
 ClipModel = io.Custom(wire_types.CLIP_MODEL)
+Sam3Model = io.Custom(wire_types.SAM3_MODEL)
+BoundingBoxes = io.Custom(wire_types.BOUNDING_BOX)  # core's type; 0.3.64 has no io.BoundingBox
 
 
 def preset_input(tooltip: str = "Which constants of the method to use: 'official' = the authors' released "
@@ -60,4 +63,4 @@ def preset(name: str) -> Preset:
 
 
 __all__ = ["CATEGORY", "PRESET_NAMES", "PLUS_TOOLTIP", "Attention", "Parse", "Proposals", "Scores", "SamModel",
-           "ClipModel", "preset_input", "preset", "post_filter_inputs"]
+           "ClipModel", "Sam3Model", "BoundingBoxes", "preset_input", "preset", "post_filter_inputs"]

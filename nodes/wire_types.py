@@ -23,6 +23,8 @@ PROPOSALS = "REFDIFF_PROPOSALS"
 SCORES = "REFDIFF_SCORES"
 SAM_MODEL = "REFDIFF_SAM"
 CLIP_MODEL = "REFDIFF_CLIP"
+SAM3_MODEL = "REFDIFF_SAM3"
+BOUNDING_BOX = "BOUNDING_BOX"  # ComfyUI core's box type (SAM3_Detect's second output: per image a list of boxes)
 
 # Key under which RefDiffNoiseInjection stores its plan in a LATENT dict.
 INJECTION_KEY = "refdiff_injection"
@@ -154,7 +156,7 @@ class ProposalBatch:
     per image index why it has none (``notes``: the post-filter removed every mask, SAM found none)."""
 
     masks: list[torch.Tensor]
-    source: str  # "threshold", "sam", "prompted" or "cluster"
+    source: str  # "threshold", "sam", "prompted", "cluster", "concept" or "external"
     notes: dict[int, str] = field(default_factory=dict)
     prompts_info: list[str] = field(default_factory=list)  # "prompted": each image's prompts, for reports
 
@@ -208,6 +210,10 @@ def check_unfused_scores(proposals: ProposalBatch, generative: ScoreBatch | None
         if scores is not None:
             if scores.kind == "fused":
                 raise InputError(f"{name}: these scores {if_fused}")
+            if scores.kind == "concept":
+                raise InputError(f"{name}: these are SAM 3's instance scores (RefDiff Concept Proposals' scores, "
+                                 "shown in its info); connect RefDiffGenerativeScore's or RefDiffCLIPScore's scores "
+                                 "of its proposals here")
             scores.check_against(proposals, name)
 
 
@@ -217,6 +223,15 @@ class SamHandle:
 
     model: Any
     model_type: str
+    path: str
+
+
+@dataclass
+class Sam3Handle:
+    """REFDIFF_SAM3: a loaded SAM 3 image model (refdiff.sam3_models; kept on the offload device while idle)."""
+
+    model: Any
+    name: str  # "sam3" or "sam3 (custom size)"
     path: str
 
 
@@ -243,4 +258,4 @@ def match_batch(items: list[Any], batch: int, what: str) -> list[Any]:
 __all__ = ["ATTENTION", "PARSE", "PROPOSALS", "SCORES", "SAM_MODEL", "CLIP_MODEL", "INJECTION_KEY", "Injection",
            "AttentionBatch", "InternalsAttentionBatch", "JointAttentionBatch", "ParsedItem", "ParsedBatch",
            "ProposalBatch", "ScoreBatch", "check_unfused_scores",
-           "SamHandle", "ClipHandle", "match_batch"]
+           "SamHandle", "Sam3Handle", "SAM3_MODEL", "BOUNDING_BOX", "ClipHandle", "match_batch"]

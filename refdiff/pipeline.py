@@ -636,7 +636,7 @@ class RefDiff:
         at most ``concept_max`` above ``concept_threshold``; (None, None, [why]) when there is none or the target
         names no object, and the caller falls back to the automatic proposals (the reason is also warned)."""
         from .expression import parse_expression
-        from .sam3_models import concept_instances, concept_processor, concept_prompt, image_state, select_instances
+        from .sam3_models import concept_processor, concept_proposals, image_state
 
         p = self.preset
         if not self._sam3.available:
@@ -644,42 +644,30 @@ class RefDiff:
                              "checkpoint, --sam3 FILE on the command line) or choose proposal_mode 'automatic' or "
                              "'prompted'")
         expr = parse_expression(parsed.text, nlp=self._nlp, parsed=parsed)
-        prompt = concept_prompt(expr, p.concept_prompt)
-        if prompt is None:
-            note = (f"concept proposals: {parsed.text!r} names no object for SAM 3 to look for (an open target), "
-                    "so the preset's automatic SAM proposals are used instead")
-            warnings.warn(note, RefDiffWarning, stacklevel=3)
-            return None, None, [note]
         model = self.sam3
         if callable(model) and not isinstance(model, torch.nn.Module):  # any concept segmenter: (rgb, prompt) ->
-            def given() -> Any:                                       # masks, or (masks, scores)
-                out = model(rgb, prompt)
-                masks, scores = out if isinstance(out, tuple) else (out, None)
-                return select_instances(prompt, masks, scores, threshold=p.concept_threshold,
-                                        max_instances=p.concept_max, height=rgb.shape[0], width=rgb.shape[1])
-
-            inst = self._concepts.get((key, id(model), prompt, p.concept_threshold, p.concept_max), given)
+            got = concept_proposals(model, rgb, expr, p, remember=lambda prompt, find: self._concepts.get(
+                (key, id(model), prompt, p.concept_threshold, p.concept_max), find))  # masks, or (masks, scores)
         else:
             with self._using(model):
                 if self._sam3_processor is None or self._sam3_processor[0] != id(model):
                     self._sam3_processor = (id(model), concept_processor(model))
                 processor = self._sam3_processor[1]
 
-                def found() -> Any:  # the image's features wait on the host between runs, as every cache
+                def features() -> Any:  # the image's features wait on the host between runs, as every cache
                     state = self._sam3_images.get((key, id(model)),
                                                   lambda: _state_to(image_state(processor, rgb), "cpu"))
-                    device = next(model.parameters()).device
-                    return concept_instances(processor, _state_to(state, device), prompt,
-                                             threshold=p.concept_threshold, max_instances=p.concept_max)
+                    return _state_to(state, next(model.parameters()).device)
 
-                inst = self._concepts.get((key, id(model), prompt, p.concept_threshold, p.concept_max), found)
-        if inst.masks.shape[0] == 0:
-            note = (f"concept proposals: SAM 3 found no instance of {prompt!r} above concept_threshold "
-                    f"{p.concept_threshold}, so the preset's automatic SAM proposals are used instead (lower "
-                    "concept_threshold, or set concept_prompt to 'noun')")
+                got = concept_proposals(model, rgb, expr, p, processor=processor, features=features,
+                                        remember=lambda prompt, find: self._concepts.get(
+                                            (key, id(model), prompt, p.concept_threshold, p.concept_max), find))
+        if got.masks is None:  # nothing to look for, or nothing found
+            note = (f"concept proposals: {got.reason}, so the preset's automatic SAM proposals are used instead"
+                    + (f" ({got.fix})" if got.prompt is not None else ""))
             warnings.warn(note, RefDiffWarning, stacklevel=3)
             return None, None, [note]
-        return inst.masks, inst.scores, []
+        return got.masks, got.scores, []
 
     def _external_proposals(self, masks: Any, rgb: np.ndarray, resize: str, post_filter: bool
                             ) -> tuple[torch.Tensor, list[str]]:

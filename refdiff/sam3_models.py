@@ -459,6 +459,56 @@ def concept_prompt(expr: Any, kind: str = "noun") -> str | None:
     return expr.target.strip()
 
 
+@dataclass
+class ConceptProposals:
+    """What ``concept_proposals`` gives for one image and text: SAM 3's instances of the target noun (masks bool
+    [N, H, W], scores [N], boxes [N, 4], best first) or, when there is none, ``masks`` None and ``reason`` (the
+    text names no object; SAM 3 found no instance above the threshold) with ``fix`` (what to change)."""
+
+    prompt: str | None
+    masks: torch.Tensor | None
+    scores: torch.Tensor | None
+    boxes: torch.Tensor | None
+    found: int = 0
+    reason: str | None = None
+    fix: str | None = None
+
+
+def concept_proposals(model: Any, rgb: np.ndarray, expr: Any, preset: Any, processor: Any = None,
+                      features: Any = None, remember: Any = None) -> ConceptProposals:
+    """The concept proposals of ``proposal_mode="concept"`` (docs/METHOD.md section 17) for one image: SAM 3
+    prompted with ``expr``'s target (``preset.concept_prompt``: the noun or its phrase), its instances above
+    ``preset.concept_threshold``, at most ``preset.concept_max``, best first. ``model`` is a SAM 3 image model or
+    any concept segmenter ``(rgb, prompt) -> masks`` or ``(masks, scores)``. Optional hooks of a caller with
+    caches: ``processor`` (``concept_processor(model)``), ``features()`` (the image's SAM 3 state, on the model's
+    device), ``remember(prompt, find)`` (returns ``find()``'s instances, cached). Used by ``refdiff.RefDiff`` and
+    the ComfyUI nodes alike."""
+    prompt = concept_prompt(expr, preset.concept_prompt)
+    if prompt is None:
+        return ConceptProposals(None, None, None, None, 0,
+                                f"{expr.text!r} names no object for SAM 3 to look for (an open target)",
+                                "name the object in the text ('the car on the left')")
+    threshold, most = preset.concept_threshold, preset.concept_max
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        def find() -> ConceptInstances:
+            out = model(rgb, prompt)
+            masks, scores = out if isinstance(out, tuple) else (out, None)
+            return select_instances(prompt, masks, scores, threshold=threshold, max_instances=most,
+                                    height=rgb.shape[0], width=rgb.shape[1])
+    else:
+        use = processor if processor is not None else concept_processor(model)
+
+        def find() -> ConceptInstances:
+            state = features() if features is not None else image_state(use, rgb)
+            return concept_instances(use, state, prompt, threshold=threshold, max_instances=most)
+    inst = remember(prompt, find) if remember is not None else find()
+    if inst.masks.shape[0] == 0:
+        return ConceptProposals(prompt, None, None, None, inst.found,
+                                f"SAM 3 found no instance of {prompt!r} above concept_threshold {threshold}",
+                                "lower concept_threshold, or set concept_prompt to 'noun'")
+    return ConceptProposals(prompt, inst.masks, inst.scores, inst.boxes, inst.found)
+
+
 def sam3_model_name(model: Any) -> str:
     """'sam3' for the released size, 'sam3 (custom size)' otherwise."""
     return "sam3" if getattr(model, "refdiff_config", SAM3_IMAGE) == SAM3_IMAGE else "sam3 (custom size)"
@@ -467,4 +517,4 @@ def sam3_model_name(model: Any) -> str:
 __all__ = ["Sam3Config", "SAM3_IMAGE", "SAM3_MARKER", "METADATA_KEY", "SAM3_INSTALL", "SAM3_REFUSAL",
            "build_sam3_model", "is_sam3_state_dict", "is_sam3_model", "sam3_config_from_state_dict",
            "read_sam3_file", "load_sam3", "save_sam3", "holds_sam3", "checkpoint_kind", "ConceptInstances", "concept_processor",
-           "image_state", "concept_instances", "select_instances", "concept_prompt", "sam3_model_name", "bpe_path"]
+           "image_state", "concept_instances", "ConceptProposals", "concept_proposals", "select_instances", "concept_prompt", "sam3_model_name", "bpe_path"]

@@ -128,3 +128,48 @@ def test_proposals_to_masks_and_back_is_the_same_batch():
     assert masks.dtype == torch.float32 and masks.shape == (3, H, W) and counts == "2, 0, 1"
     back, _ = external_masks.mask_proposal_batch(masks, images(3), counts=counts)
     assert [torch.equal(a, b) for a, b in zip(back.masks, proposals.masks)] == [True] * 3
+
+
+# ComfyUI core's SAM3_Detect (comfy_extras/nodes_sam3.py, not in 0.3.64): with individual_masks on, its MASK output
+# is every image's instance masks concatenated in image order (an image with none adds zero masks), and its second
+# output (BOUNDING_BOX) is per image a list of {x, y, width, height, score}, one per instance.
+def detect_boxes(per_image: list[list[tuple[int, int, int, int]]]) -> list[list[dict]]:
+    return [[{"x": float(x0), "y": float(y0), "width": float(x1 - x0), "height": float(y1 - y0), "score": 0.9 - 0.1 * k}
+             for k, (y0, y1, x0, x1) in enumerate(boxes)] for boxes in per_image]
+
+
+def test_sam3_detect_boxes_split_its_concatenated_mask_batch_between_the_images():
+    per_image = [[(0, 10, 0, 10), (0, 10, 20, 30)], [], [(15, 25, 5, 15), (5, 20, 25, 35), (20, 30, 0, 8)]]
+    masks = box_masks([b for boxes in per_image for b in boxes])  # 5 masks: 2, 0, 3
+    batch, info = external_masks.mask_proposal_batch(masks, images(3), "", boxes=detect_boxes(per_image))
+    assert [m.shape[0] for m in batch.masks] == [2, 0, 3]
+    assert torch.equal(batch.masks[2][1], masks[3] >= 0.5) and torch.equal(batch.masks[0][0], masks[0] >= 0.5)
+    assert "the batch's masks [2, 3, 4]" in info[2] and 1 in batch.notes  # the image with no instance says so
+    assert external_masks.box_counts(detect_boxes(per_image), 3, 5) == [2, 0, 3]
+
+
+def test_one_images_boxes_may_come_flat_or_as_one_dict():
+    one = detect_boxes([[(0, 10, 0, 10), (0, 10, 20, 30)]])
+    assert external_masks.box_counts(one[0], 1, 2) == [2]  # a flat list of dicts: the one image's
+    assert external_masks.box_counts(one[0][0], 1, 1) == [1]
+    assert external_masks.box_counts([], 1, 0) == [0]
+
+
+def test_boxes_that_do_not_fit_the_masks_or_images_are_refused_naming_the_fix():
+    per_image = [[(0, 10, 0, 10)], [(0, 10, 20, 30)]]
+    merged = box_masks([(0, 10, 0, 10), (0, 10, 20, 30)])
+    with pytest.raises(InputError, match=r"boxes: boxes of 2 image\(s\) for an image batch of 3"):
+        external_masks.mask_proposal_batch(merged, images(3), "", boxes=detect_boxes(per_image))
+    with pytest.raises(InputError, match="individual_masks on"):
+        external_masks.mask_proposal_batch(merged[:1], images(2), "", boxes=detect_boxes(per_image))
+    with pytest.raises(InputError, match="counts / boxes: both say"):
+        external_masks.mask_proposal_batch(merged, images(2), "1, 1", boxes=detect_boxes(per_image))
+    with pytest.raises(InputError, match="connect SAM3_Detect's second output"):
+        external_masks.mask_proposal_batch(merged, images(2), "", boxes="two")
+
+
+def test_sam3_scores_are_refused_where_refdiffs_scores_go():
+    proposals = wire_types.ProposalBatch([torch.zeros(2, H, W, dtype=torch.bool)], source="concept")
+    concept = wire_types.ScoreBatch([torch.tensor([0.9, 0.5])], kind="concept", counts=[2])
+    with pytest.raises(InputError, match="generative: these are SAM 3's instance scores"):
+        wire_types.check_unfused_scores(proposals, concept, None, "are fused")

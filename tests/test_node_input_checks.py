@@ -164,6 +164,18 @@ def test_masks_wired_to_proposals_stand_in_for_sam_and_are_refused_where_unused(
             "be used; choose variant 'full' or 'GS' or 'DS' or 'sam-clip', or disconnect 'proposals'")
 
 
+def test_concept_proposals_need_sam3_instead_of_sam():
+    problem, mode = input_checks.variant_inputs_problem, input_checks.concept_mode
+    assert mode("concept") and not mode("automatic", "plus", {"sam3"})
+    assert mode("preset", "plus", {"sam3"}) and not mode("preset", "plus", set()) and not mode("preset", "official",
+                                                                                               {"sam3"})
+    assert problem("full", {"sam3", "clip_scorer"}, concept=True) is None
+    assert problem("GS", {"sam"}, concept=True) == ("variant 'GS' needs a SAM 3 model: connect a RefDiff SAM 3 "
+                                                   "Loader to 'sam3', or choose variant 'G'")
+    assert problem("prompted", {"sam3", "clip_scorer"}, concept=True).startswith("variant 'prompted' needs a SAM")
+    assert input_checks.proposal_mode_preset(get_preset("plus"), "automatic").concept_with_sam3 is False
+
+
 def test_capture_factor_input():
     assert input_checks.capture_factor(-1, OFFICIAL) == OFFICIAL.capture_factor == 4
     assert input_checks.capture_factor(8, OFFICIAL) == 8

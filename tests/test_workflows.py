@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 OBJECT_INFO = json.loads((REPO / "tests" / "comfyui" / "object_info.json").read_text(encoding="utf-8"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
+MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"), ("RefDiffSAM3Loader", "sam3_name"),
                ("RefDiffCLIPLoader", "clip_name"), ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
                ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
 EXPECTED = {"ref-diff", "ref-diff-G", "ref-diff-GS", "ref-diff-DS", "sam-clip", "ref-diff-inpainting",
             "ref-diff-G-refine", "ref-diff-clusters", "ref-diff-prompted", "ref-diff-external-masks",
-            "ref-diff-spatial", "ref-diff-flux", "ref-diff-sdxl"}
+            "ref-diff-spatial", "ref-diff-sam3", "ref-diff-flux", "ref-diff-sdxl"}
 NOTE = "MarkdownNote"  # a note of the frontend: in the UI workflow only, never sent to the server
 EXAMPLE = REPO / "assets" / "refdiff-example.png"
 

@@ -26,6 +26,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CKPT = "v1-5-pruned-emaonly.safetensors"
 CKPT_SDXL = "sd_xl_base_1.0.safetensors"
 SAM = "sam_vit_h_4b8939.pth"
+SAM3 = "sam3.pt"  # Meta's SAM 3 (huggingface.co/facebook/sam3)
 CLIP = "ViT-B-16-openai.safetensors"
 IMAGE = "refdiff-example.png"  # assets/refdiff-example.png, copied into ComfyUI's input folder by the pack
 EXAMPLE = REPO / "assets" / IMAGE
@@ -114,6 +115,16 @@ TEMPLATES = {
         "score; FuseSelect's table and gallery show each term. Cut from the full graph: the score wires into "
         "FuseSelect, which now go through RefDiffSpatial into its fused input; wiring them back is the "
         "ablation."),
+    "ref-diff-sam3": Template(
+        "Ref-Diff on SAM 3's instances of the noun", "SAM 3 finds every horse, Ref-Diff picks the one on the left",
+        "Beyond the paper: SAM 3 segments every instance of the target noun of the text (here every \"horse\"), and "
+        "Ref-Diff's scores and spatial terms pick the one the words describe, which SAM 3 alone cannot (its score "
+        "ignores \"on the left\"). Cut from the full graph: Load SAM and SAM proposals, replaced by Load SAM 3 and "
+        "Concept proposals (fed with the parse), and the score wires into FuseSelect, which go through "
+        "RefDiffSpatial. To use ComfyUI core's SAM3_Detect instead (newer ComfyUI): encode \"horse:20\" with "
+        "CLIPTextEncode into SAM3_Detect with individual_masks on, wire its masks and boxes outputs into RefDiff "
+        "Mask Proposals' masks and boxes (counts left empty), and connect Mask proposals where Concept proposals' "
+        "output went."),
     "ref-diff-flux": Template(
         "Ref-Diff on Flux.1: joint attention as the generative map", "Flux's text-image attention for s_G",
         "The full method with Flux.1 dev in place of Stable Diffusion: the generative map c is read from Flux's "
@@ -135,6 +146,7 @@ CHECKPOINT_NOTES = {CKPT: f"an SD 1.5 checkpoint in models/checkpoints ({CKPT})"
 MODEL_NOTES = {
     "CheckpointLoaderSimple": CHECKPOINT_NOTES[CKPT],
     "RefDiffSAMLoader": f"SAM ViT-H in models/sams ({SAM})",
+    "RefDiffSAM3Loader": f"SAM 3 in models/sam3 ({SAM3})",
     "RefDiffCLIPLoader": f"CLIP ViT-B/16 (OpenAI weights, open_clip format) in models/open_clip ({CLIP})",
     "UNETLoader": f"Flux.1 dev in models/diffusion_models ({FLUX_UNET})",
     "DualCLIPLoader": f"Flux's text encoders in models/text_encoders ({FLUX_CLIP_L}, {FLUX_T5})",
@@ -418,12 +430,31 @@ def ref_diff_clusters() -> Graph:
 
 def ref_diff_spatial() -> Graph:
     """The full method with RefDiffSpatial between the scores and the selection."""
+    return spatial_graph("ref-diff-spatial", lambda g, image, parse: sam_chain(g, image))
+
+
+def concept_chain(g: Graph, image: str, parse: str) -> str:
+    """SAM 3's instances of the parse's target noun as the proposals."""
+    sam3 = g.add("RefDiffSAM3Loader", "Load SAM 3", sam3_name=SAM3)
+    return g.add("RefDiffConceptProposals", "SAM 3 concept proposals", sam3=g.out(sam3),
+                 image=g.out(image), parse=g.out(parse), text="", preset="official", concept_prompt="preset",
+                 threshold=-1.0, max_instances=0)
+
+
+def ref_diff_sam3() -> Graph:
+    """SAM 3's instances of the noun, Ref-Diff's scores and spatial terms choose."""
+    return spatial_graph("ref-diff-sam3", concept_chain)
+
+
+def spatial_graph(name: str, make_proposals: Callable[[Graph, str, str], str]) -> Graph:
+    """The full method with RefDiffSpatial between the scores and the selection, its proposals from
+    ``make_proposals(g, image, parse)``."""
     g = Graph()
     ckpt, image = sd_front(g)
     parse = parse_node(g, g.out(ckpt, 1))
     c = generative_chain(g, ckpt, image, parse)
     capture = next(k for k, n in g.nodes.items() if n["class_type"] == "RefDiffCaptureAttention")
-    proposals = sam_chain(g, image)
+    proposals = make_proposals(g, image, parse)
     s_g = g.add("RefDiffGenerativeScore", "Generative score s_G (Eq. 9)", c=g.out(c), proposals=g.out(proposals),
                 preset="official")
     s_d = clip_score(g, image, proposals, parse, "ref-diff")
@@ -440,7 +471,7 @@ def ref_diff_spatial() -> Graph:
     select = g.add("RefDiffFuseSelect", "Select by fused score + spatial terms", proposals=g.out(proposals),
                    preset="official", gen_weight=-1.0, disc_weight=-1.0, top_k=5, pin_index=-1, image=g.out(image),
                    fused=g.out(spatial))
-    outputs(g, select, "ref-diff-spatial")
+    outputs(g, select, name)
     return g
 
 
@@ -448,7 +479,7 @@ WORKFLOWS_DEFS = {"ref-diff": ref_diff, "ref-diff-G": ref_diff_g, "ref-diff-GS":
                   "ref-diff-DS": ref_diff_ds, "sam-clip": sam_clip, "ref-diff-inpainting": inpainting,
                   "ref-diff-G-refine": ref_diff_g_refine, "ref-diff-clusters": ref_diff_clusters,
                   "ref-diff-prompted": ref_diff_prompted, "ref-diff-external-masks": ref_diff_external_masks,
-                  "ref-diff-spatial": ref_diff_spatial, "ref-diff-flux": ref_diff_flux, "ref-diff-sdxl": ref_diff_sdxl}
+                  "ref-diff-spatial": ref_diff_spatial, "ref-diff-sam3": ref_diff_sam3, "ref-diff-flux": ref_diff_flux, "ref-diff-sdxl": ref_diff_sdxl}
 
 
 # ------------------------------------------------------------------------------------------ UI conversion
@@ -682,7 +713,7 @@ CORE_NODES = ("CheckpointLoaderSimple", "LoadImage", "VAEEncode", "VAEDecode", "
               "SetLatentNoiseMask", "KSampler", "KSamplerAdvanced", "CLIPTextEncode", "MaskToImage", "SaveImage",
               "PreviewImage", "PreviewAny", "ImageBatch", "SaveLatent", "EmptyLatentImage", "GrowMask",
               "UNETLoader", "DualCLIPLoader", "VAELoader")
-MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"),
+MODEL_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("RefDiffSAMLoader", "sam_name"), ("RefDiffSAM3Loader", "sam3_name"),
                ("RefDiffCLIPLoader", "clip_name"), ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
                ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
 

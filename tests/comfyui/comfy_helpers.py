@@ -167,7 +167,7 @@ API_DIR = REPO / "workflows" / "api"
 OBJECT_INFO = json.loads((Path(__file__).resolve().parent / "object_info.json").read_text(encoding="utf-8"))
 
 TEST_MODELS = {"ckpt_name": "refdiff_test_sd15.safetensors", "sam_name": "refdiff_test_sam.pth",
-               "clip_name": "refdiff_test_clip.safetensors"}
+               "clip_name": "refdiff_test_clip.safetensors", "sam3_name": "refdiff_test_sam3.safetensors"}
 # Small and fast settings for random-weight models (a random SAM passes no quality threshold).
 FAST = {
     "RefDiffPrepareImage": {"size": 128},
@@ -176,6 +176,7 @@ FAST = {
     "RefDiffSAMProposals": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
                             "post_filter": "none"},
     "RefDiffPromptedSAM": {"post_filter": "none"},
+    "RefDiffConceptProposals": {"threshold": 0.0},  # a random SAM 3's scores are low
     "KSampler": {"steps": 2},
 }
 

@@ -68,6 +68,7 @@ def comfy_env(tmp_path_factory) -> ComfyEnv:
                     "    diffusion_models: models/diffusion_models\n"
                     "    sams: models/sams\n"
                     "    sam2: models/sam2\n"
+                    "    sam3: models/sam3\n"
                     "    open_clip: models/open_clip\n", encoding="utf-8")
     from PIL import Image
 

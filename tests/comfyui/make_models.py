@@ -9,6 +9,8 @@
 - sams/refdiff_test_sam.pth: refdiff.testing.sam's tiny SAM.
 - sam2/refdiff_test_sam2.safetensors: refdiff.testing.sam2's tiny SAM 2.1 (skipped when the sam2 package is
   missing).
+- sam3/refdiff_test_sam3.safetensors: refdiff.testing.sam3's tiny SAM 3 (224 px input, its sizes in the
+  safetensors metadata; skipped when the sam3 package is missing).
 - open_clip/refdiff_test_clip.safetensors + .json: refdiff.testing.clip's tiny CLIP and its architecture.
 
 Usage: python make_models.py OUT_MODELS_DIR   (cwd: the ComfyUI folder; the refdiff library is found without
@@ -119,6 +121,22 @@ def sam2_installed() -> bool:
     return True
 
 
+def write_sam3(path: str) -> None:
+    from refdiff.testing.sam3 import save_sam3_checkpoint, tiny_sam3
+
+    staged = save_sam3_checkpoint(tiny_sam3(0), path + ".safetensors")  # the suffix picks the format
+    os.replace(staged, path)
+
+
+def sam3_installed() -> bool:
+    """Whether the sam3 package imports (its model is written and tested only then)."""
+    try:
+        import sam3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_clip(path: str) -> None:
     from safetensors.torch import save_file
 
@@ -138,6 +156,8 @@ def main(out: str) -> None:
             ("open_clip", "refdiff_test_clip.safetensors", write_clip))
     if sam2_installed():
         jobs += (("sam2", "refdiff_test_sam2.safetensors", write_sam2),)
+    if sam3_installed():
+        jobs += (("sam3", "refdiff_test_sam3.safetensors", write_sam3),)
     for folder, name, write in jobs:
         os.makedirs(os.path.join(out, folder), exist_ok=True)
         path = os.path.join(out, folder, name)

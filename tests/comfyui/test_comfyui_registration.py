@@ -19,7 +19,8 @@ EXPECTED_NODES = {"RefDiffPrepareImage", "RefDiffNoiseInjection", "RefDiffCaptur
                   "RefDiffSAMProposals", "RefDiffPromptedSAM", "RefDiffCLIPLoader", "RefDiffCLIPScore", "RefDiffFuseSelect",
                   "RefDiffSegment", "RefDiffSelfAttentionRefine", "RefDiffFeatureClusterProposals",
                   "RefDiffMaskProposals", "RefDiffProposalsToMasks", "RefDiffSpatial", "RefDiffSEGSProposals",
-                  "RefDiffToSEGS"}
+                  "RefDiffToSEGS"} | ({"RefDiffSAM3Loader", "RefDiffConceptProposals"}
+                                     if importlib.util.find_spec("sam3") else set())
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,9 @@ def test_model_folders_list_the_test_models(object_info):
     sam2 = ["refdiff_test_sam2.safetensors"] if importlib.util.find_spec("sam2") else []
     assert sam == ["refdiff_test_sam.pth", *sam2]  # models/sams first, then models/sam2
     assert clip == ["refdiff_test_clip.safetensors"]  # the .json beside it is not a weight file
+    if importlib.util.find_spec("sam3"):
+        sam3 = object_info["RefDiffSAM3Loader"]["input"]["required"]["sam3_name"][1]["options"]
+        assert sam3 == ["refdiff_test_sam3.safetensors"]  # models/sam3
 
 
 def test_checked_in_node_definitions_are_current(object_info):

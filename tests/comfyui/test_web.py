@@ -39,6 +39,7 @@ UI_SETTINGS = {
     "CheckpointLoaderSimple": {"ckpt_name": TEST_MODELS["ckpt_name"]},
     "LoadImage": {"image": TEST_IMAGE},
     "RefDiffSAMLoader": {"sam_name": TEST_MODELS["sam_name"]},
+    "RefDiffSAM3Loader": {"sam3_name": TEST_MODELS["sam3_name"]},
     "RefDiffCLIPLoader": {"clip_name": TEST_MODELS["clip_name"]},
     "RefDiffPrepareImage": {"size": 128},
     "RefDiffSAMProposals": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
