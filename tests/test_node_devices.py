@@ -16,6 +16,7 @@ ALLOWED = {
     ("runtime.py", "on_compute_device"): "compares ComfyUI's compute device with the CPU: memory is freed only off it",
     ("sam_nodes.py", "sam_proposal_batch"): "REFDIFF_PROPOSALS hold CPU masks (the wire type's contract)",
     ("sam_nodes.py", "prompted_proposal_batch"): "REFDIFF_PROPOSALS hold CPU masks (the wire type's contract)",
+    ("sam3_nodes.py", "concept_proposal_batch"): "REFDIFF_PROPOSALS and REFDIFF_SCORES hold CPU masks and scores",
     ("clip_nodes.py", "clip_score_batch"): "REFDIFF_SCORES hold CPU scores (the wire type's contract)",
     ("spatial_scores.py", "spatial_score_batch"): "REFDIFF_SCORES hold CPU scores (the wire type's contract)",
     ("feature_clusters.py", "cluster_image"): "REFDIFF_PROPOSALS hold CPU masks",
