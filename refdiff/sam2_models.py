@@ -120,8 +120,9 @@ def build_sam2_model(arch: Sam2Arch) -> "SAM2Base":
                      hydra_overrides_extra=list(arch.overrides)).eval()
 
 
-def read_sam2_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors or torch file (weights_only), unwrapping {"model": ...}."""
+def read_weight_file(path: Path, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors or torch file (weights_only), unwrapping {"model": ...} and
+    "module."; ``label`` ("SAM 2 checkpoint") names the file in the errors."""
     metadata: dict[str, str] = {}
     try:
         if path.suffix.lower() == ".safetensors":
@@ -134,12 +135,17 @@ def read_sam2_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"SAM 2 checkpoint {str(path)!r} could not be read as weights ({exc})") from exc
+        raise ModelLoadError(f"{label} {str(path)!r} could not be read as weights ({exc})") from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"SAM 2 checkpoint {str(path)!r} does not hold a state dict of tensors")
+        raise ModelLoadError(f"{label} {str(path)!r} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}, metadata
+
+
+def read_sam2_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a SAM 2 .safetensors or torch file (``read_weight_file``)."""
+    return read_weight_file(path, "SAM 2 checkpoint")
 
 
 def load_sam2(checkpoint: str | Path, device: str | torch.device | None = None) -> "SAM2Base":
@@ -288,6 +294,6 @@ def sam_model_name(model: Any) -> str:
     return arch.name if isinstance(arch, Sam2Arch) else "sam2"
 
 
-__all__ = ["SAM2_TRUNKS", "Sam2Arch", "METADATA_KEY", "is_sam2_state_dict", "is_sam1_state_dict", "is_sam2_model",
+__all__ = ["SAM2_TRUNKS", "read_weight_file", "Sam2Arch", "METADATA_KEY", "is_sam2_state_dict", "is_sam1_state_dict", "is_sam2_model",
            "sam2_arch_from_state_dict", "build_sam2_model", "load_sam2", "make_sam2_predictor",
            "make_sam2_mask_generator", "load_any_sam", "network_precision", "sam_model_name"]

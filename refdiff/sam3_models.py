@@ -243,24 +243,9 @@ def sam3_config_from_state_dict(state: Mapping[str, torch.Tensor], metadata: Map
 def read_sam3_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """The image model's tensors of a .safetensors or torch file (weights_only), its metadata, and notes (the
     video tracker's weights of sam3.pt, left out). ``{"model": ...}`` and ``detector.`` are unwrapped."""
-    metadata: dict[str, str] = {}
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
+    from .sam2_models import read_weight_file
 
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"SAM 3 checkpoint {str(path)!r} could not be read as weights ({exc})") from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"SAM 3 checkpoint {str(path)!r} does not hold a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state, metadata = read_weight_file(path, "SAM 3 checkpoint")
     notes: list[str] = []
     if DETECTOR_PREFIX + SAM3_MARKER in state:
         tracker = [k for k in state if k.startswith(TRACKER_PREFIX)]
